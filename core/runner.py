@@ -1,0 +1,65 @@
+"""execute_run: one tracked training run, from config to MLflow params, metrics, artifacts and outcome."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from core import config as config_mod
+from core.build import build_run
+from core.config import RunConfig
+from core.data import ImageSet
+from core.hooks import Hooks
+from core.models import count_params
+from core.plots import plot_run_curves
+from core.tracking import dump_json
+from core.trainer import RunResult
+
+
+def run_params(cfg: RunConfig, images: ImageSet) -> dict[str, object]:
+    """The whole resolved config, the derived values and the data actually used, as flat params."""
+    params = dict(config_mod.flatten(cfg))
+    params.update({f"derived.{k}": v for k, v in dataclasses.asdict(config_mod.derive(cfg)).items()})
+    params.update({"dataset.source": images.source, "dataset.images": len(images.images),
+                   "dataset.skipped": images.skipped, "dataset.key": images.key})
+    return params
+
+
+def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet, hooks: Hooks | None = None,
+                progress=None, with_fid: bool = True, log_reference: bool = True) -> RunResult:
+    """Train (or resume) one run and record everything about it through `tracker`.
+
+    A study logs the FID reference statistics (32 MB) once on its parent run, so it passes log_reference=False.
+    """
+    trainer = build_run(cfg, hooks=hooks, tracker=tracker, run_dir=run_dir, images=images, with_fid=with_fid,
+                        progress=progress)
+    if not trainer.try_resume():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        params = run_params(cfg, images)
+        params.update({"model.g_params": count_params(trainer.G), "model.d_params": count_params(trainer.D)})
+        tracker.log_params(params)
+        (run_dir / "config.json").write_text(config_mod.to_json(cfg))
+        tracker.log_artifact(run_dir / "config.json")
+        if trainer.evaluate is not None and log_reference:
+            tracker.log_artifact(trainer.evaluate.ref.path, "fid_reference")
+    tracker.set_tags({"outcome": "running", "device": str(trainer.device),
+                      "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"})
+    result = trainer.run()
+
+    checkpoint = trainer.save_checkpoint()
+    tracker.log_artifact(checkpoint, "checkpoints")
+    curves = plot_run_curves(trainer.history, run_dir / "curves.png", title=run_dir.name)
+    tracker.log_artifact(curves, "plots")
+    summary = {"status": result.status, "step": result.step, "nimg": result.nimg, "final_fid": result.final_fid,
+               "best_fid": result.best_fid, "diverged_at_nimg": result.diverged_at,
+               "d_steps": trainer.d_steps, "g_steps": trainer.g_steps}
+    tracker.log_text(dump_json(summary), "summary.json")
+    tags = {"outcome": result.status, "kimg": result.nimg / 1000}
+    if result.diverged_at is not None:
+        tags["diverged_at_nimg"] = result.diverged_at
+    tracker.set_tags(tags)
+    if result.best_fid is not None:
+        tracker.log_metrics({"fid/best": result.best_fid}, step=result.nimg)
+    return result

@@ -1,0 +1,131 @@
+"""The only module that talks to MLflow: a store, runs as trackers, and reads back for reports.
+
+One experiment per ablation study, a parent run per invocation, a child run per variant x seed. Metrics are
+logged against images seen (MLflow `step` = nimg) so batch-size variants line up in the compare view.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from core.errors import UserError
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own embedded default, in the working directory
+PARAM_CHUNK = 100  # MLflow accepts at most 100 params per batch
+
+
+class NullTracker:
+    """Same methods as a run tracker, records nothing: for tests and dry runs."""
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, object]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, subdir: str | None = None) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def set_tags(self, tags: dict[str, object]) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class RunTracker(NullTracker):
+    """One MLflow run, written through the client API (no global active run, safe for nested runs)."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params):
+        from mlflow.entities import Param
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_CHUNK):
+            self.client.log_batch(self.run_id, params=items[i:i + PARAM_CHUNK])
+
+    def log_metrics(self, metrics, step):
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+
+    def log_artifact(self, path, subdir=None):
+        self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def log_text(self, text, name):
+        self.client.log_text(self.run_id, text, name)
+
+    def set_tags(self, tags):
+        from mlflow.entities import RunTag
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def finish(self, status="FINISHED"):
+        self.client.set_terminated(self.run_id, status)
+
+
+class Store:
+    """An MLflow tracking store, opened and checked once, so a bad URI fails before any training."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        from mlflow import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # table-creation chatter on first use
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:  # sqlalchemy, REST and filesystem errors all mean "cannot open"
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot open MLflow tracking store '{self.uri}': {first}; "
+                            "pass --tracking-uri or set MLFLOW_TRACKING_URI") from None
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # another process created it between our two calls
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start_run(self, experiment: str, name: str, tags: dict[str, object], parent: RunTracker | None = None) -> RunTracker:
+        tags = {k: str(v) for k, v in tags.items()}
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent.run_id
+        run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags)
+        return RunTracker(self.client, run.info.run_id)
+
+    def resume_run(self, run_id: str) -> RunTracker:
+        """Reopen a run (e.g. an interrupted one) so that its metric curves continue in place."""
+        self.client.update_run(run_id, status="RUNNING")
+        return RunTracker(self.client, run_id)
+
+    def find_runs(self, experiment: str, filter_string: str = "") -> list:
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        return self.client.search_runs([exp.experiment_id], filter_string, max_results=10000)
+
+    def runs_frame(self, experiment: str, filter_string: str = ""):
+        """All runs of an experiment as a DataFrame (params., metrics., tags. columns), like mlflow.search_runs."""
+        import mlflow
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise UserError(f"no MLflow experiment '{experiment}' in {self.uri}; run the study first")
+        mlflow.set_tracking_uri(self.uri)
+        return mlflow.search_runs([exp.experiment_id], filter_string, max_results=10000)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def download(self, run_id: str, path: str, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dst)))
+
+    def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
+        return [f.path for f in self.client.list_artifacts(run_id, path)]
+
+
+def dump_json(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

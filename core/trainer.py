@@ -1,0 +1,285 @@
+"""The one GAN training loop every study uses: non-saturating BCE loss, Adam, phases with intervals.
+
+A step is one G update; before it, D is updated `n_dis` times on fresh real batches, but only every
+`d_interval`-th step. Images seen (nimg) count G's batches, so kimg = step * batch / 1000. Scalars stay on
+the device inside the step and are reduced only at log intervals (the one sync point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core import config as config_mod
+from core.config import RunConfig
+from core.data import BatchSource
+from core.errors import UserError
+from core.hooks import Hooks
+
+GRID_SEED = 2024  # every run's sample grids use the same z, so variants compare image by image
+FID_SEED = 123  # and every FID evaluation the same latents
+
+
+@dataclass
+class Phase:
+    """One optimisation phase: which network it trains, how often (every `interval` steps), how many times."""
+    name: str
+    run: Callable[[int], None]
+    interval: int = 1
+    repeats: int = 1
+
+
+@dataclass
+class RunResult:
+    status: str  # finished | diverged | stopped
+    step: int
+    nimg: int
+    fid: dict[int, float] = field(default_factory=dict)  # nimg -> FID (training and final)
+    final_fid: float | None = None
+    best_fid: float | None = None
+    diverged_at: int | None = None  # nimg at which a non-finite loss was seen
+    img_per_s: float | None = None
+
+
+def crossed(nimg: int, batch: int, every_kimg: float) -> bool:
+    """True when this step's images carried nimg over a multiple of every_kimg."""
+    every = max(1, round(every_kimg * 1000))
+    return nimg // every != (nimg - batch) // every
+
+
+class Trainer:
+    """Receives built objects (see core.build.build_run) so tests can hand it tiny ones."""
+
+    def __init__(self, cfg: RunConfig, G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
+                 opt_d: torch.optim.Optimizer, batches: BatchSource, device: torch.device, *,
+                 hooks: Hooks | None = None, tracker=None, evaluate: Callable[[nn.Module, int], dict] | None = None,
+                 run_dir: Path | None = None, progress: Callable[[int, dict], None] | None = None):
+        from core.tracking import NullTracker
+
+        self.cfg, self.G, self.D, self.opt_g, self.opt_d = cfg, G, D, opt_g, opt_d
+        self.batches, self.device = batches, device
+        self.hooks = hooks or Hooks()
+        self.tracker = tracker or NullTracker()
+        self.evaluate = evaluate
+        self.run_dir = run_dir
+        self.progress = progress or (lambda nimg, stats: None)
+        self.derived = config_mod.derive(cfg)
+        self.batch = cfg.train.batch_size
+        self.step = 0
+        self.nimg = 0
+        self.fid_history: dict[int, float] = {}
+        self.history: dict[str, list[tuple[int, float]]] = {}  # every logged metric, for the run's plot
+        self.zgen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
+        cuda = device.type == "cuda"
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.train.amp == "bf16"
+                         else contextlib.nullcontext())
+        self.G_train = torch.compile(G) if cuda and cfg.train.compile else G
+        self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
+        self.d_steps = 0  # optimizer steps taken, checked by the n_dis tests
+        self.g_steps = 0
+        self._reset_stats()
+        t = cfg.train
+        self.phases = [Phase("D", self._d_step, interval=t.d_interval, repeats=t.n_dis), Phase("G", self._g_step)]
+
+    # ---- the step --------------------------------------------------------------------------------
+    def _z(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.cfg.model.z_dim, device=self.device, generator=self.zgen)
+
+    def _d_step(self, step: int) -> None:
+        real = self.batches.next(self.batch)
+        with torch.no_grad(), self.autocast:
+            fake = self.G_train(self._z(self.batch))
+        with self.autocast:
+            logits_real = self.D_train(real).float()
+            logits_fake = self.D_train(fake).float()
+        t_real, t_fake = self.hooks.d_targets(step, torch.full_like(logits_real, self.cfg.train.real_label),
+                                              torch.full_like(logits_fake, self.cfg.train.fake_label))
+        loss = (F.binary_cross_entropy_with_logits(logits_real, t_real)
+                + F.binary_cross_entropy_with_logits(logits_fake, t_fake))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_d.step()
+        self.d_steps += 1
+        self._acc["loss/d"] += loss.detach()
+        self._acc["d/real"] += torch.sigmoid(logits_real.detach()).mean()
+        self._acc["d/fake"] += torch.sigmoid(logits_fake.detach()).mean()
+        self._count["d"] += 1
+
+    def _g_step(self, step: int) -> None:
+        with self.autocast:
+            logits = self.D_train(self.G_train(self._z(self.batch))).float()
+        loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # non-saturating
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        self.g_steps += 1
+        self._acc["loss/g"] += loss.detach()
+        self._count["g"] += 1
+
+    def train_step(self) -> None:
+        for phase in self.phases:
+            if self.step % phase.interval == 0:
+                for _ in range(phase.repeats):
+                    phase.run(self.step)
+        self.step += 1
+        self.nimg += self.batch
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        t, e = self.cfg.train, self.cfg.eval
+        result = RunResult("finished", self.step, self.nimg, self.fid_history)
+        tick_time, tick_nimg = time.perf_counter(), self.nimg
+        while self.step < self.derived.steps:
+            self.train_step()
+            nimg, last = self.nimg, self.step == self.derived.steps
+            if crossed(nimg, self.batch, t.log_every_kimg) or last:
+                stats = self._reduce_stats()  # sync point
+                now = time.perf_counter()
+                stats["perf/img_per_s"] = (nimg - tick_nimg) / max(now - tick_time, 1e-9)
+                stats["progress/kimg"] = nimg / 1000
+                tick_time, tick_nimg = now, nimg
+                self._record(stats)
+                self.progress(nimg, stats)
+                result.img_per_s = stats["perf/img_per_s"]
+                if not all(math.isfinite(v) for v in stats.values()):
+                    result.status, result.diverged_at = "diverged", nimg
+                    break
+            if crossed(nimg, self.batch, t.sample_every_kimg) or last:
+                self.save_grid()
+            if e.fid_every_kimg > 0 and crossed(nimg, self.batch, e.fid_every_kimg) and not last:
+                if self._eval_fid(e.fid_samples):
+                    result.status = "stopped"
+                    break
+            if crossed(nimg, self.batch, t.checkpoint_every_kimg) and not last:
+                self.save_checkpoint()
+        if result.status != "diverged":
+            self._eval_fid(e.fid_final_samples, final=True)
+            result.final_fid = self.fid_history.get(self.nimg)
+        result.step, result.nimg = self.step, self.nimg
+        finite = [v for v in self.fid_history.values() if math.isfinite(v)]
+        result.best_fid = min(finite) if finite else None
+        return result
+
+    def _eval_fid(self, num_samples: int, final: bool = False) -> bool:
+        if self.evaluate is None:
+            return False
+        out = self.evaluate(self.G, num_samples)
+        name = next(k for k in out if k.startswith("fid"))
+        value = out[name]
+        self.fid_history[self.nimg] = value
+        metrics = {f"fid/{name}": value, "fid/feature_spread": out["feature_spread"]}
+        if final:
+            metrics["fid/final"] = value
+        self._record(metrics)
+        self.tracker.set_tags({f"fid_protocol.{k}": v for k, v in out["protocol"].items()})
+        return self.hooks.on_eval(self.nimg / 1000, metrics)
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        self.tracker.log_metrics(metrics, step=self.nimg)
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append((self.nimg, float(v)))
+
+    def _reset_stats(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        self._acc = {k: zero.clone() for k in ("loss/d", "loss/g", "d/real", "d/fake")}
+        self._count = {"d": 0, "g": 0}
+
+    def _reduce_stats(self) -> dict[str, float]:
+        keys = [k for k in self._acc if self._count["g" if k == "loss/g" else "d"] > 0]
+        values = torch.stack([self._acc[k] for k in keys]).tolist() if keys else []
+        out = {k: v / self._count["g" if k == "loss/g" else "d"] for k, v in zip(keys, values)}
+        self._reset_stats()
+        return out
+
+    # ---- artifacts -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self) -> torch.Tensor:
+        """Images from the fixed grid z, in eval.g_mode, in [0, 1]."""
+        n = self.cfg.eval.grid_size
+        z = torch.randn(n, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(GRID_SEED)).to(self.device)
+        was = self.G.training
+        self.G.train(self.cfg.eval.g_mode == "train")
+        x = self.G(z).float()
+        self.G.train(was)
+        return ((x + 1) / 2).clamp(0, 1).cpu()
+
+    def save_grid(self) -> None:
+        if self.run_dir is None:
+            return
+        from torchvision.utils import save_image
+        path = self.run_dir / "samples" / f"fakes{self.nimg // 1000:06d}kimg.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(self.sample_grid(), path, nrow=math.isqrt(self.cfg.eval.grid_size), padding=1)
+        self.tracker.log_artifact(path, "samples")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": config_mod.flatten(self.cfg), "step": self.step, "nimg": self.nimg,
+            "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "batches": self.batches.state_dict(), "zgen": self.zgen.get_state(),
+            "torch_rng": torch.get_rng_state(), "hooks": self.hooks.state_dict(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "fid_history": [[k, v] for k, v in self.fid_history.items()],
+            "history": {k: [[n, v] for n, v in pts] for k, pts in self.history.items()},
+            "steps_taken": [self.d_steps, self.g_steps], "run_id": self.tracker.run_id or "",
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        ours = config_mod.flatten(self.cfg)
+        theirs = state["config"]
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if differ:
+            shown = ", ".join(f"{k}={theirs.get(k)!r} (now {ours[k]!r})" for k in differ[:4])
+            raise UserError(f"checkpoint was made with a different config: {shown}; "
+                            "delete the run directory or rerun with the same settings")
+        self.step, self.nimg = state["step"], state["nimg"]
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.batches.load_state_dict(state["batches"])
+        self.zgen.set_state(state["zgen"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.hooks.load_state_dict(state["hooks"])
+        self.fid_history = {int(k): float(v) for k, v in state["fid_history"]}
+        self.history = {k: [(int(n), float(v)) for n, v in pts] for k, pts in state["history"].items()}
+        self.d_steps, self.g_steps = state["steps_taken"]
+
+    def checkpoint_path(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
+
+    def save_checkpoint(self) -> Path | None:
+        """Write atomically (temporary file, then rename): a kill never leaves a half checkpoint."""
+        path = self.checkpoint_path()
+        if path is None:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".partial-{os.getpid()}")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def try_resume(self) -> bool:
+        """Continue from run_dir/checkpoint.pt if there is one; False when starting fresh."""
+        path = self.checkpoint_path()
+        if path is None or not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to start over") from None
+        self.load_state_dict(state)
+        return True

@@ -1,0 +1,1 @@
+"""Command-line entry points: `python -m studies.run`, `python -m studies.report`."""

@@ -1,0 +1,104 @@
+"""Run an ablation study: every variant x seed as MLflow child runs, then write reports/NAME.md.
+
+    python -m studies.run pooling                          # GPU preset, 3 seeds, full CelebA or the subset
+    python -m studies.run pooling --preset quick --seeds 2 # minutes on a CPU
+    python -m studies.run pooling --data ~/celeba/img_align_celeba.zip --set train.kimg=500
+    python -m studies.run --list                           # every ablation and its variants
+    python -m studies.run pooling --dry-run                # print the resolved configs and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ablations import get_ablation, list_ablations
+from core.config import PRESETS, flatten, parse_set
+from core.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", help="ablation to study (see --list)")
+    p.add_argument("--list", action="store_true", help="list ablations with their variants and exit")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant, 0..N-1 (default: 3)")
+    p.add_argument("--preset", default="default", choices=None,
+                   help=f"config preset: {' | '.join(PRESETS)} (default: default, the GPU preset)")
+    p.add_argument("--data", default=None, help="CelebA folder, img_align_celeba.zip, or 'torchvision' "
+                   "(default: $CELEBA_ROOT, ./data/celeba, then ../shared/data/celeba-subset)")
+    p.add_argument("--base", action="append", default=[], metavar="ABLATION=VARIANT",
+                   help="run the study on top of another ablation's variant (repeatable; default: none)")
+    p.add_argument("--variants", default="", help="comma-separated subset of variants (default: all; baseline always runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.kimg=500 (repeatable; default: none)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and samples (default: runs)")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config of each variant and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    return p
+
+
+def list_text() -> str:
+    lines = []
+    for name in list_ablations():
+        ablation = get_ablation(name)
+        lines.append(f"{name:16s} {ablation.summary}")
+        for variant, overrides in ablation.variants.items():
+            shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(plain configuration)"
+            lines.append(f"    {variant:14s} {shown}")
+    return "\n".join(lines)
+
+
+def spec_from_args(args: argparse.Namespace):
+    from studies.study import StudySpec, parse_base
+
+    if args.seeds < 1:
+        raise UserError(f"--seeds {args.seeds} must be >= 1")
+    get_ablation(args.name)  # unknown names fail here, listing the known ones
+    overrides: dict[str, object] = dict(parse_set(args.set))
+    if args.data is not None:
+        overrides["data.root"] = args.data
+    return StudySpec(ablation=args.name, seeds=tuple(range(args.seeds)), preset=args.preset,
+                     base=parse_base(args.base), overrides=overrides,
+                     variants=tuple(v for v in args.variants.split(",") if v), workdir=args.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list:
+            print(list_text())
+            return 0
+        if not args.name:
+            raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
+        spec = spec_from_args(args)
+        from studies.study import resolve_configs, run_study
+
+        configs = resolve_configs(spec)
+        if args.dry_run:
+            print(json.dumps({v: flatten(c) for v, c in configs.items()}, indent=2))
+            return 0
+        from core.tracking import Store
+        from studies.report import write_report
+
+        store = Store(args.tracking_uri)
+        parent_id = run_study(spec, store, progress=not args.no_progress)
+        report = write_report(store, spec.experiment, args.reports, parent_id)
+        print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
+        return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are in MLflow; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""A study: one ablation's variants x seeds, each a child MLflow run under one parent run.
+
+Configs are resolved in a fixed order: preset, then the --base variant, then the study variant, then CLI
+--set flags. Every variant's config is resolved and validated before the first run starts, so a bad flag
+never leaves half a study behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ablations import get_ablation
+from core import config as config_mod
+from core.config import RunConfig
+from core.data import load_images
+from core.errors import UserError
+from core.metrics import reference_path
+from core.runner import execute_run
+from core.tracking import Store
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    ablation: str  # registered ablation name
+    seeds: tuple[int, ...] = (0, 1, 2)  # one child run per variant and seed
+    preset: str = "default"  # a key of core.config.PRESETS
+    base: tuple[tuple[str, str], ...] = ()  # (ablation, variant) pairs applied under every variant
+    overrides: dict[str, object] = field(default_factory=dict)  # CLI --set and --data, applied last
+    variants: tuple[str, ...] = ()  # subset of the ablation's variants; () = all (baseline always included)
+    workdir: Path = Path("runs")  # run directories: checkpoints, sample grids, curves
+
+    @property
+    def experiment(self) -> str:
+        """One MLflow experiment per study; a study over a base variant is its own experiment."""
+        return self.ablation + "".join(f"@{a}={v}" for a, v in self.base)
+
+
+def parse_base(items: list[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        name, eq, variant = item.partition("=")
+        if not eq:
+            raise UserError(f"--base expects ABLATION=VARIANT, got '{item}'")
+        pairs.append((name.strip(), variant.strip()))
+    return tuple(pairs)
+
+
+def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
+    """variant -> resolved config (seed set per run later); refuses overlapping settings."""
+    ablation = get_ablation(spec.ablation)
+    varied = ablation.varied_keys()
+    base_layer: dict[str, object] = {}
+    for name, variant in spec.base:
+        if name == spec.ablation:
+            raise UserError(f"--base {name}={variant} is the ablation under study; pick another ablation")
+        layer = get_ablation(name).overrides(variant)
+        clash = sorted(varied & layer.keys())
+        if clash:
+            raise UserError(f"--base {name}={variant} sets {', '.join(clash)}, which '{spec.ablation}' varies")
+        base_layer.update(layer)
+    clash = sorted(varied & spec.overrides.keys())
+    if clash:
+        raise UserError(f"--set {', '.join(clash)} is varied by '{spec.ablation}'; drop it or pick another study")
+    if "train.seed" in spec.overrides:
+        raise UserError("set seeds with --seeds, not --set train.seed")
+    names = list(spec.variants) or list(ablation.variants)
+    if "baseline" not in names:
+        names.insert(0, "baseline")
+    return {v: config_mod.resolve(spec.preset, base_layer, ablation.overrides(v), spec.overrides) for v in names}
+
+
+def run_study(spec: StudySpec, store: Store, progress: bool = True) -> str:
+    """Run every variant x seed; returns the parent run id. A crashing run is recorded and skipped."""
+    configs = resolve_configs(spec)
+    first = next(iter(configs.values()))
+    images = load_images(first.data, first.model.resolution, progress=progress)
+    parent = store.start_run(spec.experiment, f"{spec.experiment} {time.strftime('%Y-%m-%d %H:%M')}", {
+        "study": "parent", "ablation": spec.ablation, "preset": spec.preset,
+        "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
+        "variants": ",".join(configs)})
+    parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds), "study.variants": list(configs),
+                       "study.base": dict(spec.base), "study.overrides": spec.overrides})
+    status, logged_refs = "FINISHED", set()
+    try:
+        for variant, cfg in configs.items():
+            for seed in spec.seeds:
+                run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+                _run_one(spec, store, parent, variant, seed, run_cfg, images, progress)
+                _log_reference_once(parent, run_cfg, images, logged_refs)
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        parent.finish(status)
+    return parent.run_id
+
+
+def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg: RunConfig, images,
+             progress: bool) -> None:
+    name = f"{variant}-s{seed}"
+    tags = {"ablation": spec.ablation, "variant": variant, "seed": seed, "preset": spec.preset,
+            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child"}
+    child = store.start_run(spec.experiment, name, tags, parent=parent)
+    run_dir = spec.workdir / spec.experiment / child.run_id
+    bar = _progress_bar(name, cfg) if progress else None
+    try:
+        hooks = get_ablation(spec.ablation).hooks(variant)
+        from core.hooks import HookList
+        execute_run(cfg, child, run_dir, images=images, hooks=HookList(hooks) if hooks else None,
+                    progress=bar and (lambda nimg, stats: _advance(bar, nimg, stats)), log_reference=False)
+        child.finish("FINISHED")
+    except UserError:
+        child.finish("FAILED")
+        raise
+    except KeyboardInterrupt:
+        child.finish("KILLED")
+        raise
+    except Exception as exc:  # one broken run must not sink the study: record it and go on
+        child.set_tags({"outcome": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+        child.log_text(traceback.format_exc(), "error.txt")
+        child.finish("FAILED")
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _log_reference_once(parent, cfg: RunConfig, images, logged: set[str]) -> None:
+    """The FID reference statistics every child run was scored against, as an artifact of the parent."""
+    path, key, _ = reference_path(Path(cfg.data.cache_dir).expanduser(), images.key, cfg.eval.fid_ref_images,
+                                  len(images.images))
+    if path.is_file() and key not in logged:
+        parent.log_artifact(path, "fid_reference")
+        logged.add(key)
+
+
+def _progress_bar(name: str, cfg: RunConfig):
+    from tqdm import tqdm
+    total = config_mod.derive(cfg).steps * cfg.train.batch_size / 1000
+    return tqdm(total=round(total, 2), desc=name, unit="kimg", dynamic_ncols=True, leave=True)
+
+
+def _advance(bar, nimg: int, stats: dict) -> None:
+    bar.n = round(nimg / 1000, 2)
+    bar.set_postfix({k.split("/")[-1]: f"{stats[k]:.3g}" for k in ("loss/d", "loss/g", "perf/img_per_s") if k in stats},
+                    refresh=True)
