@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from core.errors import UserError
@@ -83,15 +82,18 @@ def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)); clean-fid's formula without its SciPy-1.18 `disp` call."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), clean-fid's formula.
+
+    Tr sqrt(S1 S2) = Tr sqrt(A S2 A) with A = sqrt(S1), which is symmetric PSD: two symmetric eigensolves
+    (about 1 s for 2048x2048 on two cores) instead of scipy's general sqrtm (about 9 s), and no `disp`
+    argument, which SciPy 1.18 removed and clean-fid 0.1.35 still passes.
+    """
     diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    covmean = covmean[0] if isinstance(covmean, tuple) else covmean
-    if not np.isfinite(covmean).all():  # near-singular product: regularise like clean-fid
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def fid_name(num_samples: int) -> str:
@@ -125,7 +127,7 @@ def reference_stats(images: np.ndarray, data_key: str, num_images: int, extracto
                 return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, path)
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: recompute below
-    feats = np.concatenate([extractor(torch.from_numpy(np.asarray(images[i:i + 1000])))
+    feats = np.concatenate([extractor(torch.from_numpy(np.array(images[i:i + 1000])))
                             for i in range(0, n, 1000)])[:n]
     mu, sigma = statistics(feats)
     cache_dir.mkdir(parents=True, exist_ok=True)

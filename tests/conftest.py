@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny configs, synthetic and real CelebA folders, a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core import config as config_mod
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_CELEBA = REPO.parent / "shared/data/celeba-subset/img_align_celeba"
+TINY = {  # 32x32, narrow, a handful of steps: seconds on two CPU cores
+    "model.resolution": 32, "model.width": 0.125, "train.device": "cpu",
+    "train.batch_size": 8, "train.kimg": 0.032, "train.log_every_kimg": 0.008, "train.sample_every_kimg": 0.016,
+    "train.checkpoint_every_kimg": 0.016, "optim.lr_ref_batch": 8,
+    "eval.fid_every_kimg": 0.0, "eval.fid_samples": 16, "eval.fid_final_samples": 16,
+    "eval.fid_ref_images": 32, "eval.fid_batch": 16, "eval.grid_size": 4,
+}
+
+
+def write_synthetic_celeba(folder: Path, n: int, seed: int = 0) -> Path:
+    """n random 178x218 JPEGs in the aligned-CelebA layout (smooth blobs, so JPEG keeps them cheap)."""
+    img_dir = folder / "img_align_celeba"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        small = rng.integers(0, 256, (7, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((178, 218), Image.BILINEAR).save(img_dir / f"{i + 1:06d}.jpg", quality=90)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    return write_synthetic_celeba(tmp_path_factory.mktemp("celeba"), 48)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny_cfg(synthetic_root, cache_dir):
+    def make(**overrides) -> config_mod.RunConfig:
+        layer = {**TINY, "data.root": str(synthetic_root), "data.cache_dir": str(cache_dir)}
+        layer.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return config_mod.resolve("default", layer)
+    return make
+
+
+@pytest.fixture
+def real_celeba() -> Path:
+    if not REAL_CELEBA.is_dir():
+        pytest.skip(f"real CelebA subset not found at {REAL_CELEBA}")
+    return REAL_CELEBA
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    from core.tracking import Store
+    monkeypatch.chdir(tmp_path)
+    return Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")

@@ -1,0 +1,69 @@
+"""`python -m studies.run` end to end in a temporary directory, and its one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--set", "train.kimg=0.32", "--set", "train.log_every_kimg=0.16", "--set", "eval.fid_every_kimg=0.16",
+        "--set", "eval.fid_samples=16", "--set", "eval.fid_final_samples=24", "--set", "eval.fid_ref_images=32",
+        "--set", "data.max_images=64", "--no-progress"]
+
+
+def run_cli(args, cwd, module="studies.run"):
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba):
+    proc = run_cli(["pooling", "--preset", "quick", "--seeds", "2", "--data", str(real_celeba.parent), *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from core.tracking import Store
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the default store, in the working directory
+    runs = store.runs_frame("pooling")
+    parents = runs[runs["tags.study"] == "parent"]
+    children = runs[runs["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]]
+    assert len(parents) == 1 and len(children) == 3 * 2
+    assert sorted(zip(children["tags.variant"], children["tags.seed"])) == [
+        (v, s) for v in ("avgpool", "baseline", "maxpool") for s in ("0", "1")]
+    assert (children["status"] == "FINISHED").all() and (children["tags.outcome"] == "finished").all()
+    assert set(children["params.model.d_downsample"]) == {"stride", "maxpool", "avgpool"}
+    assert "fid_reference" in {a.path for a in store.client.list_artifacts(parents["run_id"].iloc[0])}
+
+    report = (tmp_path / "reports/pooling.md").read_text()
+    for _, row in children.iterrows():  # every run's final FID, as MLflow holds it, is in the report
+        assert f"{row['metrics.fid/final']:.2f}" in report and row["run_id"] in report
+    for variant in ("baseline", "maxpool", "avgpool"):
+        assert (tmp_path / f"reports/pooling/{variant}.png").is_file()
+        assert f"(pooling/{variant}.png)" in report
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nope"], "unknown ablation 'nope'; known: .*pooling"),
+    (["pooling", "--data", "/nonexistent/celeba"], "no CelebA images found \\(looked in /nonexistent/celeba\\)"),
+    (["pooling", "--tracking-uri", "postgresql://nobody@127.0.0.1:1/none"], "cannot open MLflow tracking store"),
+    (["pooling", "--preset", "huge"], "unknown preset 'huge'"),
+    (["pooling", "--set", "model.resolution=48"], "power of two between 16 and 256"),
+    (["pooling", "--set", "model.d_downsample=maxpool"], "varied by 'pooling'"),
+    (["pooling", "--seeds", "0"], "--seeds 0 must be >= 1"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    proc = run_cli([*args, "--preset", "quick"] if "--preset" not in args else args, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    import re
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_list_and_dry_run(tmp_path):
+    proc = run_cli(["--list"], tmp_path)
+    assert proc.returncode == 0 and "pooling" in proc.stdout and "maxpool" in proc.stdout
+    proc = run_cli(["pooling", "--preset", "quick", "--dry-run"], tmp_path)
+    assert proc.returncode == 0 and '"model.d_downsample": "avgpool"' in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
