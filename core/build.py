@@ -75,6 +75,6 @@ def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_d
     opt_g, opt_d = make_optimizers(cfg, G, D)
     batches = BatchSource(images.images, device, seed=cfg.train.seed + 2,
                           channels_last=memory_format == torch.channels_last)
-    evaluate = FidEvaluator(cfg, images, device) if with_fid else None
+    evaluate = FidEvaluator(cfg, images, device) if with_fid and cfg.eval.fid_final_samples > 0 else None
     return Trainer(cfg, G, D, opt_g, opt_d, batches, device, hooks=hooks, tracker=tracker, evaluate=evaluate,
                    run_dir=run_dir, progress=progress)

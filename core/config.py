@@ -78,7 +78,7 @@ class TrainConfig:
 class EvalConfig:
     fid_every_kimg: float = 250.0  # FID during training every this many kimg; 0 = only at the end
     fid_samples: int = 10000  # generated images per FID during training
-    fid_final_samples: int = 50000  # generated images for the final FID
+    fid_final_samples: int = 50000  # generated images for the final FID; 0 = no FID at all (smoke runs)
     fid_ref_images: int = 0  # real images for the reference statistics; 0 = all loaded images
     fid_batch: int = 250  # images per Inception forward pass
     g_mode: str = "eval"  # G mode while sampling for FID and grids: eval (BN running stats) | train
@@ -221,7 +221,9 @@ def validate(cfg: RunConfig) -> None:
         (t.log_every_kimg > 0 and t.sample_every_kimg > 0 and t.checkpoint_every_kimg > 0,
          "train.log_every_kimg, sample_every_kimg and checkpoint_every_kimg must be > 0"),
         (e.fid_every_kimg >= 0, "eval.fid_every_kimg must be >= 0 (0 = only at the end)"),
-        (e.fid_samples >= 2 and e.fid_final_samples >= 2, "eval.fid_samples and fid_final_samples must be >= 2"),
+        (e.fid_samples >= 2 or e.fid_every_kimg == 0, "eval.fid_samples must be >= 2"),
+        (e.fid_final_samples >= 2 or e.fid_final_samples == 0, "eval.fid_final_samples must be >= 2 (0 = no FID)"),
+        (e.fid_final_samples > 0 or e.fid_every_kimg == 0, "eval.fid_every_kimg needs eval.fid_final_samples > 0"),
         (e.fid_ref_images >= 0, "eval.fid_ref_images must be >= 0 (0 = all)"),
         (e.fid_batch > 0, "eval.fid_batch must be > 0"),
         (e.grid_size > 0 and math.isqrt(e.grid_size) ** 2 == e.grid_size, "eval.grid_size must be a square number"),

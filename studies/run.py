@@ -3,6 +3,8 @@
     python -m studies.run pooling                          # GPU preset, 3 seeds, full CelebA or the subset
     python -m studies.run pooling --preset quick --seeds 2 # minutes on a CPU
     python -m studies.run pooling --data ~/celeba/img_align_celeba.zip --set train.kimg=500
+    python -m studies.run pooling --base ttur=ttur         # pooling variants on top of TTUR learning rates
+    python -m studies.run all --preset quick               # every study in turn
     python -m studies.run --list                           # every ablation and its variants
     python -m studies.run pooling --dry-run                # print the resolved configs and exit
 """
@@ -10,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from core.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", nargs="?", help="ablation to study (see --list)")
+    p.add_argument("name", nargs="?", help="ablation to study (see --list), or 'all' for every study in turn")
     p.add_argument("--list", action="store_true", help="list ablations with their variants and exit")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant, 0..N-1 (default: 3)")
     p.add_argument("--preset", default="default", choices=None,
@@ -51,22 +52,31 @@ def list_text() -> str:
         lines.append(f"{name:16s} {ablation.summary}")
         for variant, overrides in ablation.variants.items():
             shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "(plain configuration)"
-            lines.append(f"    {variant:14s} {shown}")
+            lines.append(f"    {variant:20s} {shown}")
     return "\n".join(lines)
 
 
-def spec_from_args(args: argparse.Namespace):
+def specs_from_args(args: argparse.Namespace) -> list:
+    """One StudySpec per study to run: the named one, or every registered study for 'all'."""
     from studies.study import StudySpec, parse_base
 
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds} must be >= 1")
-    get_ablation(args.name)  # unknown names fail here, listing the known ones
+    base = parse_base(args.base)
+    if args.name == "all":
+        if args.variants:
+            raise UserError("--variants names variants of one study; it cannot be combined with 'all'")
+        # the baseline-only study adds nothing that every other study does not already run
+        names = [n for n in list_ablations() if n != "baseline" and n not in {a for a, _ in base}]
+    else:
+        get_ablation(args.name)  # unknown names fail here, listing the known ones
+        names = [args.name]
     overrides: dict[str, object] = dict(parse_set(args.set))
     if args.data is not None:
         overrides["data.root"] = args.data
-    return StudySpec(ablation=args.name, seeds=tuple(range(args.seeds)), preset=args.preset,
-                     base=parse_base(args.base), overrides=overrides,
-                     variants=tuple(v for v in args.variants.split(",") if v), workdir=args.workdir)
+    return [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=args.preset, base=base,
+                      overrides=overrides, variants=tuple(v for v in args.variants.split(",") if v),
+                      workdir=args.workdir) for name in names]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,20 +87,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.name:
             raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
-        spec = spec_from_args(args)
+        specs = specs_from_args(args)
         from studies.study import resolve_configs, run_study
 
-        configs = resolve_configs(spec)
+        configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
         if args.dry_run:
-            print(json.dumps({v: flatten(c) for v, c in configs.items()}, indent=2))
+            print(json.dumps({name: {v: flatten(c) for v, c in cfgs.items()} for name, cfgs in configs.items()},
+                             indent=2))
             return 0
         from core.tracking import Store
         from studies.report import write_report
 
         store = Store(args.tracking_uri)
-        parent_id = run_study(spec, store, progress=not args.no_progress)
-        report = write_report(store, spec.experiment, args.reports, parent_id)
-        print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
+        for spec in specs:
+            parent_id = run_study(spec, store, progress=not args.no_progress)
+            report = write_report(store, spec.experiment, args.reports, parent_id)
+            print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
         return 0
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

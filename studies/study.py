@@ -61,6 +61,9 @@ def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
         clash = sorted(varied & layer.keys())
         if clash:
             raise UserError(f"--base {name}={variant} sets {', '.join(clash)}, which '{spec.ablation}' varies")
+        overlap = sorted(base_layer.keys() & layer.keys())
+        if overlap:
+            raise UserError(f"--base {name}={variant} sets {', '.join(overlap)}, which another --base already sets")
         base_layer.update(layer)
     clash = sorted(varied & spec.overrides.keys())
     if clash:

@@ -12,7 +12,11 @@ from PIL import Image
 from core import config as config_mod
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_CELEBA = REPO.parent / "shared/data/celeba-subset/img_align_celeba"
+# the real subset beside the checkout (../shared), wherever the checkout was cloned to
+_CANDIDATES = [os.environ.get("CELEBA_SUBSET", ""), str(REPO.parent / "shared/data/celeba-subset"),
+               "/work/shared/data/celeba-subset"]
+REAL_CELEBA = next((Path(c) / "img_align_celeba" for c in _CANDIDATES if c and (Path(c) / "img_align_celeba").is_dir()),
+                   REPO.parent / "shared/data/celeba-subset/img_align_celeba")
 TINY = {  # 32x32, narrow, a handful of steps: seconds on two CPU cores
     "model.resolution": 32, "model.width": 0.125, "train.device": "cpu",
     "train.batch_size": 8, "train.kimg": 0.032, "train.log_every_kimg": 0.008, "train.sample_every_kimg": 0.016,

@@ -67,3 +67,45 @@ def test_list_and_dry_run(tmp_path):
     proc = run_cli(["pooling", "--preset", "quick", "--dry-run"], tmp_path)
     assert proc.returncode == 0 and '"model.d_downsample": "avgpool"' in proc.stdout
     assert not (tmp_path / "mlflow.db").exists()
+
+
+NO_FID = ["--set", "train.kimg=0.512", "--set", "train.log_every_kimg=0.256", "--set", "eval.fid_every_kimg=0",
+          "--set", "eval.fid_final_samples=0", "--set", "data.max_images=64", "--no-progress"]
+
+
+@pytest.mark.parametrize("name", __import__("ablations").list_ablations())
+def test_every_study_runs_quick_with_the_right_runs(name, tmp_path, synthetic_root, monkeypatch):
+    """In-process (no interpreter start-up) and without FID, so all studies fit in seconds."""
+    from ablations import get_ablation
+    from core.tracking import Store
+    from studies.run import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main([name, "--preset", "quick", "--seeds", "1", "--data", str(synthetic_root), *NO_FID]) == 0
+    runs = Store().runs_frame(name)  # the default store: ./mlflow.db
+    children = runs[runs["tags.study"] == "child"]
+    assert sorted(children["tags.variant"]) == sorted(get_ablation(name).variants)
+    assert (children["tags.outcome"] == "finished").all() and (children["status"] == "FINISHED").all()
+    for _, run in children.iterrows():  # each run really carries its variant's settings
+        for key, value in get_ablation(name).overrides(run["tags.variant"]).items():
+            assert run[f"params.{key}"] == str(value)
+    assert (tmp_path / "reports" / f"{name}.md").is_file()
+
+
+def test_all_resolves_every_study_and_base_is_recorded(tmp_path, synthetic_root, monkeypatch):
+    from ablations import list_ablations
+    from core.tracking import Store
+    from studies.run import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["all", "--preset", "quick", "--dry-run"]) == 0
+    assert main(["pooling", "--preset", "quick", "--seeds", "1", "--base", "ttur=ttur", "--variants", "maxpool",
+                 "--data", str(synthetic_root), *NO_FID]) == 0
+    runs = Store().runs_frame("pooling@ttur=ttur")
+    children = runs[runs["tags.study"] == "child"]
+    assert sorted(children["tags.variant"]) == ["baseline", "maxpool"]
+    assert set(children["tags.base"]) == {"ttur=ttur"} and set(children["params.optim.lr_d"]) == {"0.0004"}
+    assert "ttur=ttur" in (tmp_path / "reports" / "pooling@ttur=ttur.md").read_text()
+    assert len(list_ablations()) >= 8

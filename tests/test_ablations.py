@@ -1,0 +1,192 @@
+"""Every ablation changes what it claims, in the built objects and the running loop, not only in the config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import core.trainer as trainer_mod
+from ablations import Ablation, get_ablation, list_ablations, register_ablation
+from ablations import registry
+from core.build import build_run
+from core.errors import UserError
+from studies.study import StudySpec, resolve_configs
+
+CASES = [(name, variant) for name in list_ablations() for variant in get_ablation(name).variants]
+
+
+def observe(trainer, steps: int = 4) -> dict:
+    """What a run really does: layers, optimizers, loss targets, optimizer steps, batches, images seen."""
+    targets, batches, opt_steps = [], [], {"D": 0, "G": 0}
+    real_bce = trainer_mod.F.binary_cross_entropy_with_logits
+
+    def spy_bce(logits, target, *a, **k):
+        targets.append(round(float(target.flatten()[0]), 6))
+        return real_bce(logits, target, *a, **k)
+
+    for name, opt in (("D", trainer.opt_d), ("G", trainer.opt_g)):
+        step = opt.step
+        opt.step = lambda *a, _s=step, _n=name, **k: (opt_steps.__setitem__(_n, opt_steps[_n] + 1), _s(*a, **k))[1]
+    draw = trainer.batches.next
+    trainer.batches.next = lambda n: (batches.append(n), draw(n))[1]
+    trainer_mod.F.binary_cross_entropy_with_logits = spy_bce
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+    finally:
+        trainer_mod.F.binary_cross_entropy_with_logits = real_bce
+
+    def layers(module):
+        return [(type(m).__name__, getattr(m, "negative_slope", None)) for m in module.modules()
+                if not isinstance(m, (nn.Sequential,)) and type(m).__name__ not in ("Generator", "Discriminator", "CSPup")]
+
+    def groups(opt):
+        return [(type(opt).__name__, g["lr"], g["weight_decay"]) for g in opt.param_groups]
+
+    return {"G layers": layers(trainer.G), "D layers": layers(trainer.D), "opt_g": groups(trainer.opt_g),
+            "opt_d": groups(trainer.opt_d), "targets": sorted(set(targets)), "opt steps": opt_steps,
+            "batches": batches, "nimg": trainer.nimg}
+
+
+@pytest.fixture
+def build(tiny_cfg):
+    def make(name: str, variant: str):
+        from core import config as config_mod
+        # the tiny test config, then the variant's overrides on top
+        cfg = config_mod.apply_overrides(tiny_cfg(), get_ablation(name).overrides(variant))
+        config_mod.validate(cfg)
+        return build_run(cfg, with_fid=False)
+    return make
+
+
+@pytest.mark.parametrize("name,variant", [c for c in CASES if c[1] != "baseline"])
+def test_every_variant_really_changes_the_run(build, name, variant):
+    """Generic, so a newly registered plugin is covered from day one: its run differs observably."""
+    assert observe(build(name, variant)) != observe(build(name, "baseline"))
+
+
+@pytest.mark.parametrize("name", list_ablations())
+def test_plugin_shape(name):
+    ablation = get_ablation(name)
+    assert list(ablation.variants)[0] == "baseline" and ablation.variants["baseline"] == {}
+    assert ablation.summary and len((type(ablation).__doc__ or "").split()) >= 25  # a real rationale
+    for variant in ablation.variants:  # every variant resolves under both presets
+        for preset in ("quick", "default"):
+            resolve_configs(StudySpec(ablation=name, preset=preset, variants=(variant,)))
+
+
+def test_pooling_layers(build):
+    seen = {v: observe(build("pooling", v))["D layers"] for v in ("baseline", "maxpool", "avgpool")}
+    assert ("MaxPool2d", None) not in seen["baseline"] and ("AvgPool2d", None) not in seen["baseline"]
+    for variant, pool in (("maxpool", "MaxPool2d"), ("avgpool", "AvgPool2d")):
+        names = [n for n, _ in seen[variant]]
+        assert names.count(pool) == 3
+        assert all(names[i - 1] in ("ReLU", "BatchNorm2d") for i, n in enumerate(names) if n == pool)
+
+
+def test_leaky_bn_activation_and_norm_placement(build):
+    def order(variant, net):
+        return [n for n, _ in observe(build("leaky_bn", variant))[f"{net} layers"]
+                if n in ("Identity", "Linear", "Conv2d", "ConvTranspose2d", "BatchNorm2d", "ReLU", "LeakyReLU")]
+    for net in ("G", "D"):
+        base = order("baseline", net)
+        assert "LeakyReLU" not in base and "ReLU" in base
+        leaky = observe(build("leaky_bn", "leaky"))[f"{net} layers"]
+        assert ("ReLU", None) not in leaky and ("LeakyReLU", 0.2) in leaky
+        after_conv, after_act = order("leaky", net), order("leaky_bn_after_act", net)
+        bn_prev = lambda seq: {seq[i - 1] for i, n in enumerate(seq) if n == "BatchNorm2d"}
+        act_prev = lambda seq: {seq[i - 1] for i, n in enumerate(seq) if n == "LeakyReLU"}
+        # after_conv: conv -> BN -> act (G's stem 'conv' is the Identity after its Linear layer)
+        assert bn_prev(after_conv) == ({"Conv2d", "Identity"} if net == "G" else {"Conv2d"})
+        assert act_prev(after_conv) == {"BatchNorm2d", "Conv2d"} if net == "D" else act_prev(after_conv) == {"BatchNorm2d"}
+        assert bn_prev(after_act) == {"LeakyReLU"}
+        assert "BatchNorm2d" not in order("leaky_no_bn", net)
+
+
+def test_weight_decay_reaches_the_optimizer(build):
+    base, l2, adamw = (observe(build("weight_decay", v)) for v in ("baseline", "l2_1e-3", "adamw_1e-2"))
+    assert {g[2] for g in base["opt_g"] + base["opt_d"]} == {0.0}
+    assert {g[:1] + g[2:] for g in l2["opt_g"] + l2["opt_d"]} == {("Adam", 1e-3)}
+    assert {g[:1] + g[2:] for g in adamw["opt_g"] + adamw["opt_d"]} == {("AdamW", 1e-2)}
+
+
+def test_ttur_learning_rates_in_param_groups(build):
+    ttur = observe(build("ttur", "ttur"))
+    assert ttur["opt_d"][0][1] == pytest.approx(4e-4) and ttur["opt_g"][0][1] == pytest.approx(1e-4)
+    ratio = observe(build("ttur", "ratio_10"))
+    assert ratio["opt_d"][0][1] / ratio["opt_g"][0][1] == pytest.approx(10)
+
+
+def test_label_smoothing_targets_reach_the_loss(build):
+    assert observe(build("label_smoothing", "baseline"))["targets"] == [0.0, 1.0]
+    assert observe(build("label_smoothing", "real_0.9"))["targets"] == [0.0, 0.9, 1.0]  # G's target stays 1
+    assert observe(build("label_smoothing", "real_0.8"))["targets"] == [0.0, 0.8, 1.0]
+    assert observe(build("label_smoothing", "two_sided"))["targets"] == [0.1, 0.9, 1.0]
+
+
+@pytest.mark.parametrize("variant,d_steps", [("baseline", 4), ("n_dis_2", 8), ("n_dis_5", 20), ("d_every_2", 2)])
+def test_n_dis_optimizer_step_counts(build, variant, d_steps):
+    seen = observe(build("n_dis", variant), steps=4)
+    assert seen["opt steps"] == {"D": d_steps, "G": 4}
+    assert len(seen["batches"]) == d_steps  # each D update draws a fresh real batch
+
+
+def test_batch_size_holds_images_seen_equal(tiny_cfg):
+    from core import config as config_mod
+    results = {}
+    for variant in ("baseline", "batch_64", "batch_256"):
+        cfg = config_mod.apply_overrides(tiny_cfg(train__kimg=0.512), get_ablation("batch_size").overrides(variant))
+        trainer = build_run(cfg, with_fid=False)
+        drawn = []
+        draw = trainer.batches.next
+        trainer.batches.next = lambda n, _d=draw: (drawn.append(n), _d(n))[1]
+        result = trainer.run()
+        results[variant] = (cfg.train.batch_size, set(drawn), result.step, result.nimg)
+    assert results["batch_64"] == (64, {64}, 8, 512)
+    assert results["batch_256"] == (256, {256}, 2, 512)
+    assert results["baseline"][3] == 512
+
+
+def test_lr_scaling_rule_for_batch_size(tiny_cfg):
+    from core import config as config_mod
+    for rule, factor in (("none", 1), ("sqrt", math.sqrt(8)), ("linear", 8)):
+        cfg = tiny_cfg(train__batch_size=64, optim__lr_ref_batch=8, optim__lr_scaling=rule)
+        trainer = build_run(cfg, with_fid=False)
+        assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)
+        assert config_mod.derive(cfg).lr_d == pytest.approx(2e-4 * factor)
+
+
+def test_base_variant_is_applied_and_clashes_are_refused(monkeypatch):
+    configs = resolve_configs(StudySpec(ablation="pooling", base=(("ttur", "ttur"),)))
+    assert {c.optim.lr_d for c in configs.values()} == {4e-4}
+    assert configs["maxpool"].model.d_downsample == "maxpool"
+
+    class SlowG(Ablation):
+        """test-only"""
+        name = "slow_g"
+        variants = {"baseline": {}, "slow": {"optim.lr_g": 1e-5}}
+    monkeypatch.setitem(registry._REGISTRY, "slow_g", SlowG)
+    with pytest.raises(UserError, match="sets optim.lr_g, which 'ttur' varies"):
+        resolve_configs(StudySpec(ablation="ttur", base=(("slow_g", "slow"),)))
+    with pytest.raises(UserError, match="which another --base already sets"):
+        resolve_configs(StudySpec(ablation="pooling", base=(("ttur", "ttur"), ("slow_g", "slow"))))
+    with pytest.raises(UserError, match="is the ablation under study"):
+        resolve_configs(StudySpec(ablation="ttur", base=(("ttur", "ttur"),)))
+    with pytest.raises(UserError, match="varied by 'ttur'"):
+        resolve_configs(StudySpec(ablation="ttur", overrides={"optim.lr_g": 1e-3}))
+    with pytest.raises(UserError, match="has no variant 'fast'"):
+        resolve_configs(StudySpec(ablation="ttur", variants=("fast",)))
+
+
+def test_registry_refuses_duplicates_and_lists_names_for_unknown():
+    with pytest.raises(ValueError, match="registered twice"):
+        @register_ablation
+        class Clash(Ablation):
+            """dup"""
+            name = "pooling"
+            variants = {"baseline": {}}
+    with pytest.raises(UserError, match="unknown ablation 'nope'; known: .*weight_decay"):
+        get_ablation("nope")
