@@ -190,3 +190,22 @@ def test_registry_refuses_duplicates_and_lists_names_for_unknown():
             variants = {"baseline": {}}
     with pytest.raises(UserError, match="unknown ablation 'nope'; known: .*weight_decay"):
         get_ablation("nope")
+
+
+def test_plugins_from_other_installed_packages_register_through_entry_points(tmp_path, monkeypatch):
+    (tmp_path / "third_party_trick.py").write_text(
+        "from ablations import Ablation\n"
+        "class Spectral(Ablation):\n"
+        "    '''A plugin living in another package.'''\n"
+        "    name = 'third_party'\n"
+        "    variants = {'baseline': {}, 'wide': {'model.width': 2.0}}\n")
+    dist = tmp_path / "third_party_trick-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: third-party-trick\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{registry.ENTRY_POINT_GROUP}]\nthird_party = third_party_trick:Spectral\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    assert "third_party" in list_ablations()
+    assert get_ablation("third_party").overrides("wide") == {"model.width": 2.0}
