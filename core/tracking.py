@@ -6,6 +6,8 @@ logged against images seen (MLflow `step` = nimg) so batch-size variants line up
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,36 +32,56 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
-class RunTracker(NullTracker):
-    """One MLflow run, written through the client API (no global active run, safe for nested runs)."""
+def _retry(fn, *args, attempts: int = 8, **kwargs):
+    """SQLite allows one writer at a time: another study writing to the same file makes a call fail with
+    'database is locked'. Such calls are retried with backoff instead of losing the run's records."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == attempts - 1 or "locked" not in str(exc):
+                raise
+            time.sleep(0.2 * 2**attempt)
 
-    def __init__(self, client, run_id: str):
+
+class RunTracker(NullTracker):
+    """One MLflow run, written through the client API (no global active run, safe for nested runs).
+
+    `skip_until` drops metrics at steps already recorded, so a resumed run replaying the steps between its
+    last checkpoint and the kill leaves no duplicated points in its curves.
+    """
+
+    def __init__(self, client, run_id: str, skip_until: int = -1):
         self.client = client
         self.run_id = run_id
+        self.skip_until = skip_until
 
     def log_params(self, params):
         from mlflow.entities import Param
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), PARAM_CHUNK):
-            self.client.log_batch(self.run_id, params=items[i:i + PARAM_CHUNK])
+            _retry(self.client.log_batch, self.run_id, params=items[i:i + PARAM_CHUNK])
 
     def log_metrics(self, metrics, step):
         from mlflow.entities import Metric
+        if step <= self.skip_until:
+            return
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+        _retry(self.client.log_batch, self.run_id,
+               metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
 
     def log_artifact(self, path, subdir=None):
-        self.client.log_artifact(self.run_id, str(path), subdir)
+        _retry(self.client.log_artifact, self.run_id, str(path), subdir)
 
     def log_text(self, text, name):
-        self.client.log_text(self.run_id, text, name)
+        _retry(self.client.log_text, self.run_id, text, name)
 
     def set_tags(self, tags):
         from mlflow.entities import RunTag
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        _retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def finish(self, status="FINISHED"):
-        self.client.set_terminated(self.run_id, status)
+        _retry(self.client.set_terminated, self.run_id, status)
 
 
 class Store:
@@ -73,8 +95,9 @@ class Store:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.client.search_experiments(max_results=1)
+            with _init_lock(self.uri):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.client.search_experiments(max_results=1)
         except Exception as exc:  # sqlalchemy, REST and filesystem errors all mean "cannot open"
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot open MLflow tracking store '{self.uri}': {first}; "
@@ -93,13 +116,15 @@ class Store:
         tags = {k: str(v) for k, v in tags.items()}
         if parent is not None:
             tags["mlflow.parentRunId"] = parent.run_id
-        run = self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags)
+        run = _retry(self.client.create_run, self.experiment_id(experiment), run_name=name, tags=tags)
         return RunTracker(self.client, run.info.run_id)
 
     def resume_run(self, run_id: str) -> RunTracker:
-        """Reopen a run (e.g. an interrupted one) so that its metric curves continue in place."""
-        self.client.update_run(run_id, status="RUNNING")
-        return RunTracker(self.client, run_id)
+        """Reopen an interrupted run so that its metric curves continue in place, without duplicates."""
+        _retry(self.client.update_run, run_id, status="RUNNING")
+        logged = self.client.get_run(run_id).data.metrics
+        last = max((m.step for k in logged for m in self.client.get_metric_history(run_id, k)), default=-1)
+        return RunTracker(self.client, run_id, skip_until=last)
 
     def find_runs(self, experiment: str, filter_string: str = "") -> list:
         exp = self.client.get_experiment_by_name(experiment)
@@ -125,6 +150,23 @@ class Store:
 
     def list_artifacts(self, run_id: str, path: str | None = None) -> list[str]:
         return [f.path for f in self.client.list_artifacts(run_id, path)]
+
+
+@contextlib.contextmanager
+def _init_lock(uri: str):
+    """Serialise the first open of a local SQLite store: two processes creating its tables at once collide."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if not db.parent.is_dir():
+        raise UserError(f"cannot open MLflow tracking store '{uri}': folder {db.parent} does not exist")
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def dump_json(obj: object) -> str:

@@ -40,7 +40,7 @@ class Phase:
 
 @dataclass
 class RunResult:
-    status: str  # finished | diverged | stopped
+    status: str  # finished | diverged | stopped | collapsed | d_saturated (the seeds' failure modes)
     step: int
     nimg: int
     fid: dict[int, float] = field(default_factory=dict)  # nimg -> FID (training and final)
@@ -86,6 +86,8 @@ class Trainer:
         self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
         self.d_steps = 0  # optimizer steps taken, checked by the n_dis tests
         self.g_steps = 0
+        self.failures: dict[str, int] = {}  # failure mode -> nimg where first seen
+        self._saturated_logs = 0
         self._reset_stats()
         t = cfg.train
         self.phases = [Phase("D", self._d_step, interval=t.d_interval, repeats=t.n_dis), Phase("G", self._g_step)]
@@ -153,25 +155,40 @@ class Trainer:
                 if not all(math.isfinite(v) for v in stats.values()):
                     result.status, result.diverged_at = "diverged", nimg
                     break
+                self._watch_saturation(stats)
             if crossed(nimg, self.batch, t.sample_every_kimg) or last:
                 self.save_grid()
             if e.fid_every_kimg > 0 and crossed(nimg, self.batch, e.fid_every_kimg) and not last:
-                if self._eval_fid(e.fid_samples):
+                out = self._eval_fid(e.fid_samples)
+                if out is not None and out["stop"]:
                     result.status = "stopped"
                     break
             if crossed(nimg, self.batch, t.checkpoint_every_kimg) and not last:
                 self.save_checkpoint()
         if result.status != "diverged":
-            self._eval_fid(e.fid_final_samples, final=True)
+            out = self._eval_fid(e.fid_final_samples, final=True)
             result.final_fid = self.fid_history.get(self.nimg)
+            if out is not None and out["feature_spread"] < e.collapse_spread:
+                self.failures.setdefault("collapsed", self.nimg)
+        if result.status == "finished" and self.failures:
+            result.status = min(self.failures, key=self.failures.get)  # the first failure seen names the run
         result.step, result.nimg = self.step, self.nimg
         finite = [v for v in self.fid_history.values() if math.isfinite(v)]
         result.best_fid = min(finite) if finite else None
         return result
 
-    def _eval_fid(self, num_samples: int, final: bool = False) -> bool:
+    def _watch_saturation(self, stats: dict[str, float]) -> None:
+        """D wins outright (its loss ~0) while G's loss explodes, for several log intervals in a row."""
+        e = self.cfg.eval
+        stuck = stats.get("loss/d", 1.0) < e.saturation_loss_d and stats.get("loss/g", 0.0) > e.saturation_loss_g
+        self._saturated_logs = self._saturated_logs + 1 if stuck else 0
+        if self._saturated_logs >= e.saturation_logs:
+            self.failures.setdefault("d_saturated", self.nimg)
+
+    def _eval_fid(self, num_samples: int, final: bool = False) -> dict | None:
+        """Log FID; returns the metric's output (None without an evaluator)."""
         if self.evaluate is None:
-            return False
+            return None
         out = self.evaluate(self.G, num_samples)
         name = next(k for k in out if k.startswith("fid"))
         value = out[name]
@@ -181,7 +198,8 @@ class Trainer:
             metrics["fid/final"] = value
         self._record(metrics)
         self.tracker.set_tags({f"fid_protocol.{k}": v for k, v in out["protocol"].items()})
-        return self.hooks.on_eval(self.nimg / 1000, metrics)
+        out["stop"] = self.hooks.on_eval(self.nimg / 1000, metrics)
+        return out
 
     def _record(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, step=self.nimg)
@@ -233,6 +251,7 @@ class Trainer:
             "fid_history": [[k, v] for k, v in self.fid_history.items()],
             "history": {k: [[n, v] for n, v in pts] for k, pts in self.history.items()},
             "steps_taken": [self.d_steps, self.g_steps], "run_id": self.tracker.run_id or "",
+            "failures": dict(self.failures), "saturated_logs": self._saturated_logs,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -257,6 +276,7 @@ class Trainer:
         self.fid_history = {int(k): float(v) for k, v in state["fid_history"]}
         self.history = {k: [(int(n), float(v)) for n, v in pts] for k, pts in state["history"].items()}
         self.d_steps, self.g_steps = state["steps_taken"]
+        self.failures, self._saturated_logs = dict(state["failures"]), state["saturated_logs"]
 
     def checkpoint_path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"

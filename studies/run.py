@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and samples (default: runs)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config of each variant and exit")
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new study even if the same one was interrupted or finished (default: resume it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
     return p
 
@@ -95,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({name: {v: flatten(c) for v, c in cfgs.items()} for name, cfgs in configs.items()},
                              indent=2))
             return 0
+        from core.data import load_images
         from core.tracking import Store
         from studies.report import write_report
 
+        # data first: a missing or corrupt dataset must fail before the tracking store is touched
+        first = next(iter(configs[specs[0].experiment].values()))
+        images = load_images(first.data, first.model.resolution, progress=not args.no_progress)
         store = Store(args.tracking_uri)
         for spec in specs:
-            parent_id = run_study(spec, store, progress=not args.no_progress)
+            parent_id = run_study(spec, store, images, progress=not args.no_progress, fresh=args.fresh)
             report = write_report(store, spec.experiment, args.reports, parent_id)
             print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
         return 0
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished runs are in MLflow; rerun the same command to continue", file=sys.stderr)
+        print("interrupted: finished runs are in MLflow; rerun the same command to resume", file=sys.stderr)
         return 130
 
 

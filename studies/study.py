@@ -8,6 +8,8 @@ never leaves half a study behind.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 from ablations import get_ablation
 from core import config as config_mod
 from core.config import RunConfig
-from core.data import load_images
+from core.data import ImageSet
 from core.errors import UserError
 from core.metrics import reference_path
 from core.runner import execute_run
@@ -76,23 +78,51 @@ def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
     return {v: config_mod.resolve(spec.preset, base_layer, ablation.overrides(v), spec.overrides) for v in names}
 
 
-def run_study(spec: StudySpec, store: Store, progress: bool = True) -> str:
-    """Run every variant x seed; returns the parent run id. A crashing run is recorded and skipped."""
+TERMINAL_OUTCOMES = ("finished", "diverged", "collapsed", "d_saturated", "stopped")  # not retried on resume
+
+
+def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
+    """Identity of a study: same experiment, seeds and resolved configs = the same study, to be resumed."""
+    blob = json.dumps({"experiment": spec.experiment, "seeds": list(spec.seeds),
+                       "configs": {v: config_mod.flatten(c) for v, c in configs.items()}}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def run_study(spec: StudySpec, store: Store, images: ImageSet, progress: bool = True, fresh: bool = False) -> str:
+    """Run every variant x seed; returns the parent run id.
+
+    Re-running the same study resumes it: its unfinished parent run is reopened, finished child runs are
+    skipped, and an interrupted child continues from its last checkpoint in the same MLflow run. A crashing
+    run is recorded as failed and the study goes on; a diverged one is tagged and the study goes on.
+    """
     configs = resolve_configs(spec)
-    first = next(iter(configs.values()))
-    images = load_images(first.data, first.model.resolution, progress=progress)
-    parent = store.start_run(spec.experiment, f"{spec.experiment} {time.strftime('%Y-%m-%d %H:%M')}", {
-        "study": "parent", "ablation": spec.ablation, "preset": spec.preset,
-        "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
-        "variants": ",".join(configs)})
-    parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds), "study.variants": list(configs),
-                       "study.base": dict(spec.base), "study.overrides": spec.overrides})
+    key = study_key(spec, configs)
+    previous = [] if fresh else store.find_runs(spec.experiment, f"tags.study_key = '{key}'")
+    previous = sorted((r for r in previous if r.data.tags.get("study") == "parent"), key=lambda r: -r.info.start_time)
+    if previous and previous[0].info.status == "FINISHED":
+        return previous[0].info.run_id  # already complete: nothing to train (use --fresh to repeat it)
+    if previous:
+        parent = store.resume_run(previous[0].info.run_id)
+        done = {(r.data.tags["variant"], int(r.data.tags["seed"])): r
+                for r in store.find_runs(spec.experiment, f"tags.mlflow.parentRunId = '{parent.run_id}'")}
+    else:
+        parent = store.start_run(spec.experiment, f"{spec.experiment} {time.strftime('%Y-%m-%d %H:%M')}", {
+            "study": "parent", "study_key": key, "ablation": spec.ablation, "preset": spec.preset,
+            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
+            "variants": ",".join(configs)})
+        parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds),
+                           "study.variants": list(configs), "study.base": dict(spec.base),
+                           "study.overrides": spec.overrides})
+        done = {}
     status, logged_refs = "FINISHED", set()
     try:
         for variant, cfg in configs.items():
             for seed in spec.seeds:
+                earlier = done.get((variant, seed))
+                if earlier is not None and earlier.data.tags.get("outcome") in TERMINAL_OUTCOMES:
+                    continue
                 run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-                _run_one(spec, store, parent, variant, seed, run_cfg, images, progress)
+                _run_one(spec, store, parent, variant, seed, run_cfg, images, progress, earlier)
                 _log_reference_once(parent, run_cfg, images, logged_refs)
     except BaseException:
         status = "KILLED"
@@ -103,11 +133,14 @@ def run_study(spec: StudySpec, store: Store, progress: bool = True) -> str:
 
 
 def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg: RunConfig, images,
-             progress: bool) -> None:
+             progress: bool, earlier=None) -> None:
     name = f"{variant}-s{seed}"
     tags = {"ablation": spec.ablation, "variant": variant, "seed": seed, "preset": spec.preset,
             "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child"}
-    child = store.start_run(spec.experiment, name, tags, parent=parent)
+    if earlier is not None:  # interrupted: same MLflow run and run directory, continued from its checkpoint
+        child = store.resume_run(earlier.info.run_id)
+    else:
+        child = store.start_run(spec.experiment, name, tags, parent=parent)
     run_dir = spec.workdir / spec.experiment / child.run_id
     bar = _progress_bar(name, cfg) if progress else None
     try:

@@ -52,7 +52,7 @@ def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba):
     (["pooling", "--seeds", "0"], "--seeds 0 must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    proc = run_cli([*args, "--preset", "quick"] if "--preset" not in args else args, tmp_path)
+    proc = run_cli([*args, "--no-progress", *([] if "--preset" in args else ["--preset", "quick"])], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
