@@ -1,0 +1,172 @@
+"""Nothing lost, nothing half-written: kills, divergence, failure modes, bad input, concurrent studies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.build import build_run
+from core.tracking import Store
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--preset", "quick", "--seeds", "1", "--variants", "maxpool", "--no-progress",
+         "--set", "data.max_images=64", "--set", "eval.fid_every_kimg=0", "--set", "eval.fid_final_samples=0",
+         "--set", "train.batch_size=8", "--set", "optim.lr_ref_batch=8", "--set", "train.kimg=2.4",
+         "--set", "train.log_every_kimg=0.04", "--set", "train.checkpoint_every_kimg=0.4",
+         "--set", "train.sample_every_kimg=0.8"]
+
+
+def study(cwd: Path, data: Path, *extra: str) -> subprocess.Popen:
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "studies.run", "pooling", "--data", str(data), *SMALL, *extra],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def children(cwd: Path):
+    runs = Store(f"sqlite:///{cwd / 'mlflow.db'}").runs_frame("pooling")
+    return runs[runs["tags.study"] == "child"].sort_values("tags.variant")
+
+
+def final_state(cwd: Path, run_id: str) -> dict:
+    return torch.load(cwd / "runs" / "pooling" / run_id / "checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_sigkilled_study_resumes_to_the_same_result(tmp_path, synthetic_root):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    proc = study(killed, synthetic_root)
+    deadline = time.time() + 300
+    # kill during the second run (maxpool), after it wrote a checkpoint, at whatever step it has reached
+    while time.time() < deadline and len(list((killed / "runs" / "pooling").glob("*/checkpoint.pt"))) < 2:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = children(killed)
+    assert len(partial) == 2 and sorted(partial["status"]) == ["FINISHED", "RUNNING"]
+
+    assert study(killed, synthetic_root).wait() == 0  # the same command resumes
+    assert study(straight, synthetic_root).wait() == 0
+    a, b = children(straight), children(killed)
+    assert len(b) == 2 and (b["status"] == "FINISHED").all() and (b["tags.outcome"] == "finished").all()
+    assert list(b["run_id"]) == list(partial.sort_values("tags.variant")["run_id"])  # same MLflow runs continued
+    store_a, store_b = Store(f"sqlite:///{straight / 'mlflow.db'}"), Store(f"sqlite:///{killed / 'mlflow.db'}")
+    for (_, ra), (_, rb) in zip(a.iterrows(), b.iterrows()):
+        sa, sb = final_state(straight, ra["run_id"]), final_state(killed, rb["run_id"])
+        assert sa["step"] == sb["step"] == 300
+        for net in ("G", "D"):
+            for k in sa[net]:
+                assert torch.equal(sa[net][k], sb[net][k]), (net, k)  # bit-identical on CPU
+        for key in ("loss/d", "loss/g"):
+            steps_a = [s for s, _ in store_a.metric_history(ra["run_id"], key)]
+            hist_b = store_b.metric_history(rb["run_id"], key)
+            assert sorted(s for s, _ in hist_b) == sorted(steps_a)  # no gap, no duplicated step
+            assert dict(hist_b) == pytest.approx(dict(store_a.metric_history(ra["run_id"], key)))
+    parents = Store(f"sqlite:///{killed / 'mlflow.db'}").runs_frame("pooling")
+    assert (parents["tags.study"] == "parent").sum() == 1
+
+
+def test_a_diverging_run_is_tagged_and_the_study_goes_on(tmp_path, synthetic_root, monkeypatch):
+    """lr_d = 1e30 blows D's weights to inf in a step or two; baseline runs must still finish."""
+    from studies.run import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    import ablations.pooling as pooling
+    monkeypatch.setitem(pooling.Pooling.variants, "maxpool", {"model.d_downsample": "maxpool", "optim.lr_d": 1e30})
+    args = [a if a != "train.kimg=2.4" else "train.kimg=0.32" for a in SMALL]
+    args[args.index("--seeds") + 1] = "2"
+    assert main(["pooling", "--data", str(synthetic_root), *args]) == 0
+    runs = children(tmp_path)
+    by_variant = runs.groupby("tags.variant")["tags.outcome"].apply(set).to_dict()
+    assert by_variant == {"baseline": {"finished"}, "maxpool": {"diverged"}}
+    assert runs[runs["tags.variant"] == "maxpool"]["tags.diverged_at_nimg"].astype(int).min() > 0
+    report = (tmp_path / "reports" / "pooling.md").read_text()
+    assert report.count("diverged") >= 2
+
+
+def test_d_saturation_and_collapse_are_tagged(tiny_cfg):
+    class ConstantG(torch.nn.Module):  # ignores z: the extreme of mode collapse
+        def __init__(self, G):
+            super().__init__()
+            self.G = G
+
+        def forward(self, z):
+            return self.G(torch.zeros_like(z))
+
+    from core.hooks import Hooks
+
+    class Collapse(Hooks):
+        def on_models_built(self, G, D):
+            return ConstantG(G), D
+
+    trainer = build_run(tiny_cfg(eval__collapse_spread=0.05, eval__fid_ref_images=32),
+                        hooks=Collapse(), with_fid=True)
+    trainer.G.z_dim = 128
+    assert trainer.run().status == "collapsed" and "collapsed" in trainer.failures
+
+    saturated = build_run(tiny_cfg(eval__saturation_loss_d=10.0, eval__saturation_loss_g=0.0,
+                                   eval__saturation_logs=2), with_fid=False)
+    result = saturated.run()
+    assert result.status == "d_saturated" and saturated.failures["d_saturated"] == 16  # 2nd log interval
+
+    healthy = build_run(tiny_cfg(), with_fid=False)
+    assert healthy.run().status == "finished" and not healthy.failures
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "train.batch_size=2"], "too small for BatchNorm"),
+    (["--set", "optim.lr_g=-1e-4"], "optim.lr_g=-0.0001 must be a positive learning rate"),
+    (["--set", "optim.lr_d=0"], "optim.lr_d=0.0 must be a positive"),
+    (["--set", "train.kimg=0"], "train.kimg=0.0 must be > 0"),
+    (["--seeds", "-1"], "--seeds -1 must be >= 1"),
+    (["--set", "model.resolution=512"], "power of two between 16 and 256"),
+    (["--set", "train.kimg=lots"], "train.kimg='lots' is not a valid float"),
+    (["--variants", "maxpool,median"], "no variant 'median'"),
+    (["--set", "model.size=3"], "unknown config key 'model.size'"),
+    (["--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"], "folder /nonexistent/dir does not exist"),
+])
+def test_bad_input_matrix_leaves_no_residue(tmp_path, synthetic_root, args, message):
+    from tests.test_study_cli import run_cli
+    proc = run_cli(["pooling", "--preset", "quick", "--no-progress", "--data", str(synthetic_root), *args], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    left = {p.name for p in tmp_path.iterdir()} - {".cache", ".config"}  # HOME is tmp_path: caches of libraries
+    assert not left, left  # no store, no runs, no reports
+    assert not list(tmp_path.rglob("*partial*"))
+
+
+def test_corrupt_data_and_bad_cache_files(tmp_path, synthetic_root):
+    from tests.test_study_cli import run_cli
+    bad = tmp_path / "bad" / "img_align_celeba"
+    bad.mkdir(parents=True)
+    (bad / "000001.jpg").write_bytes(b"not a jpeg")
+    proc = run_cli(["pooling", "--preset", "quick", "--no-progress", "--data", str(bad.parent)], tmp_path)
+    assert proc.returncode == 2 and "none of the 1 images" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("*.npy"))
+
+
+def test_two_concurrent_studies_on_one_store(tmp_path, synthetic_root):
+    args = [a if a != "train.kimg=2.4" else "train.kimg=0.4" for a in SMALL]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "studies.run", name, "--data", str(synthetic_root),
+                               *[a for a in args if a != "maxpool" and a != "--variants"]],
+                              cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+             for name in ("pooling", "ttur")]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name, n_variants in (("pooling", 3), ("ttur", 3)):
+        runs = store.runs_frame(name)
+        kids = runs[runs["tags.study"] == "child"]
+        assert len(kids) == n_variants and (kids["status"] == "FINISHED").all()
+        for run_id in kids["run_id"]:  # every log interval of every run arrived: 0.4 kimg / 0.04 kimg
+            assert [s for s, _ in store.metric_history(run_id, "loss/d")] == list(range(40, 401, 40))
