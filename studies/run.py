@@ -5,6 +5,7 @@
     python -m studies.run pooling --data ~/celeba/img_align_celeba.zip --set train.kimg=500
     python -m studies.run --list                           # every ablation and its variants
     python -m studies.run pooling --dry-run                # print the resolved configs and exit
+    python -m studies.run pooling --lr-from lr-default     # best lr_g/lr_d of an Optuna study (studies.search)
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config of each variant and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    from studies.search import add_lr_flags
+    add_lr_flags(p)  # --lr-from, --search-lr, --search-trials, --storage
     return p
 
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.name:
             raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
         spec = spec_from_args(args)
+        from studies.search import lr_for_study
+        spec = lr_for_study(spec, args)  # unchanged unless --lr-from or --search-lr
         from studies.study import resolve_configs, run_study
 
         configs = resolve_configs(spec)

@@ -32,6 +32,7 @@ class StudySpec:
     overrides: dict[str, object] = field(default_factory=dict)  # CLI --set and --data, applied last
     variants: tuple[str, ...] = ()  # subset of the ablation's variants; () = all (baseline always included)
     workdir: Path = Path("runs")  # run directories: checkpoints, sample grids, curves
+    provenance: dict[str, object] = field(default_factory=dict)  # where overrides came from (--lr-from): params+tags
 
     @property
     def experiment(self) -> str:
@@ -81,9 +82,9 @@ def run_study(spec: StudySpec, store: Store, progress: bool = True) -> str:
     parent = store.start_run(spec.experiment, f"{spec.experiment} {time.strftime('%Y-%m-%d %H:%M')}", {
         "study": "parent", "ablation": spec.ablation, "preset": spec.preset,
         "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
-        "variants": ",".join(configs)})
+        "variants": ",".join(configs), **spec.provenance})
     parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds), "study.variants": list(configs),
-                       "study.base": dict(spec.base), "study.overrides": spec.overrides})
+                       "study.base": dict(spec.base), "study.overrides": spec.overrides, **spec.provenance})
     status, logged_refs = "FINISHED", set()
     try:
         for variant, cfg in configs.items():
@@ -103,7 +104,7 @@ def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg
              progress: bool) -> None:
     name = f"{variant}-s{seed}"
     tags = {"ablation": spec.ablation, "variant": variant, "seed": seed, "preset": spec.preset,
-            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child"}
+            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child", **spec.provenance}
     child = store.start_run(spec.experiment, name, tags, parent=parent)
     run_dir = spec.workdir / spec.experiment / child.run_id
     bar = _progress_bar(name, cfg) if progress else None
