@@ -7,6 +7,7 @@
     python -m studies.run all --preset quick               # every study in turn
     python -m studies.run --list                           # every ablation and its variants
     python -m studies.run pooling --dry-run                # print the resolved configs and exit
+    python -m studies.run pooling --lr-from lr-default     # best lr_g/lr_d of an Optuna study (studies.search)
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start a new study even if the same one was interrupted or finished (default: resume it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
+    from studies.search import add_lr_flags
+    add_lr_flags(p)  # --lr-from, --search-lr, --search-trials, --storage
     return p
 
 
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.name:
             raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
         specs = specs_from_args(args)
+        from studies.search import lr_for_study
+        specs = [lr_for_study(spec, args) for spec in specs]  # unchanged unless --lr-from or --search-lr
         from studies.study import resolve_configs, run_study
 
         configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run

@@ -34,6 +34,7 @@ class StudySpec:
     overrides: dict[str, object] = field(default_factory=dict)  # CLI --set and --data, applied last
     variants: tuple[str, ...] = ()  # subset of the ablation's variants; () = all (baseline always included)
     workdir: Path = Path("runs")  # run directories: checkpoints, sample grids, curves
+    provenance: dict[str, object] = field(default_factory=dict)  # where overrides came from (--lr-from): params+tags
 
     @property
     def experiment(self) -> str:
@@ -109,10 +110,10 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet, progress: bool = 
         parent = store.start_run(spec.experiment, f"{spec.experiment} {time.strftime('%Y-%m-%d %H:%M')}", {
             "study": "parent", "study_key": key, "ablation": spec.ablation, "preset": spec.preset,
             "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
-            "variants": ",".join(configs)})
+            "variants": ",".join(configs), **spec.provenance})
         parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds),
                            "study.variants": list(configs), "study.base": dict(spec.base),
-                           "study.overrides": spec.overrides})
+                           "study.overrides": spec.overrides, **spec.provenance})
         done = {}
     status, logged_refs = "FINISHED", set()
     try:
@@ -136,7 +137,7 @@ def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg
              progress: bool, earlier=None) -> None:
     name = f"{variant}-s{seed}"
     tags = {"ablation": spec.ablation, "variant": variant, "seed": seed, "preset": spec.preset,
-            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child"}
+            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child", **spec.provenance}
     if earlier is not None:  # interrupted: same MLflow run and run directory, continued from its checkpoint
         child = store.resume_run(earlier.info.run_id)
     else:
