@@ -43,7 +43,7 @@ class FidEvaluator:
 
     def __init__(self, cfg: RunConfig, images: ImageSet, device: torch.device):
         e = cfg.eval
-        self.extractor = InceptionFeatures(find_weights(e.weights), device, batch=e.fid_batch)
+        self.extractor = InceptionFeatures(find_weights(e.weights), device, batch=e.fid_batch, resize=e.fid_resize)
         self.ref: ReferenceStats = reference_stats(images.images, images.key, e.fid_ref_images, self.extractor,
                                                    Path(cfg.data.cache_dir).expanduser())
         self.cfg, self.device = cfg, device

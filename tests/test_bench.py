@@ -1,0 +1,139 @@
+"""The benchmark's CPU smoke run, the device FID resize against clean-fid's, and speed not changing results."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import config as config_mod
+from core.build import build_run
+from core.errors import UserError
+from core.metrics import RESIZES, MetricOptions, ReferenceStats, calc_metric, reference_path
+from core.resize import BicubicResize, pil_bicubic_weights
+from studies.bench_plain import plain_losses
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def trainer_losses(cfg, steps: int) -> list[tuple[float, float]]:
+    trainer = build_run(cfg, with_fid=False)
+    out = []
+    for _ in range(steps):
+        trainer.train_step()
+        stats = trainer.read_stats()
+        out.append((stats["loss/d"], stats["loss/g"]))
+    return out
+
+
+def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
+    out = tmp_path / "bench.json"
+    args = ["--preset", "quick", "--data", str(synthetic_root), "--batches", "8", "--steps", "2", "--warmup", "2",
+            "--fid-samples", "4", "--fid-resize", "torch", "--workers", "0", "--compile", "--out", str(out),
+            "--set", "data.max_images=32", "--set", "eval.fid_ref_images=4", "--set", "eval.fid_batch=4",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "studies.bench", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "img/s" in proc.stdout and "resize torch" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["device_type"] == "cpu" and result["flops_per_img"] > 0
+    assert [row["batch"] for row in result["plain"]] == [8] and result["plain"][0]["img_per_s"] > 0
+    eager, *compiled = result["suite"]
+    assert eager["error"] is None and eager["variant"] == "eager NCHW fp32" and eager["finite"]
+    for key in ("img_per_s", "ratio", "mfu", "seconds"):
+        assert eager[key] > 0 and math.isfinite(eager[key]), key
+    # CPU runs both loops in fp32 on the same batches: the first losses agree
+    assert len(eager["loss_check"]["suite"]) == 2 and eager["loss_check"]["max_rel_diff"] < 1e-5
+    assert len(compiled) == 2 and all(row["error"].startswith("skipped") for row in compiled)
+    (fid,) = result["fid"]
+    assert fid["resize"] == "torch" and fid["seconds"] > 0 and math.isfinite(fid["value"])
+    assert fid["protocol"]["resize"] == RESIZES["torch"] and fid["protocol"]["num_gen"] == 4
+
+
+def test_bench_bad_input_is_one_line_and_exit_2(capsys):
+    from studies.bench import main
+    assert main(["--batches", "64,x"]) == 2
+    assert main(["--fid-resize", "cv2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--batches" in err[0] and "cv2" in err[1]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (128, 128), (218, 178), (512, 400)], ids=str)
+def test_device_resize_matches_clean_fid_resizer(size):
+    resize_clean = pytest.importorskip("cleanfid.resize").build_resizer("clean")
+    rng = np.random.default_rng(sum(size))
+    images = rng.integers(0, 256, (2, *size, 3), dtype=np.uint8)
+    theirs = np.stack([resize_clean(img) for img in images])
+    ours = BicubicResize(299)(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == theirs.shape == (2, 299, 299, 3)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-3)
+    # the kernel matters: torch's plain bicubic (a = -0.75, clamped borders) is far off, so the check can fail
+    plain = torch.nn.functional.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=(299, 299),
+                                            mode="bicubic", align_corners=False).clamp(0, 255)
+    assert np.abs(plain.permute(0, 2, 3, 1).numpy() - theirs).max() > 1
+
+
+def test_resize_weights_are_normalised_and_shrink_with_a_wider_kernel():
+    up, down = pil_bicubic_weights(128, 299), pil_bicubic_weights(512, 299)
+    np.testing.assert_allclose(up.sum(1), 1, atol=1e-12)
+    np.testing.assert_allclose(down.sum(1), 1, atol=1e-12)
+    assert (up[150] != 0).sum() == 4 and (down[150] != 0).sum() > 4  # support widens only when downscaling
+
+
+def test_trainer_step_gives_the_plain_fp32_loss_trajectory(tiny_cfg):
+    """On CPU both paths are fp32 on the same batches and z, so the losses agree to float rounding.
+
+    On CUDA the trainer runs bf16 autocast and channels_last; there the first steps agree to about 1e-2
+    relative (bf16 keeps 8 significant bits); test_..._on_cuda below and the bench's loss check show it.
+    """
+    cfg = tiny_cfg()
+    from core.data import load_images
+    images = load_images(cfg.data, cfg.model.resolution).images
+    ours, plain = trainer_losses(cfg, 3), plain_losses(cfg, images, torch.device("cpu"), 3)
+    np.testing.assert_allclose(ours, plain, rtol=1e-5)
+    other_seed = plain_losses(config_mod.apply_overrides(cfg, {"train.seed": 1}), images, torch.device("cpu"), 3)
+    assert not np.allclose(ours, other_seed, rtol=1e-3)  # the comparison can tell runs apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast and channels_last run only on CUDA")
+def test_trainer_step_on_cuda_stays_within_bf16_tolerance_of_plain_fp32(tiny_cfg):
+    cfg = tiny_cfg(train__device="cuda")
+    from core.data import load_images
+    images = load_images(cfg.data, cfg.model.resolution).images
+    ours, plain = trainer_losses(cfg, 3), plain_losses(cfg, images, torch.device("cuda"), 3)
+    np.testing.assert_allclose(ours, plain, rtol=5e-2)
+
+
+class FakeExtractor:
+    """Features without Inception: the protocol, not the network, is under test."""
+
+    def __init__(self, resize_mode: str):
+        self.resize_mode = resize_mode
+
+    def stream(self, batches) -> np.ndarray:
+        return np.concatenate([x.double().flatten(1)[:, :8].numpy() for x in batches])
+
+
+def test_fid_protocol_is_the_same_except_the_resize_and_keys_never_mix(tmp_path):
+    from core.models import Generator, init_weights
+    torch.manual_seed(0)
+    G = Generator(config_mod.ModelConfig(resolution=16, width=0.125))
+    G.apply(init_weights)
+    protocols = {}
+    for mode in RESIZES:
+        path, key, n = reference_path(tmp_path, "data", 64, 100, resize=mode)
+        ref = ReferenceStats(np.zeros(8), np.eye(8), n, key, path)
+        opts = MetricOptions(G=G, z_dim=128, num_samples=6, ref=ref, extractor=FakeExtractor(mode),
+                             device=torch.device("cpu"), batch=4)
+        protocols[mode] = calc_metric("fid", opts)["protocol"]
+    clean, torch_ = protocols["clean"], protocols["torch"]
+    assert {k for k in clean if clean[k] != torch_[k]} == {"resize", "ref_key"}
+    assert clean["resize"] == "clean-fid PIL bicubic 299"  # unchanged: earlier runs stay comparable
+    with pytest.raises(UserError, match="eval.fid_resize"):
+        config_mod.resolve("default", {"eval.fid_resize": "bilinear"})
