@@ -84,8 +84,8 @@ class Store:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        try:
-            return self.client.create_experiment(name)
+        try:  # a model-training experiment: MLflow 3's UI then shows its runs, not the GenAI trace overview
+            return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:  # another process created it between our two calls
             return self.client.get_experiment_by_name(name).experiment_id
 
