@@ -116,6 +116,15 @@ class Store:
         mlflow.set_tracking_uri(self.uri)
         return mlflow.search_runs([exp.experiment_id], filter_string, max_results=10000)
 
+    def save_view(self, experiment: str, key: str, state: dict[str, object]) -> None:
+        """Store a runs-table view (filter, sort, columns, grouping) that the MLflow UI opens by `key`."""
+        self.client.set_experiment_tag(self.experiment_id(experiment), f"mlflow.sharedViewState.{key}",
+                                       json.dumps(state))
+
+    def has_view(self, experiment: str, key: str) -> bool:
+        exp = self.client.get_experiment_by_name(experiment)
+        return exp is not None and f"mlflow.sharedViewState.{key}" in exp.tags
+
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 

@@ -21,7 +21,7 @@ from core.errors import UserError
 from core.metrics import reference_path
 from core.runner import execute_run
 from core.tracking import Store
-from studies.provenance import provenance, study_note
+from studies.provenance import describe_study
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ def run_study(spec: StudySpec, store: Store, progress: bool = True) -> str:
     parent = store.start_run(spec.experiment, f"{spec.experiment} {time.strftime('%Y-%m-%d %H:%M')}", {
         "study": "parent", "ablation": spec.ablation, "preset": spec.preset,
         "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
-        "variants": ",".join(configs), **provenance(),
-        "mlflow.note.content": study_note(spec.experiment, list(configs), spec.seeds)})
+        "variants": ",".join(configs)})
+    describe_study(store, parent, spec, list(configs))  # provenance tags, description, MLflow UI view
     parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds), "study.variants": list(configs),
                        "study.base": dict(spec.base), "study.overrides": spec.overrides})
     status, logged_refs = "FINISHED", set()
