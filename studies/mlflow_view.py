@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-COLUMNS = ("metrics.`fid/final`", "metrics.`fid/best`", "metrics.`perf/img_per_s`", "metrics.`progress/kimg`",
+COLUMNS = ("metrics.`fid/final`", "metrics.`fid/best`", "metrics.`progress/kimg`",
            "tags.`variant`", "tags.`seed`", "tags.`outcome`")
 UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves
 

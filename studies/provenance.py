@@ -46,9 +46,10 @@ def _version(package: str) -> str:
 
 def _accelerator() -> dict[str, str]:
     import torch
+    build = {"torch": torch.__version__}  # with its build suffix (+cu130, +cpu), which the wheel metadata lacks
     if not torch.cuda.is_available():
-        return {"device": "cpu", "cuda": "none"}
-    return {"device": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda),
+        return {**build, "device": "cpu", "cuda": "none"}
+    return {**build, "device": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda),
             "gpus": str(torch.cuda.device_count())}
 
 

@@ -229,7 +229,7 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
                  "failed and unfinished runs are counted but never averaged. Δ = variant mean − baseline mean (negative "
                  "is better), with a 95% percentile bootstrap interval (10,000 resamples of the seeds within each "
                  "group, fixed RNG seed); *significant* when the interval excludes 0, *too few seeds* when a group has "
-                 "fewer than 2. img/s: training throughput at the last log, mean over runs. ★ marks the lowest mean.", "",
+                 "fewer than 2 and *provisional* below 3 (a bootstrap over 2 seeds can only reuse those 2 values, so its interval is too narrow). img/s: training throughput at the last log, mean over runs. ★ marks the lowest mean.", "",
                  *pictures,
                  *ablated_section(ablation, children, runs, order),
                  *setup_section(parent, children, runs, order),

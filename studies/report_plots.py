@@ -77,12 +77,14 @@ def plot_fid(hist: History, groups: dict[str, list[str]], train_key: str, final:
     """FID during training per variant (mean line, min-max band over seeds), final FID as mean ± sd markers."""
     plt, colors = _plt(), _colors(list(groups))
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for variant, run_ids in groups.items():
+    span = final["kimg"].max() if len(final) else 1.0
+    for i, (variant, run_ids) in enumerate(groups.items()):
         drawn = _band(ax, seed_frame(hist, run_ids, train_key), colors[variant], variant)
         done = final[final["variant"] == variant]
         if len(done):
             sd = done["final_fid"].std(ddof=1) if len(done) > 1 else 0.0
-            ax.errorbar([done["kimg"].mean()], [done["final_fid"].mean()], yerr=[sd], fmt="D", color=colors[variant],
+            nudge = (i - (len(groups) - 1) / 2) * 0.012 * span  # side by side, so the error bars do not overlap
+            ax.errorbar([done["kimg"].mean() + nudge], [done["final_fid"].mean()], yerr=[sd], fmt="D", color=colors[variant],
                         capsize=3, markersize=5, label=None if drawn else f"{variant} (n={len(done)})")
     ax.set_xlabel("images seen (kimg)")
     ax.set_ylabel("FID (lower is better)")

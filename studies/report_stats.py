@@ -15,6 +15,7 @@ import pandas as pd
 
 COMPLETED = ("finished", "stopped")  # outcomes whose final FID is a result (stopped = early stop by a hook)
 BASELINE = "baseline"
+FEW_SEEDS = 3  # below this a percentile bootstrap badly understates the spread: 'significant' is flagged provisional
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ def variant_summary(runs: pd.DataFrame, order: list[str], seed: int = 0) -> pd.D
             "fid_std": float(fids.std(ddof=1)) if len(fids) > 1 else math.nan,
             "fid_best": float(fids.min()) if len(fids) else math.nan,
             "delta": ci.diff, "ci_lo": ci.lo, "ci_hi": ci.hi, "significant": ci.significant,
+            "seeds_compared": min(len(base), len(fids)) if variant != BASELINE else len(fids),
             "img_per_s": float(runs.loc[mine, "img_per_s"].astype(float).mean()),
         })
     summary = pd.DataFrame(rows)
@@ -134,6 +136,8 @@ def display_summary(summary: pd.DataFrame) -> pd.DataFrame:
         else:
             delta = f"{r.delta:+.2f} [{_num(r.ci_lo, '+.2f')}, {_num(r.ci_hi, '+.2f')}]"
             sig = {True: "**yes**", False: "no (CI contains 0)", None: "too few seeds"}[_tri(r.significant)]
+            if _tri(r.significant) and r.seeds_compared < FEW_SEEDS:
+                sig = f"yes, but only {r.seeds_compared} seeds (provisional)"
         fid = f"{_num(r.fid_mean)} ± {_num(r.fid_std)}" if r.counted else "–"
         rows.append({
             "variant": f"**{r.variant}** ★ best" if r.best else r.variant,
@@ -189,11 +193,14 @@ def verdict(summary: pd.DataFrame, fid_samples: int | None = None) -> list[str]:
                 lines.append(f"With {n} finished seed{'s' if n != 1 else ''} there are too few seeds to tell this "
                              "from seed-to-seed noise: the data does not support a winner yet; rerun with "
                              "`--seeds 3` or more.")
+            elif _tri(best.significant) and best.seeds_compared < FEW_SEEDS:
+                lines.append(f"Its 95% bootstrap interval over seeds, [{best.ci_lo:+.2f}, {best.ci_hi:+.2f}], "
+                             f"excludes 0, but with only {best.seeds_compared} seeds the bootstrap can only reuse "
+                             "the values it has and its interval is too narrow: the data suggests an improvement "
+                             "without establishing it; rerun with `--seeds 3` or more.")
             elif _tri(best.significant):
                 lines.append(f"Its 95% bootstrap interval over seeds, [{best.ci_lo:+.2f}, {best.ci_hi:+.2f}], "
-                             "excludes 0, so the data supports the improvement"
-                             + (f" (only {min(best.counted, base.counted)} seeds: treat it as provisional)."
-                                if min(best.counted, base.counted) < 3 else "."))
+                             "excludes 0, so the data supports the improvement.")
             else:
                 lines.append(f"Its 95% bootstrap interval over seeds, [{best.ci_lo:+.2f}, {best.ci_hi:+.2f}], "
                              "contains 0: the difference is within seed-to-seed noise, so the data does not "
@@ -221,5 +228,7 @@ def headline(summary: pd.DataFrame) -> dict[str, object]:
     if not math.isfinite(r["delta"]):
         return {"best": r["variant"], "effect": "no baseline to compare with"}
     sig = {True: "significant", False: "not significant", None: "too few seeds"}[_tri(r["significant"])]
+    if _tri(r["significant"]) and r["seeds_compared"] < FEW_SEEDS:
+        sig += f" but provisional ({r['seeds_compared']} seeds)"
     ci = f" [{r['ci_lo']:+.2f}, {r['ci_hi']:+.2f}]" if _tri(r["significant"]) is not None else ""
     return {"best": r["variant"], "effect": f"Δ FID {r['delta']:+.2f}{ci}, {sig}"}
