@@ -107,8 +107,8 @@ class Store:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        try:
-            return self.client.create_experiment(name)
+        try:  # a model-training experiment: MLflow 3's UI then shows its runs, not the GenAI trace overview
+            return self.client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
         except Exception:  # another process created it between our two calls
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -140,6 +140,15 @@ class Store:
             raise UserError(f"no MLflow experiment '{experiment}' in {self.uri}; run the study first")
         mlflow.set_tracking_uri(self.uri)
         return mlflow.search_runs([exp.experiment_id], filter_string, max_results=10000)
+
+    def save_view(self, experiment: str, key: str, state: dict[str, object]) -> None:
+        """Store a runs-table view (filter, sort, columns, grouping) that the MLflow UI opens by `key`."""
+        self.client.set_experiment_tag(self.experiment_id(experiment), f"mlflow.sharedViewState.{key}",
+                                       json.dumps(state))
+
+    def has_view(self, experiment: str, key: str) -> bool:
+        exp = self.client.get_experiment_by_name(experiment)
+        return exp is not None and f"mlflow.sharedViewState.{key}" in exp.tags
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]

@@ -23,6 +23,7 @@ from core.errors import UserError
 from core.metrics import reference_path
 from core.runner import execute_run
 from core.tracking import Store
+from studies.provenance import describe_study
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet, progress: bool = 
             "study": "parent", "study_key": key, "ablation": spec.ablation, "preset": spec.preset,
             "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
             "variants": ",".join(configs), **spec.provenance})
+        describe_study(store, parent, spec, list(configs))  # provenance tags, description, MLflow UI view
         parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds),
                            "study.variants": list(configs), "study.base": dict(spec.base),
                            "study.overrides": spec.overrides, **spec.provenance})

@@ -38,8 +38,8 @@ def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba):
     for _, row in children.iterrows():  # every run's final FID, as MLflow holds it, is in the report
         assert f"{row['metrics.fid/final']:.2f}" in report and row["run_id"] in report
     for variant in ("baseline", "maxpool", "avgpool"):
-        assert (tmp_path / f"reports/pooling/{variant}.png").is_file()
-        assert f"(pooling/{variant}.png)" in report
+        assert (tmp_path / f"reports/pooling/samples-{variant}.png").is_file()
+        assert f"(pooling/samples-{variant}.png)" in report
 
 
 @pytest.mark.parametrize("args,message", [

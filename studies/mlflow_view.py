@@ -1,0 +1,46 @@
+"""The MLflow UI view of a study: child runs only, grouped by variant, sorted by name, the deciding columns.
+
+MLflow 3 keeps a runs-table view (filter, sort, columns, grouping) as an experiment tag and opens it from a
+link (`viewStateShareKey`), so a study saves one and its report links to it: the variants and their seeds
+line up, averaged per variant, without the user typing a filter. The plain link is the fallback for stores
+that cannot hold experiment tags.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+COLUMNS = ("metrics.`fid/final`", "metrics.`fid/best`", "metrics.`progress/kimg`",
+           "tags.`variant`", "tags.`seed`", "tags.`outcome`")
+UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves
+
+
+def view_key(parent_id: str) -> str:
+    return f"study-{parent_id}"
+
+
+def child_filter(parent_id: str) -> str:
+    return f"tags.study = 'child' and tags.mlflow.parentRunId = '{parent_id}'"
+
+
+def study_view(parent_id: str, varied_keys: list[str]) -> dict[str, object]:
+    """The saved view's state, in the MLflow UI's own keys (search facets plus runs-table UI state)."""
+    return {
+        "searchFilter": child_filter(parent_id), "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+        "selectedColumns": [*COLUMNS, *(f"params.`{k}`" for k in varied_keys)],
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "variant"}]},
+        "runsHiddenMode": "SHOW_ALL",  # the UI hides runs past the 10th by default: a study has more
+    }
+
+
+def view_url(experiment_id: str, parent_id: str, base: str = UI) -> str:
+    """The runs page opened on the study's saved view (model-training mode, not MLflow 3's GenAI overview)."""
+    query = urlencode({"workflowType": "machine_learning", "viewStateShareKey": view_key(parent_id)})
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def filter_url(experiment_id: str, parent_id: str, base: str = UI) -> str:
+    """The same runs, filtered and sorted by URL alone, for when no saved view exists."""
+    query = urlencode({"workflowType": "machine_learning", "searchFilter": child_filter(parent_id),
+                       "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"})
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"

@@ -1,0 +1,91 @@
+"""Where and with what a study ran: git commit, package versions, host and accelerator, as parent-run tags.
+
+Recorded when the study starts, so a report rebuilt months later still names the code and the machine
+that produced its numbers (the report reads these tags back; it never inspects the machine it runs on).
+`describe_study` also gives the parent run its MLflow description and saves the study's UI view.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ablations import get_ablation
+from studies.mlflow_view import study_view, view_key
+
+if TYPE_CHECKING:  # only for annotations: studies.study imports this module
+    from core.tracking import Store
+    from studies.study import StudySpec
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "torchvision", "mlflow", "optuna", "numpy", "clean-fid", "pandas")
+PREFIX = "env."  # every provenance tag starts with this, so the report can list them without knowing them
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _accelerator() -> dict[str, str]:
+    import torch
+    build = {"torch": torch.__version__}  # with its build suffix (+cu130, +cpu), which the wheel metadata lacks
+    if not torch.cuda.is_available():
+        return {**build, "device": "cpu", "cuda": "none"}
+    return {**build, "device": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda),
+            "gpus": str(torch.cuda.device_count())}
+
+
+def _command() -> str:
+    """The command line as the user typed it: `python -m studies.run ...` rather than the module's file path."""
+    prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    head = f"python -m studies.{prog.stem}" if prog.parent.name == "studies" else prog.name
+    return " ".join([head, *map(shlex.quote, sys.argv[1:])])[:500]
+
+
+def provenance() -> dict[str, str]:
+    """Tags naming the code (git commit, dirty flag), Python and package versions, host and accelerator."""
+    commit = _git("rev-parse", "HEAD")
+    # only tracked files count as dirty: run outputs (mlflow.db, runs/) are untracked or ignored
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    tags = {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+            "python": platform.python_version(), "platform": platform.platform(terse=True),
+            "hostname": socket.gethostname(), "cpu_count": str(os.cpu_count() or 0), "command": _command()}
+    tags.update({p: _version(p) for p in PACKAGES})
+    tags.update(_accelerator())
+    return {PREFIX + k: v for k, v in tags.items()}
+
+
+def study_note(experiment: str, variants: list[str], seeds: tuple[int, ...]) -> str:
+    """The parent run's MLflow description: what the study is and how to compare its runs in the UI."""
+    return (f"Ablation study **{experiment}**: variants {', '.join(variants)} (baseline first) x seeds "
+            f"{', '.join(map(str, seeds))}. Child runs are named VARIANT-sSEED and tagged `variant` and `seed`; "
+            f"the saved view `{view_key('<this run id>')}` groups them by variant. "
+            f"Report: `python -m studies.report {experiment}`.")
+
+
+def describe_study(store: Store, parent, spec: StudySpec, variants: list[str]) -> None:
+    """Tag the parent run with provenance and a description, and save the study's view for the MLflow UI."""
+    parent.set_tags({**provenance(), "mlflow.note.content": study_note(spec.experiment, variants, spec.seeds)})
+    varied = sorted(get_ablation(spec.ablation).varied_keys())
+    try:
+        store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied))
+    except Exception:  # a store that refuses experiment tags still runs the study; the report links a filter instead
+        pass

@@ -1,0 +1,49 @@
+"""reports/README.md: one table over every report in the folder, rebuilt whenever a report is written.
+
+Each report carries its headline as a one-line JSON comment at its top (INDEX_MARK), so the index needs no
+tracking store: reports made from different stores, or copied in from another machine, are listed alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+INDEX_MARK = "report-index:"
+_LINE = re.compile(r"<!-- " + re.escape(INDEX_MARK) + r" (\{.*\}) -->")
+
+
+def read_headline(path: Path) -> dict | None:
+    """The headline a report wrote about itself, or None for a markdown file that is not a report."""
+    with path.open(encoding="utf-8") as f:
+        match = _LINE.match(f.readline().strip())
+    try:
+        return json.loads(match.group(1)) if match else None
+    except json.JSONDecodeError:
+        return None
+
+
+def write_index(reports_dir: Path) -> Path:
+    """Rewrite reports_dir/README.md from the headlines of every reports_dir/*.md."""
+    rows = []
+    for path in sorted(reports_dir.glob("*.md")):
+        head = read_headline(path) if path.name != "README.md" else None
+        if head is None:
+            continue
+        rows.append({"study": f"[{head['experiment']}]({path.name})", "started": head.get("started", "?"),
+                     "preset": head.get("preset", "?"), "variants": ", ".join(head.get("variants", [])),
+                     "seeds": head.get("seeds", "?"), "runs in mean / total": f"{head.get('counted', '?')} / "
+                     f"{head.get('runs', '?')}", "best variant": head.get("best") or "–",
+                     "effect vs baseline (final FID)": head.get("effect", "–"), "verdict": head.get("verdict", "")})
+    table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else "_No reports yet._"
+    text = "\n".join([
+        "# Ablation reports", "",
+        "One row per study reported so far; each report is regenerated from MLflow with "
+        "`python -m studies.report NAME`, which also rewrites this index. Effect: best variant's mean final FID "
+        "minus the baseline's, with its 95% bootstrap interval over seeds (negative is better).", "", table, ""])
+    path = reports_dir / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,154 @@
+"""The pictures of a report, all rebuilt from MLflow: curves over seeds, sample grids, a training timelapse.
+
+Curves come from metric histories (step = images seen), so variants with different batch sizes share an
+x-axis. Sample grids come from each run's `samples/` artifacts, which every run draws from the same fixed z.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from core.tracking import Store
+
+LOSS_KEYS = ("loss/d", "loss/g")
+D_KEYS = ("d/real", "d/fake")
+GIF_MAX_SIDE = 480  # px; a default-preset grid is ~1,000 px and 20 frames of it would be megabytes
+SAMPLE_NAME = re.compile(r"fakes(\d+)kimg\.png$")
+
+History = dict[str, dict[str, list[tuple[int, float]]]]  # run id -> metric key -> [(nimg, value)]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def histories(store: Store, run_ids: list[str], keys: list[str]) -> History:
+    """Every point of each metric of each run, as MLflow holds it (non-finite values kept out)."""
+    return {rid: {k: [(s, v) for s, v in store.metric_history(rid, k) if math.isfinite(v)] for k in keys}
+            for rid in run_ids}
+
+
+def seed_frame(hist: History, run_ids: list[str], key: str, smooth: int = 1) -> pd.DataFrame:
+    """kimg x seed: one column per run, rows aligned on images seen, optionally a trailing moving average."""
+    cols = {}
+    for rid in run_ids:
+        pts = sorted(dict(hist.get(rid, {}).get(key, [])).items())
+        if pts:
+            s = pd.Series([v for _, v in pts], index=[n / 1000 for n, _ in pts], dtype=float)
+            cols[rid] = s.rolling(smooth, min_periods=1).mean() if smooth > 1 else s
+    return pd.DataFrame(cols).sort_index()
+
+
+def _colors(variants: list[str]) -> dict[str, object]:
+    cmap = _plt().get_cmap("tab10")
+    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def _band(ax, frame: pd.DataFrame, color, label: str, style: str = "-") -> bool:
+    """Mean over seeds as a line, min..max over seeds as a band; False when there is nothing to draw."""
+    if frame.empty:
+        return False
+    mean = frame.mean(axis=1)
+    ax.plot(mean.index, mean.values, style, color=color, label=f"{label} (n={frame.shape[1]})",
+            marker="o" if len(mean) < 12 else None, markersize=3)
+    if frame.shape[1] > 1:
+        ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=color, alpha=0.18, linewidth=0)
+    return True
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _plt().close(fig)
+    return path
+
+
+def plot_fid(hist: History, groups: dict[str, list[str]], train_key: str, final: pd.DataFrame, path: Path) -> Path:
+    """FID during training per variant (mean line, min-max band over seeds), final FID as mean ± sd markers."""
+    plt, colors = _plt(), _colors(list(groups))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    span = final["kimg"].max() if len(final) else 1.0
+    for i, (variant, run_ids) in enumerate(groups.items()):
+        drawn = _band(ax, seed_frame(hist, run_ids, train_key), colors[variant], variant)
+        done = final[final["variant"] == variant]
+        if len(done):
+            sd = done["final_fid"].std(ddof=1) if len(done) > 1 else 0.0
+            nudge = (i - (len(groups) - 1) / 2) * 0.012 * span  # side by side, so the error bars do not overlap
+            ax.errorbar([done["kimg"].mean() + nudge], [done["final_fid"].mean()], yerr=[sd], fmt="D", color=colors[variant],
+                        capsize=3, markersize=5, label=None if drawn else f"{variant} (n={len(done)})")
+    ax.set_xlabel("images seen (kimg)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"{train_key} during training (band: min-max over seeds); ◆ final FID, mean ± sd", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_pair(hist: History, groups: dict[str, list[str]], keys: tuple[str, str], titles: tuple[str, str],
+              path: Path, smooth: int) -> Path:
+    """Two panels (e.g. loss/d and loss/g), each variant's mean over seeds with a min-max band, smoothed."""
+    plt, colors = _plt(), _colors(list(groups))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, key, title in zip(axes, keys, titles):
+        for variant, run_ids in groups.items():
+            _band(ax, seed_frame(hist, run_ids, key, smooth), colors[variant], variant)
+        ax.set_title(title + (f" (moving average over {smooth} logs)" if smooth > 1 else ""), fontsize=9)
+        ax.set_xlabel("images seen (kimg)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def smoothing_window(hist: History, key: str) -> int:
+    """About a tenth of the logged points, so a curve keeps its shape but loses the step-to-step jitter."""
+    longest = max((len(h.get(key, [])) for h in hist.values()), default=0)
+    return max(1, longest // 10)
+
+
+def sample_artifacts(store: Store, run_id: str) -> list[str]:
+    """The run's fixed-z grids, in training order."""
+    paths = [p for p in store.list_artifacts(run_id, "samples") if SAMPLE_NAME.search(p)]
+    return sorted(paths, key=lambda p: int(SAMPLE_NAME.search(p).group(1)))
+
+
+def copy_artifact(store: Store, run_id: str, artifact: str, dst: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = store.download(run_id, artifact, Path(tmp))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, dst)
+    return dst
+
+
+def timelapse_gif(store: Store, run_id: str, dst: Path, seconds_per_frame: float = 0.6) -> tuple[Path, int] | None:
+    """An animated GIF of the run's fixed-z grids over training, each frame labelled with its kimg."""
+    from PIL import Image, ImageDraw
+
+    frames = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for artifact in sample_artifacts(store, run_id):
+            with Image.open(store.download(run_id, artifact, Path(tmp) / str(len(frames)))) as im:
+                im = im.convert("RGB")
+            scale = min(1.0, GIF_MAX_SIDE / max(im.size))
+            if scale < 1:
+                im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
+            canvas = Image.new("RGB", (im.width, im.height + 14), "white")
+            canvas.paste(im, (0, 14))
+            ImageDraw.Draw(canvas).text((3, 1), f"{int(SAMPLE_NAME.search(artifact).group(1))} kimg", fill="black")
+            frames.append(canvas)
+    if not frames:
+        return None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # the last frame stays up longer, so the final samples can be looked at
+    durations = [int(seconds_per_frame * 1000)] * (len(frames) - 1) + [int(seconds_per_frame * 3000)]
+    frames[0].save(dst, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=True)
+    return dst, len(frames)

@@ -1,0 +1,374 @@
+"""Reports: numbers recomputed from mlflow.search_runs, the bootstrap on known inputs, every linked image
+present, diverged runs shown and excluded, and the MLflow UI checked through REST and a real browser.
+
+One small study (3 variants x 2 seeds, one variant diverging on purpose) is run once for the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ablations.registry import _REGISTRY, Ablation, register_ablation
+from core.tracking import Store
+from studies import report_stats as stats
+from studies.report import main as report_main
+from studies.report import write_report
+from studies.study import StudySpec, run_study
+
+NAME = "reportcheck"
+FAST = {  # 32x32, 8 steps of batch 8, final FID on 16 samples only: the FID's 2048-d sqrt dominates the time
+    "train.device": "cpu", "train.batch_size": 8, "optim.lr_ref_batch": 8, "train.kimg": 0.064,
+    "train.log_every_kimg": 0.016, "train.sample_every_kimg": 0.032, "train.checkpoint_every_kimg": 1.0,
+    "eval.fid_every_kimg": 0.0, "eval.fid_samples": 16, "eval.fid_final_samples": 16, "eval.fid_ref_images": 32,
+    "eval.fid_batch": 16, "eval.grid_size": 4, "data.max_images": 48,
+}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+class ReportCheck(Ablation):
+    """Test-only: D downsampling by max pooling (a real change) and an absurd D learning rate that must diverge."""
+    name = NAME
+    summary = "report test: maxpool vs a diverging D learning rate"
+    variants = {"baseline": {}, "maxpool": {"model.d_downsample": "maxpool"}, "hot": {"optim.lr_d": 1e30}}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, synthetic_root, cache_dir):
+    """Run the study once; yields (store, report path, tmp dir). The test ablation is unregistered afterwards."""
+    register_ablation(ReportCheck)
+    tmp = tmp_path_factory.mktemp("report-study")
+    store = Store(f"sqlite:///{tmp / 'mlflow.db'}")
+    try:
+        spec = StudySpec(NAME, seeds=(0, 1), preset="quick", workdir=tmp / "runs",
+                         overrides={**FAST, "data.root": str(synthetic_root), "data.cache_dir": str(cache_dir)})
+        run_study(spec, store, progress=False)
+        path = write_report(store, NAME, tmp / "reports")
+        yield store, path, tmp
+    finally:
+        _REGISTRY.pop(NAME, None)
+
+
+def search_runs(store: Store) -> tuple[pd.Series, pd.DataFrame]:
+    """The study's parent and children straight from mlflow.search_runs, independent of the report code."""
+    import mlflow
+    mlflow.set_tracking_uri(store.uri)
+    runs = mlflow.search_runs(experiment_names=[NAME])
+    parent = runs[runs["tags.study"] == "parent"].iloc[0]
+    return parent, runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
+
+
+def table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
+    """The markdown table under `heading`, as first cell (markup stripped) -> cells."""
+    section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("|") and not set(line) <= set("|:- "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[re.sub(r"[*★]|best", "", cells[0]).strip()] = cells
+    return rows
+
+
+def test_variant_table_equals_recomputation_from_search_runs(study):
+    store, path, _ = study
+    _, children = search_runs(store)
+    rows = table_rows(path.read_text(), "Final FID per variant")
+    assert set(rows) >= {"baseline", "maxpool", "hot"}
+    ok = (children["tags.outcome"] == "finished") & children["metrics.fid/final"].notna()
+    base = children[ok & (children["tags.variant"] == "baseline")]["metrics.fid/final"]
+    means = {}
+    for variant in ("baseline", "maxpool", "hot"):
+        mine = children[children["tags.variant"] == variant]
+        fids = children[ok & (children["tags.variant"] == variant)]["metrics.fid/final"]
+        cells = rows[variant]
+        assert cells[1] == str(len(mine)) and cells[2] == str(len(fids))
+        assert cells[3] == str(int((mine["tags.outcome"] == "diverged").sum()))
+        assert cells[9] == f"{mine['metrics.perf/img_per_s'].mean():.0f}"
+        if len(fids):
+            means[variant] = fids.mean()
+            assert cells[5] == f"{fids.mean():.2f} ± {fids.std(ddof=1):.2f}"
+            assert cells[6] == f"{fids.min():.2f}"
+        if variant != "baseline" and len(fids):
+            ci = stats.bootstrap_diff(base.to_numpy(), fids.to_numpy())
+            assert cells[7] == f"{fids.mean() - base.mean():+.2f} [{ci.lo:+.2f}, {ci.hi:+.2f}]"
+            assert ci.lo <= fids.mean() - base.mean() <= ci.hi
+            assert cells[8] == ("no (CI contains 0)" if ci.lo <= 0 <= ci.hi else
+                                "yes, but only 2 seeds (provisional)")  # 2 seeds per variant in this study
+    best = min(means, key=means.get)
+    assert "★" in rows[best][0] and all("★" not in rows[v][0] for v in rows if v != best)
+    verdict = path.read_text().split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
+    assert f"{means[best]:.2f}" in verdict
+
+
+def test_bootstrap_interval_on_known_inputs():
+    same = stats.bootstrap_diff([10.0, 12.0, 11.0], [10.0, 12.0, 11.0])
+    assert same.diff == 0 and same.lo <= 0 <= same.hi and same.significant is False
+    apart = stats.bootstrap_diff([10.0, 11.0, 12.0], [20.0, 21.0, 22.0])
+    assert apart.diff == pytest.approx(10) and apart.lo > 0 and apart.significant is True
+    better = stats.bootstrap_diff([20.0, 21.0, 22.0], [10.0, 11.0, 12.0])
+    assert better.hi < 0 and better.significant is True
+    # other's resampled mean is 1, 2 or 3 (p = 1/4, 1/2, 1/4) and the baseline's is always 0: the 95% interval is [1, 3]
+    exact = stats.bootstrap_diff([0.0, 0.0], [1.0, 3.0])
+    assert (exact.diff, exact.lo, exact.hi) == (2.0, 1.0, 3.0)
+    noisy_a, noisy_b = [30.1, 10.7, 25.3, 12.9, 17.2], [28.4, 9.6, 20.8, 14.1, 19.5]
+    assert stats.bootstrap_diff(noisy_a, noisy_b, seed=3) == stats.bootstrap_diff(noisy_a, noisy_b, seed=3)
+    assert stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=3) != stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=4)
+    one = stats.bootstrap_diff([10.0], [5.0, 6.0])  # one seed cannot show its own noise
+    assert one.diff == pytest.approx(-4.5) and math.isnan(one.lo) and one.significant is None
+    assert math.isnan(stats.bootstrap_diff([], [1.0, 2.0]).diff)
+    assert stats.bootstrap_diff([1.0, float("nan"), 3.0], [1.0, 3.0]).diff == 0  # NaN (no final FID) is dropped
+
+
+def _runs(fids: dict[str, list[float]], outcome: str = "finished") -> pd.DataFrame:
+    rows = [{"variant": v, "seed": i, "run": f"{v}-s{i}", "outcome": outcome, "final_fid": f, "best_fid": f,
+             "kimg": 1.0, "img_per_s": 100.0, "diverged_at_kimg": math.nan, "run_id": f"{v}{i}"}
+            for v, values in fids.items() for i, f in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("fids,says", [
+    ({"baseline": [50.0], "trick": [40.0]}, "too few seeds"),
+    ({"baseline": [50.0, 51.0, 52.0, 50.5], "trick": [40.0, 41.0, 39.5, 40.5]}, "the data supports the improvement"),
+    ({"baseline": [50.0, 52.0], "trick": [40.0, 41.0]}, "suggests an improvement without establishing it"),
+    ({"baseline": [50.0, 30.0, 45.0], "trick": [44.0, 33.0, 45.0]}, "does not support a winner"),
+    ({"baseline": [40.0, 41.0, 39.0], "trick": [50.0, 52.0, 51.0]}, "No variant beats the baseline"),
+])
+def test_verdict_follows_the_numbers(fids, says):
+    summary = stats.variant_summary(_runs(fids), list(fids))
+    text = " ".join(stats.verdict(summary))
+    assert says in text, text
+    if "trick" in text.split(".")[0]:  # a winner is named with its effect, as the table computes it
+        row = summary.set_index("variant").loc["trick"]
+        assert f"{-row['delta']:.2f} lower" in text
+
+
+def test_markdown_links_only_images_that_exist(study):
+    _, path, _ = study
+    text = path.read_text()
+    links = LINK.findall(text)
+    expected = {f"{NAME}/{n}" for n in ("fid.png", "losses.png", "d_outputs.png", "timelapse.gif",
+                                         "samples-baseline.png", "samples-maxpool.png")}
+    assert expected <= set(links), set(links)
+    # the diverged variant stopped before its first grid: said so, not linked to a missing file
+    samples = text.split("## Samples\n", 1)[1].split("\n## ", 1)[0]
+    assert "_no sample grid logged_" in samples and f"{NAME}/samples-hot.png" not in links
+    for link in links:
+        file = path.parent / link
+        assert file.is_file() and file.stat().st_size > 0, link
+        with Image.open(file) as im:
+            assert im.width > 16 and im.height > 16, link
+    assert (path.parent / "README.md").is_file() and f"[{NAME}]({NAME}.md)" in (path.parent / "README.md").read_text()
+
+
+def test_diverged_runs_are_listed_and_left_out_of_the_mean(study):
+    store, path, _ = study
+    _, children = search_runs(store)
+    hot = children[children["tags.variant"] == "hot"]
+    assert (hot["tags.outcome"] == "diverged").all() and len(hot) == 2  # the absurd learning rate really diverged
+    text = path.read_text()
+    every = table_rows(text, "Every run")
+    for _, run in hot.iterrows():
+        cells = every[run["tags.mlflow.runName"]]
+        assert cells[3] == "diverged" and cells[4] == "no" and f"`{run['run_id']}`" in cells[-1]
+    row = table_rows(text, "Final FID per variant")["hot"]
+    assert row[2] == "0" and row[3] == "2" and row[5] == "–"
+    assert "2 diverged" in text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_a_diverged_run_with_a_final_fid_still_stays_out_of_the_mean(study):
+    """Even if a diverged run had logged a final FID, the mean must not include it (outcome decides, not NaN)."""
+    store, _, _ = study
+    from studies.report import study_runs
+    _, children = study_runs(store, NAME)
+    runs = stats.run_table(children, ["baseline", "maxpool", "hot"])
+    first = runs.index[runs["variant"] == "baseline"][0]
+    before = stats.variant_summary(runs, ["baseline", "maxpool", "hot"]).set_index("variant")
+    runs.loc[first, "outcome"] = "diverged"
+    after = stats.variant_summary(runs, ["baseline", "maxpool", "hot"]).set_index("variant")
+    others = runs[(runs["variant"] == "baseline") & (runs.index != first)]["final_fid"]
+    assert after.loc["baseline", "counted"] == before.loc["baseline", "counted"] - 1
+    assert after.loc["baseline", "fid_mean"] == pytest.approx(others.mean())
+    assert after.loc["baseline", "diverged"] == 1
+
+
+def test_provenance_and_ui_view_are_recorded_at_run_time(study):
+    store, path, _ = study
+    parent, _ = search_runs(store)
+    import torch
+    assert parent["tags.env.torch"] == torch.__version__ and parent["tags.env.python"]
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", parent["tags.env.git_commit"])
+    assert NAME in parent["tags.mlflow.note.content"]
+    setup = path.read_text().split("## Setup\n", 1)[1]
+    assert parent["tags.env.git_commit"] in setup and f"torch {torch.__version__}" in setup
+    exp = store.client.get_experiment_by_name(NAME)
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.study-{parent['run_id']}"])
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "variant"}]
+    assert "params.`model.d_downsample`" in view["selectedColumns"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_report_is_rebuilt_identically_from_the_store(study, tmp_path):
+    store, path, _ = study
+    again = write_report(store, NAME, tmp_path / "reports")
+    assert again.read_text() == path.read_text()
+
+
+def test_timelapse_gif_has_one_frame_per_logged_grid_in_training_order(store, tmp_path):
+    from studies.report_plots import timelapse_gif
+    run = store.start_run("gif", "r", {})
+    colors = {3: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}  # logged out of order on purpose
+    for kimg, color in colors.items():
+        png = tmp_path / f"fakes{kimg:06d}kimg.png"
+        Image.new("RGB", (40, 40), color).save(png)
+        run.log_artifact(png, "samples")
+    gif, frames = timelapse_gif(store, run.run_id, tmp_path / "t.gif")
+    assert frames == 3
+    with Image.open(gif) as im:
+        seen = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            seen.append(im.convert("RGB").getpixel((20, 30)))
+    assert [max(range(3), key=lambda c: px[c]) for px in seen] == [1, 2, 0]  # green (1 kimg), blue (2), red (3)
+
+
+def test_report_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    code = report_main(["nope", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--reports",
+                        str(tmp_path / "reports")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: no MLflow experiment 'nope'")
+    assert not (tmp_path / "reports").exists()
+
+
+# ---- the MLflow UI, for real ------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(study):
+    store, _, tmp = study
+    port = _free_port()
+    log = (tmp / "server.log").open("w")
+    # no background job runner (seven huey consumers, for GenAI jobs): faster to start, nothing left behind;
+    # its own session, so the whole process group (server, uvicorn worker) can be stopped at the end
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not come up: {(tmp / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def browse(steps: list[tuple[str, list[str]]], screenshot: Path, timeout_s: float = 90) -> str:
+    """Open each url in turn in headless Chromium, waiting until all its strings are in the page text; then
+    close MLflow's assistant side panel (it hides a third of the table) and screenshot the last page."""
+    import tempfile
+    from playwright.sync_api import sync_playwright
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
+        browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=args, headless=True,
+                                                       viewport={"width": 1500, "height": 820})
+        try:
+            page = browser.new_page()
+            for url, expect in steps:
+                page.goto(url)
+                page.wait_for_function("words => words.every(w => document.body.innerText.includes(w))",
+                                       arg=expect, timeout=timeout_s * 1000)
+            close = page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
+            if close.count():
+                close.first.click()
+            page.wait_for_timeout(1000)  # let the table re-lay out before the picture
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot))
+            return page.inner_text("body")
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_mlflow_rest_api_holds_the_runs_and_metrics(study, mlflow_server):
+    store, _, _ = study
+    parent, children = search_runs(store)
+    found = _post(f"{mlflow_server}/api/2.0/mlflow/runs/search",
+                  {"experiment_ids": [parent["experiment_id"]], "filter": "tags.study = 'child'", "max_results": 100})
+    by_name = {r["info"]["run_name"]: r for r in found["runs"]}
+    assert sorted(by_name) == sorted(f"{v}-s{s}" for v in ("baseline", "maxpool", "hot") for s in (0, 1))
+    for name, run in by_name.items():
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+        assert name == f"{tags['variant']}-s{tags['seed']}"
+        assert {"loss/d", "loss/g", "d/real", "d/fake", "perf/img_per_s"} <= set(metrics)
+        assert ("fid/final" in metrics) == (tags["outcome"] == "finished")
+    rid = by_name["baseline-s0"]["info"]["run_id"]
+    with urllib.request.urlopen(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id={rid}&metric_key=loss/d") as r:
+        steps = [m["step"] for m in json.load(r)["metrics"]]
+    assert steps == sorted(steps) and steps[-1] == 64  # logged against images seen, not optimizer steps
+
+
+@pytest.mark.slow
+def test_mlflow_ui_lines_up_variants_in_a_real_browser(study, mlflow_server, tmp_path):
+    pytest.importorskip("playwright", reason="the test extra's Playwright is not installed")
+    if CHROMIUM is None:
+        pytest.skip("Chromium not installed (Debian: apt-get install chromium chromium-driver; .ci/run does)")
+    store, path, _ = study
+    parent, _ = search_runs(store)
+    # the link the report prints, pointed at this server instead of the default port
+    link = re.search(r"<(http://127\.0\.0\.1:5000/#/experiments/[^>]+)>", path.read_text()).group(1)
+    url = link.replace("http://127.0.0.1:5000", mlflow_server)
+    assert url.startswith(f"{mlflow_server}/#/experiments/{parent['experiment_id']}/runs?")
+    names = [f"{v}-s{s}" for v in ("baseline", "maxpool", "hot") for s in (0, 1)]
+    experiment_page = f"{mlflow_server}/#/experiments/{parent['experiment_id']}"
+    text = browse([(experiment_page, [NAME]),  # the plain experiment page renders this experiment
+                   (url, ["Group: baseline", "Group: maxpool", "Group: hot", *names])], tmp_path / "mlflow-runs.png")
+    assert "fid/final" in text and "d_downsample" in text  # the saved view's columns
+    assert text.index("Group: baseline") < text.index("Group: hot") < text.index("Group: maxpool")  # sorted
+    with Image.open(tmp_path / "mlflow-runs.png") as im:
+        assert im.size == (1500, 820)
