@@ -165,7 +165,7 @@ class Trainer:
                     break
             if crossed(nimg, self.batch, t.checkpoint_every_kimg) and not last:
                 self.save_checkpoint()
-        if result.status != "diverged":
+        if result.status not in ("diverged", "stopped"):  # a stopped (pruned) run needs no final FID
             out = self._eval_fid(e.fid_final_samples, final=True)
             result.final_fid = self.fid_history.get(self.nimg)
             if out is not None and out["feature_spread"] < e.collapse_spread:
