@@ -1,8 +1,9 @@
 """Trainer speed against a plain PyTorch loop, FID wall time and peak memory: one run, the same data.
 
     python -m studies.bench                        # GPU: batch 64,128,256, FID-10k; table + bench.json
-    python -m studies.bench --data /tmp/celeba/img_align_celeba --workers 14 --compile \\
+    python -m studies.bench --data /tmp/celeba/img_align_celeba --workers 14 --check-resize 500 \\
         --set eval.weights=/tmp/fid/fid_inception_tf.pt --out $OUT/bench.json        # the H100 session
+    python -m studies.bench --compile --batches 256 --fid-samples 0   # + torch.compile, NCHW and channels_last
     python -m studies.bench --preset quick --batches 8 --steps 3 --warmup 2 --fid-samples 32 --workers 0  # CPU
     python -m studies.bench --check-resize 500 --batches '' --fid-samples 0   # FID: clean-fid resize vs torch
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", help=f"config preset: {' | '.join(PRESETS)} (default: default)")
     p.add_argument("--batches", default="64,128,256",
                    help="comma-separated batch sizes; '' = none (default: 64,128,256)")
-    p.add_argument("--steps", type=int, default=50, help="timed training steps per config (default: 50)")
+    p.add_argument("--steps", type=int, default=100, help="timed training steps per config (default: 100)")
     p.add_argument("--warmup", type=int, default=10,
                    help=f"untimed steps first; the first {LOSS_CHECK_STEPS} are checked against the plain step "
                    "(default: 10)")

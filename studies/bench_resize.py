@@ -30,7 +30,8 @@ def check_resize(cfg: RunConfig, n: int, resolution: int, device: torch.device, 
     for mode in ("clean", "torch"):
         extractors[mode] = InceptionFeatures(weights, device, batch=chunk, resize=mode)
         feats[mode] = [extractors[mode].stream(half.split(chunk)) for half in halves]
-        out[f"fid_{mode}"] = frechet_distance(*statistics(feats[mode][0]), *statistics(feats[mode][1]))
+        a, b = feats[mode]
+        out[f"fid_{mode}"] = frechet_distance(*statistics(a), *statistics(b), feats1=a)
     # The network's inputs, compared directly on the first chunk
     sample = halves[0][:chunk]
     resized = {mode: extractors[mode].resize(sample).cpu() for mode in extractors}

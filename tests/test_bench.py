@@ -137,3 +137,14 @@ def test_fid_protocol_is_the_same_except_the_resize_and_keys_never_mix(tmp_path)
     assert clean["resize"] == "clean-fid PIL bicubic 299"  # unchanged: earlier runs stay comparable
     with pytest.raises(UserError, match="eval.fid_resize"):
         config_mod.resolve("default", {"eval.fid_resize": "bilinear"})
+
+
+def test_small_sample_frechet_distance_equals_the_full_eigensolve():
+    from core.metrics import frechet_distance, statistics
+    rng = np.random.default_rng(0)
+    feats, ref = rng.normal(size=(40, 256)), rng.normal(0.2, 1.3, size=(500, 256))
+    mu, sigma = statistics(feats)
+    full = frechet_distance(mu, sigma, *statistics(ref))
+    # the full eigensolve takes square roots of rounding noise in S1's null space: agreement to ~1e-8
+    assert frechet_distance(mu, sigma, *statistics(ref), feats1=feats) == pytest.approx(full, rel=1e-6)
+    assert frechet_distance(mu, sigma, mu, sigma, feats1=feats) == pytest.approx(0, abs=1e-8)
