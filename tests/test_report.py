@@ -59,7 +59,10 @@ def study(tmp_path_factory, synthetic_root, cache_dir):
     try:
         spec = StudySpec(NAME, seeds=(0, 1), preset="quick", workdir=tmp / "runs",
                          overrides={**FAST, "data.root": str(synthetic_root), "data.cache_dir": str(cache_dir)})
-        run_study(spec, store, progress=False)
+        from core.data import load_images
+        from studies.study import resolve_configs
+        first = next(iter(resolve_configs(spec).values()))
+        run_study(spec, store, load_images(first.data, first.model.resolution), progress=False)
         path = write_report(store, NAME, tmp / "reports")
         yield store, path, tmp
     finally:
