@@ -34,6 +34,13 @@ KEY_PARAMS = ("model.resolution", "model.width", "model.z_dim", "train.batch_siz
               "optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "eval.fid_samples", "eval.fid_final_samples",
               "eval.g_mode")
 VARIANT_IGNORES = ("train.seed", "model.g_params", "model.d_params", "derived.", "dataset.")  # not knobs of a variant
+TABLE_NOTE = (
+    "Final FID is the run's `fid/final` metric. *In mean*: runs that finished with a final FID; diverged, failed and "
+    "unfinished runs are counted but never averaged. Δ = variant mean − baseline mean (negative is better), with a "
+    "95% percentile bootstrap interval (10,000 resamples of the seeds within each group, fixed RNG seed); "
+    "*significant* when the interval excludes 0, *too few seeds* when a group has fewer than 2, and *provisional* "
+    "below 3 (a bootstrap over 2 seeds can only reuse those 2 values, so its interval is too narrow). img/s: "
+    "training throughput at the last log, mean over runs. ★ marks the lowest mean.")
 ENV_NOT_PACKAGES = ("git_commit", "git_dirty", "hostname", "platform", "cpu_count", "device", "cuda", "gpus", "command")
 
 
@@ -81,9 +88,10 @@ def ablated_section(ablation: str, children: pd.DataFrame, runs: pd.DataFrame, o
     """The ablation's rationale (its docstring) and, per variant, the params that differ from the baseline in MLflow."""
     from ablations import get_ablation
     try:
-        doc = " ".join((get_ablation(ablation).__doc__ or "").split())
+        plugin = get_ablation(ablation)
+        doc, declared = " ".join((plugin.__doc__ or "").split()), plugin.variants
     except UserError:
-        doc = f"_The ablation '{ablation}' is not registered in this checkout; its rationale is unavailable._"
+        doc, declared = f"_The ablation '{ablation}' is not registered in this checkout; its rationale is unavailable._", {}
     firsts = {v: runs[runs["variant"] == v]["run_id"].iloc[0] for v in order}
     base = _params(children, firsts[order[0]])
     rows = []
@@ -92,7 +100,9 @@ def ablated_section(ablation: str, children: pd.DataFrame, runs: pd.DataFrame, o
         changed = {k: v for k, v in mine.items() if base.get(k) != v and not k.startswith(VARIANT_IGNORES)}
         changed |= {k: "(unset)" for k in base if k not in mine and not k.startswith(VARIANT_IGNORES)}
         shown = ", ".join(f"`{k}={v}`" for k, v in sorted(changed.items()))
-        rows.append({"variant": variant, "settings that differ from the baseline (from MLflow params)":
+        code = ", ".join(f"`{k}={v}`" for k, v in declared.get(variant, {}).items())
+        rows.append({"variant": variant, "overrides declared by the ablation": code or "–",
+                     "settings that differ from the baseline run (MLflow params)":
                      shown or ("(the baseline)" if variant == order[0] else "(none: same config)")})
     return ["## What was ablated and why", "", doc, "", _md(pd.DataFrame(rows)), ""]
 
@@ -225,11 +235,7 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
                  f"(study run `{parent['run_id']}`); every number and image below is read back from it._", "",
                  "## Verdict", "", *[f"- {s}" for s in verdict], "",
                  "## Final FID per variant", "", _md(stats.display_summary(summary)), "",
-                 f"Final FID is the run's `fid/final` metric. *In mean*: runs that finished with a final FID; diverged, "
-                 "failed and unfinished runs are counted but never averaged. Δ = variant mean − baseline mean (negative "
-                 "is better), with a 95% percentile bootstrap interval (10,000 resamples of the seeds within each "
-                 "group, fixed RNG seed); *significant* when the interval excludes 0, *too few seeds* when a group has "
-                 "fewer than 2 and *provisional* below 3 (a bootstrap over 2 seeds can only reuse those 2 values, so its interval is too narrow). img/s: training throughput at the last log, mean over runs. ★ marks the lowest mean.", "",
+                 TABLE_NOTE, "",
                  *pictures,
                  *ablated_section(ablation, children, runs, order),
                  *setup_section(parent, children, runs, order),

@@ -154,7 +154,8 @@ def display_runs(runs: pd.DataFrame) -> pd.DataFrame:
         "run": runs["run"], "variant": runs["variant"], "seed": runs["seed"], "outcome": runs["outcome"],
         "in mean": np.where(counted(runs), "yes", "no"),
         "final FID": [_num(v) for v in runs["final_fid"]], "best FID": [_num(v) for v in runs["best_fid"]],
-        "kimg": [_num(v, ".3g") for v in runs["kimg"]], "diverged at kimg": [_num(v, ".3g") for v in runs["diverged_at_kimg"]],
+        "kimg": [_num(v, ".3g") for v in runs["kimg"]],
+        "diverged at kimg": [_num(v, ".3g") for v in runs["diverged_at_kimg"]],
         "img/s": [_num(v, ".0f") for v in runs["img_per_s"]], "MLflow run id": [f"`{r}`" for r in runs["run_id"]],
     })
 

@@ -132,7 +132,8 @@ def test_bootstrap_interval_on_known_inputs():
     assert (exact.diff, exact.lo, exact.hi) == (2.0, 1.0, 3.0)
     noisy_a, noisy_b = [30.1, 10.7, 25.3, 12.9, 17.2], [28.4, 9.6, 20.8, 14.1, 19.5]
     assert stats.bootstrap_diff(noisy_a, noisy_b, seed=3) == stats.bootstrap_diff(noisy_a, noisy_b, seed=3)
-    assert stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=3) != stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=4)
+    assert (stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=3)
+            != stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=4))
     one = stats.bootstrap_diff([10.0], [5.0, 6.0])  # one seed cannot show its own noise
     assert one.diff == pytest.approx(-4.5) and math.isnan(one.lo) and one.significant is None
     assert math.isnan(stats.bootstrap_diff([], [1.0, 2.0]).diff)
