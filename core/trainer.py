@@ -238,7 +238,7 @@ class Trainer:
         if self.run_dir is None:
             return
         from torchvision.utils import save_image
-        path = self.run_dir / "samples" / f"fakes{self.nimg // 1000:06d}kimg.png"
+        path = self.run_dir / "samples" / f"fakes{self.nimg / 1000:010.3f}kimg.png"  # sortable; grids < 1 kimg apart stay distinct
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(self.sample_grid(), path, nrow=math.isqrt(self.cfg.eval.grid_size), padding=1)
         self.tracker.log_artifact(path, "samples")

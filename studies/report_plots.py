@@ -19,7 +19,7 @@ from core.tracking import Store
 LOSS_KEYS = ("loss/d", "loss/g")
 D_KEYS = ("d/real", "d/fake")
 GIF_MAX_SIDE = 480  # px; a default-preset grid is ~1,000 px and 20 frames of it would be megabytes
-SAMPLE_NAME = re.compile(r"fakes(\d+)kimg\.png$")
+SAMPLE_NAME = re.compile(r"fakes(\d+(?:\.\d+)?)kimg\.png$")
 
 History = dict[str, dict[str, list[tuple[int, float]]]]  # run id -> metric key -> [(nimg, value)]
 
@@ -118,7 +118,7 @@ def smoothing_window(hist: History, key: str) -> int:
 def sample_artifacts(store: Store, run_id: str) -> list[str]:
     """The run's fixed-z grids, in training order."""
     paths = [p for p in store.list_artifacts(run_id, "samples") if SAMPLE_NAME.search(p)]
-    return sorted(paths, key=lambda p: int(SAMPLE_NAME.search(p).group(1)))
+    return sorted(paths, key=lambda p: float(SAMPLE_NAME.search(p).group(1)))
 
 
 def copy_artifact(store: Store, run_id: str, artifact: str, dst: Path) -> Path:
@@ -143,7 +143,7 @@ def timelapse_gif(store: Store, run_id: str, dst: Path, seconds_per_frame: float
                 im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
             canvas = Image.new("RGB", (im.width, im.height + 14), "white")
             canvas.paste(im, (0, 14))
-            ImageDraw.Draw(canvas).text((3, 1), f"{int(SAMPLE_NAME.search(artifact).group(1))} kimg", fill="black")
+            ImageDraw.Draw(canvas).text((3, 1), f"{float(SAMPLE_NAME.search(artifact).group(1)):g} kimg", fill="black")
             frames.append(canvas)
     if not frames:
         return None
