@@ -89,6 +89,9 @@ class Store:
 
     def __init__(self, uri: str | None = None):
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        if self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):
+            # absolute: MLflow caches stores by URI, so a relative path would keep pointing at the first cwd
+            self.uri = "sqlite:///" + str(Path(self.uri[len("sqlite:///"):]).resolve())
         from mlflow import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # table-creation chatter on first use

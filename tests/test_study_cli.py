@@ -51,8 +51,9 @@ def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba):
     (["pooling", "--set", "model.d_downsample=maxpool"], "varied by 'pooling'"),
     (["pooling", "--seeds", "0"], "--seeds 0 must be >= 1"),
 ])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
-    proc = run_cli([*args, "--no-progress", *([] if "--preset" in args else ["--preset", "quick"])], tmp_path)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, synthetic_root, args, message):
+    data = [] if "--data" in args else ["--data", str(synthetic_root)]  # only the data case lacks data
+    proc = run_cli([*args, *data, "--no-progress", *([] if "--preset" in args else ["--preset", "quick"])], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
