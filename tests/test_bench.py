@@ -15,7 +15,7 @@ from core.build import build_run
 from core.errors import UserError
 from core.metrics import RESIZES, MetricOptions, ReferenceStats, calc_metric, reference_path
 from core.resize import BicubicResize, pil_bicubic_weights
-from studies.bench_plain import plain_losses
+from studies.bench.plain import plain_losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
 
 
 def test_bench_bad_input_is_one_line_and_exit_2(capsys):
-    from studies.bench import main
+    from studies.bench.suite import main
     assert main(["--batches", "64,x"]) == 2
     assert main(["--fid-resize", "cv2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -23,7 +23,7 @@ from core.errors import UserError
 from core.hooks import HookList, Hooks
 from core.runner import execute_run
 from core.tracking import RunTracker, Store
-from studies.search_storage import DEFAULT_STORAGE, Heartbeat, quiet_experimental
+from studies.search.storage import DEFAULT_STORAGE, Heartbeat, quiet_experimental
 
 LR_KEYS = ("optim.lr_g", "optim.lr_d")
 BETA1_RANGE = (0.0, 0.9)  # --search-beta1: no momentum (WGAN-GP's choice) up to Adam's own default

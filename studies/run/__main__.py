@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true",
                    help="start a new study even if the same one was interrupted or finished (default: resume it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
-    from studies.search import add_lr_flags
+    from studies.search.orchestrate import add_lr_flags
     add_lr_flags(p)  # --lr-from, --search-lr, --search-trials, --storage
     return p
 
@@ -63,7 +63,7 @@ def list_text() -> str:
 
 def specs_from_args(args: argparse.Namespace) -> list:
     """One StudySpec per study to run: the named one, or every registered study for 'all'."""
-    from studies.study import StudySpec, parse_base
+    from studies.run.study import StudySpec, parse_base
 
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds} must be >= 1")
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.name:
             raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
         specs = specs_from_args(args)
-        from studies.search import lr_for_study
+        from studies.search.orchestrate import lr_for_study
         specs = [lr_for_study(spec, args) for spec in specs]  # unchanged unless --lr-from or --search-lr
-        from studies.study import resolve_configs, run_study
+        from studies.run.study import resolve_configs, run_study
 
         configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
         if args.dry_run:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from core.data import load_images
         from core.tracking import Store
-        from studies.report import write_report
+        from studies.report.build import write_report
 
         # data first: a missing or corrupt dataset must fail before the tracking store is touched
         first = next(iter(configs[specs[0].experiment].values()))

@@ -23,7 +23,7 @@ from core.errors import UserError
 from core.metrics import reference_path
 from core.runner import execute_run
 from core.tracking import Store
-from studies.provenance import describe_study
+from studies.run.provenance import describe_study
 
 
 @dataclass(frozen=True)

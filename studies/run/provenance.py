@@ -22,9 +22,9 @@ from studies.mlflow_view import study_view, view_key
 
 if TYPE_CHECKING:  # only for annotations: studies.study imports this module
     from core.tracking import Store
-    from studies.study import StudySpec
+    from studies.run.study import StudySpec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "torchvision", "mlflow", "optuna", "numpy", "clean-fid", "pandas")
 PREFIX = "env."  # every provenance tag starts with this, so the report can list them without knowing them
 
@@ -56,7 +56,8 @@ def _accelerator() -> dict[str, str]:
 def _command() -> str:
     """The command line as the user typed it: `python -m studies.run ...` rather than the module's file path."""
     prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-    head = f"python -m studies.{prog.stem}" if prog.parent.name == "studies" else prog.name
+    command = prog.name == "__main__.py" and prog.parent.parent.name == "studies"  # studies/COMMAND/__main__.py
+    head = f"python -m studies.{prog.parent.name}" if command else prog.name
     return " ".join([head, *map(shlex.quote, sys.argv[1:])])[:500]
 
 

@@ -30,11 +30,11 @@ from core.config import PRESETS, parse_set
 from core.data import ImageSet, load_images
 from core.errors import UserError
 from core.tracking import RunTracker, Store
-from studies.search_report import summarize
-from studies.search_storage import DEFAULT_STORAGE, Heartbeat, describe, load_study, open_storage
-from studies.search_trial import (BETA1_RANGE, LR_KEYS, Objective, SearchSpec, TrialFailed, definition, make_pruner,
+from studies.search.summary import summarize
+from studies.search.storage import DEFAULT_STORAGE, Heartbeat, describe, load_study, open_storage
+from studies.search.trial import (BETA1_RANGE, LR_KEYS, Objective, SearchSpec, TrialFailed, definition, make_pruner,
                                   make_sampler, validate_spec)
-from studies.study import parse_base
+from studies.run.study import parse_base
 
 
 def work(spec: SearchSpec, store: Store | str, parent_id: str, n_trials: int, worker: int, n_before: int,

@@ -9,7 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from core.tracking import dump_json
-from studies.search_storage import quiet_experimental
+from studies.search.storage import quiet_experimental
 
 # Optuna's plot, and how many complete trials it needs to say anything.
 PLOTS = (("optimization_history", "plot_optimization_history", 1),

@@ -25,10 +25,10 @@ from core.config import RunConfig, flatten
 from core.errors import UserError
 from core.metrics import fid_name
 from core.tracking import Store
-from studies import report_plots as plots
-from studies import report_stats as stats
+from studies.report import plots
+from studies.report import stats
 from studies.mlflow_view import filter_url, view_key, view_url
-from studies.report_index import INDEX_MARK, write_index
+from studies.report.index import INDEX_MARK, write_index
 
 KEY_PARAMS = ("model.resolution", "model.width", "model.z_dim", "train.batch_size", "train.kimg", "train.n_dis",
               "optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "eval.fid_samples", "eval.fid_final_samples",

@@ -39,7 +39,7 @@ from core.config import FID_RESIZES, PRESETS, RunConfig, apply_overrides, parse_
 from core.data import ImageSet, load_images
 from core.errors import UserError
 from core.metrics import MetricOptions, fid_name, find_weights, generate_uint8
-from studies.bench_plain import image_files, measure_plain, plain_losses
+from studies.bench.plain import image_files, measure_plain, plain_losses
 
 H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 tensor-core peak
 LOSS_CHECK_STEPS = 3  # first steps compared with the plain fp32 step (part of the warm-up)
@@ -255,7 +255,7 @@ def run_bench(args: argparse.Namespace, command: str, report: Callable[[dict, st
     if args.fid_samples or args.check_resize:
         find_weights(cfg.eval.weights)
     if args.check_resize:
-        from studies.bench_resize import check_resize
+        from studies.bench.resize import check_resize
         result["resize_check"] = check_resize(cfg, args.check_resize, args.check_resolution, device)
         report(result, resize_line(result["resize_check"]))
     if not batches and not args.fid_samples:
