@@ -57,7 +57,7 @@ def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
 
 
 def test_bench_bad_input_is_one_line_and_exit_2(capsys):
-    from studies.bench.suite import main
+    from studies.bench.__main__ import main
     assert main(["--batches", "64,x"]) == 2
     assert main(["--fid-resize", "cv2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,7 +131,7 @@ def test_fid_protocol_is_the_same_except_the_resize_and_keys_never_mix(tmp_path)
         ref = ReferenceStats(np.zeros(8), np.eye(8), n, key, path)
         opts = MetricOptions(G=G, z_dim=128, num_samples=6, ref=ref, extractor=FakeExtractor(mode),
                              device=torch.device("cpu"), batch=4)
-        protocols[mode] = calc_metric("fid", opts)["protocol"]
+        protocols[mode] = calc_metric("fid", opts).protocol
     clean, torch_ = protocols["clean"], protocols["torch"]
     assert {k for k in clean if clean[k] != torch_[k]} == {"resize", "ref_key"}
     assert clean["resize"] == "clean-fid PIL bicubic 299"  # unchanged: earlier runs stay comparable

@@ -28,7 +28,7 @@ from PIL import Image
 from ablations.registry import _REGISTRY, Ablation, register_ablation
 from core.tracking import Store
 from studies.report import stats
-from studies.report.build import main as report_main
+from studies.report.__main__ import main as report_main
 from studies.report.build import write_report
 from studies.run.study import StudySpec, run_study
 

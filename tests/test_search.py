@@ -23,7 +23,7 @@ import pytest
 
 from core.errors import UserError
 from core.tracking import Store
-from studies.search.orchestrate import main as search_main
+from studies.search.__main__ import main as search_main
 from studies.search.orchestrate import run_search
 from studies.search.storage import Heartbeat, open_storage
 from studies.search.trial import SearchSpec, make_pruner

@@ -9,6 +9,7 @@ feeds this step the trainer's own batches and latents, so the two loss trajector
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,9 @@ class ImageFiles(Dataset):
             return self.transform(img.convert("RGB"))
 
 
-def image_files(cfg: RunConfig) -> list[Path]:
+def image_files(cfg: RunConfig, roots: Sequence[Path] = ()) -> list[Path]:
     """The files the suite loads for this config (same source and selection), as paths."""
-    source = find_source(cfg.data)
+    source = find_source(cfg.data, roots)
     if source.kind != "folder":
         raise UserError(f"the plain loop reads a folder of JPEGs, not {source.describe()}; unzip it and pass --data")
     names = source.names[: cfg.data.max_images] if cfg.data.max_images else source.names

@@ -22,7 +22,6 @@ from optuna.trial import TrialState
 
 from core.errors import UserError
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_ATTR = "search:heartbeat"
 
 
