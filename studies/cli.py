@@ -5,8 +5,8 @@
     python -m studies.report pooling --tracking-uri sqlite:///x.db
     python -m studies.bench --preset quick --set eval.weights=/tmp/fid/fid_inception_tf.pt
 
-Each command's main() parses its arguments and hands the rest to `guard`: bad input (UserError) ends as one line
-`error: ...` on stderr and exit code 2, Ctrl-C as exit code 130.
+Each command's main() is `command(build_parser, body)`: it parses the arguments and runs the body in `guard`, where
+bad input (UserError) ends as one line `error: ...` on stderr and exit code 2, and Ctrl-C as exit code 130.
 """
 
 from __future__ import annotations
@@ -70,6 +70,16 @@ def parse_base(items: list[str]) -> tuple[tuple[str, str], ...]:
             raise UserError(f"--base expects ABLATION=VARIANT, got '{item}'")
         pairs.append((name.strip(), variant.strip()))
     return tuple(pairs)
+
+
+def command(build_parser: Callable[[], argparse.ArgumentParser], body: Callable[[argparse.Namespace], int | None],
+            interrupted: str = "interrupted") -> Callable[[list[str] | None], int]:
+    """A command's main(argv=None): parse the arguments (args.argv keeps them as given), then body(args) in guard."""
+    def main(argv: list[str] | None = None) -> int:
+        args = build_parser().parse_args(argv)
+        args.argv = sys.argv[1:] if argv is None else list(argv)
+        return guard(lambda: body(args), interrupted)
+    return main
 
 
 def guard(body: Callable[[], int | None], interrupted: str = "interrupted") -> int:

@@ -132,7 +132,8 @@ def test_commands_meet_only_at_front_doors(path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "studies" / "report").rglob("*.py")), ids=rel)
 def test_report_reads_only_the_tracking_store(path):
-    assert not imports(path) & {"torch", "torchvision", "optuna", "mlflow"}, imports(path)
+    heavy = sorted(imports(path) & {"torch", "torchvision", "optuna", "mlflow"})
+    assert not heavy, f"{rel(path)} imports {', '.join(heavy)}; the report reads only the store"
     for module in project_imports(path):
         if module.startswith("studies.report") or module in REPORT_MAY_IMPORT:
             continue

@@ -29,7 +29,7 @@ from core.config import FID_RESIZES
 from core.errors import UserError
 from studies.bench.measure import DEFAULT_WORKERS, H100_BF16_TFLOPS, LOSS_CHECK_STEPS, BenchSpec, run_bench
 from studies.bench.table import table
-from studies.cli import add_flags, guard, overrides_from
+from studies.cli import add_flags, command, overrides_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,15 +70,15 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
-def spec_from_args(args: argparse.Namespace, command: str) -> BenchSpec:
+def spec_from_args(args: argparse.Namespace, command_line: str) -> BenchSpec:
     return BenchSpec(preset=args.preset, overrides=overrides_from(args), batches=_ints(args.batches, "--batches"),
                      steps=args.steps, warmup=args.warmup, fid_samples=args.fid_samples,
                      fid_resizes=tuple(r for r in args.fid_resize.split(",") if r), workers=args.workers,
                      compile=args.compile, peak_tflops=args.peak_tflops, check_resize=args.check_resize,
-                     check_resolution=args.check_resolution, command=command)
+                     check_resolution=args.check_resolution, command=command_line)
 
 
-def bench(args: argparse.Namespace, command: str) -> int:
+def bench(args: argparse.Namespace) -> int:
     def write(result: dict) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
@@ -87,17 +87,14 @@ def bench(args: argparse.Namespace, command: str) -> int:
         print(line, file=sys.stderr, flush=True)
         write(result)
 
-    result = run_bench(spec_from_args(args, command), report)
+    result = run_bench(spec_from_args(args, "python -m studies.bench " + shlex.join(args.argv)), report)
     write(result)
     print(table(result))
     print(f"wrote {args.out}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = "python -m studies.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    return guard(lambda: bench(args, command), interrupted=f"interrupted: {args.out} holds what was measured so far")
+main = command(build_parser, bench, interrupted="interrupted: --out holds what was measured so far")
 
 
 if __name__ == "__main__":

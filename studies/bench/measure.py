@@ -119,7 +119,8 @@ def bench_batch(spec: BenchSpec, cfg: RunConfig, images: ImageSet, files: list, 
     batch, G = cfg.train.batch_size, None
     plain_ref = plain_losses(cfg, images.images, device, min(LOSS_CHECK_STEPS, spec.warmup))
     for layer in variants(spec.compile):
-        row, trained = time_variant(spec, apply_overrides(cfg, layer), images, device, plain_ref, result["flops_per_img"])
+        cfg_v = apply_overrides(cfg, layer)
+        row, trained = time_variant(spec, cfg_v, images, device, plain_ref, result["flops_per_img"])
         if trained is not None and not row["compile"]:
             G = trained  # FID samples with the eager module either way; keep the last trained one
         result["suite"].append(row)

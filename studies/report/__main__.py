@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from core.tracking import Store
-from studies.cli import add_flags, guard
+from studies.cli import add_flags, command
 from studies.report.build import write_report
 
 
@@ -38,9 +38,7 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return guard(lambda: report(args), interrupted="interrupted: the reports folder is as it was")
+main = command(build_parser, report, interrupted="interrupted: a report is swapped in only when it is complete")
 
 
 if __name__ == "__main__":

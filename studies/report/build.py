@@ -130,8 +130,8 @@ def _data_line(params: dict[str, str]) -> str:
 
 
 def _length_line(params: dict[str, str], reached: pd.Series) -> str:
-    planned = (f"- **Length**: {params.get('derived.steps', '?')} G steps of batch {params.get('train.batch_size', '?')}"
-               f" = {params.get('train.kimg', '?')} kimg planned per run")
+    steps, batch = params.get("derived.steps", "?"), params.get("train.batch_size", "?")
+    planned = f"- **Length**: {steps} G steps of batch {batch} = {params.get('train.kimg', '?')} kimg planned per run"
     return planned + (f"; runs reached {reached.min():.3g}-{reached.max():.3g} kimg." if len(reached) else ".")
 
 
@@ -149,7 +149,8 @@ def _hardware_line(children: pd.DataFrame, env: dict[str, str]) -> str:
 
 
 def _packages_line(env: dict[str, str]) -> str:
-    packages = ", ".join(f"{k} {v}" for k, v in sorted(env.items()) if k not in ENV_NOT_PACKAGES)  # same order in every process
+    # sorted: tags come back in an order that differs between processes, and a rebuilt report must not change
+    packages = ", ".join(f"{k} {v}" for k, v in sorted(env.items()) if k not in ENV_NOT_PACKAGES)
     return f"- **Packages**: {packages or 'not recorded (the study predates provenance tags)'}."
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ablations import get_ablation, list_ablations
 from core.config import flatten
 from core.errors import UserError
-from studies.cli import add_flags, data_roots, guard, overrides_from, parse_base
+from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.lr_handoff import LrRequest, check_study
 from studies.run.study import StudySpec, resolve_configs, run_study
 
@@ -129,10 +129,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return guard(lambda: run(args),
-                 interrupted="interrupted: finished runs are in MLflow; rerun the same command to resume")
+main = command(build_parser, run,
+               interrupted="interrupted: finished runs are in MLflow; rerun the same command to resume")
 
 
 if __name__ == "__main__":

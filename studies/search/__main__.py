@@ -23,7 +23,7 @@ from pathlib import Path
 from core.config import to_json
 from core.errors import UserError
 from core.tracking import Store
-from studies.cli import add_flags, guard, overrides_from, parse_base
+from studies.cli import add_flags, command, overrides_from, parse_base
 from studies.search.handoff import best_choice
 from studies.search.orchestrate import run_search
 from studies.search.storage import Heartbeat, open_storage
@@ -82,15 +82,14 @@ def search(args: argparse.Namespace) -> int:
     except UserError as exc:  # every trial pruned or failed: the search ran, there is just no winner yet
         print(exc)
         return 0
-    print(f"best trial {best.trial} (FID {best.fid:.2f}): " + " ".join(f"{k}={v:.3g}" for k, v in best.overrides.items())
-          + f"; use it with: python -m studies.run NAME --lr-from {spec.name} --storage {spec.storage}")
+    pair = " ".join(f"{k}={v:.3g}" for k, v in best.overrides.items())
+    print(f"best trial {best.trial} (FID {best.fid:.2f}): {pair}; use it with: "
+          f"python -m studies.run NAME --lr-from {spec.name} --storage {spec.storage}")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return guard(lambda: search(args),
-                 interrupted="interrupted: finished trials are in the study; rerun the same command to add more")
+main = command(build_parser, search,
+               interrupted="interrupted: finished trials are in the study; rerun the same command to add more")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from core.tracking import RunTracker, Store
 from studies.cli import data_roots, guard
 from studies.search.storage import describe, open_storage
 from studies.search.summary import summarize
-from studies.search.trial import (BETA1_RANGE, Objective, SearchSpec, TrialFailed, definition, make_pruner, make_sampler,
-                                  validate_spec)
+from studies.search.trial import (BETA1_RANGE, Objective, SearchSpec, TrialFailed, definition, make_pruner,
+                                  make_sampler, validate_spec)
 
 
 def work(spec: SearchSpec, store: Store | str, parent_id: str, n_trials: int, worker: int, n_before: int,
