@@ -1,5 +1,7 @@
 """The plain PyTorch loop the suite's trainer is measured against, written the way a notebook would write it.
 
+    python -m studies.bench --batches 128 --workers 14   # the "plain" column: measure_plain with 14 workers
+
 torchvision transforms on PIL images in a DataLoader with worker processes, fp32, NCHW, eager, no cuDNN
 autotuning. Same G and D (core.models), same init and seed, same losses, Adam settings and step order as
 core.trainer: a D step on a real batch and a no-grad fake, then a G step on a fresh fake. `plain_losses`

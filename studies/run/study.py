@@ -1,5 +1,8 @@
 """A study: one ablation's variants x seeds, each a child MLflow run under one parent run.
 
+    python -m studies.run pooling --seeds 3          # run_study: 3 variants x 3 seeds; run again, it resumes
+    python -m studies.run pooling --seeds 3 --fresh  # a new study (a new parent run) instead of resuming
+
 Configs are resolved in a fixed order: preset, then the --base variant, then the study variant, then CLI
 --set flags. Every variant's config is resolved and validated before the first run starts, so a bad flag
 never leaves half a study behind.

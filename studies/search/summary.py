@@ -1,4 +1,7 @@
-"""What a search leaves on its MLflow parent run: best parameters, a study summary and Optuna's own plots."""
+"""What a search leaves on its MLflow parent run: best parameters, a study summary and Optuna's own plots.
+
+    python -m studies.search --preset quick --trials 20   # then the parent run's summary.json and optuna_plots/
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """One trial of the learning-rate search: its spec and config, the sampler and pruner, the objective.
 
+    python -m studies.search --preset quick --trials 20 --evals 5 --trial-kimg 50   # 20 Objective calls
+
 The objective trains one shortened run through core.runner.execute_run as an MLflow child run and returns its
 final FID; a hook hands every intermediate FID to Optuna so the pruner can stop hopeless trials early.
 """
