@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from core.config import RunConfig
 from core.data import BatchSource, ImageSet, load_images
 from core.errors import UserError
 from core.hooks import Hooks
-from core.metrics import InceptionFeatures, MetricOptions, ReferenceStats, calc_metric, find_weights, reference_stats
+from core.metrics import (InceptionFeatures, MetricOptions, MetricResult, ReferenceStats, calc_metric, find_weights,
+                          reference_stats)
 from core.models import Discriminator, Generator, init_weights
 from core.trainer import FID_SEED, Trainer
 
@@ -39,7 +41,7 @@ def make_optimizers(cfg: RunConfig, G: torch.nn.Module, D: torch.nn.Module) -> t
 
 
 class FidEvaluator:
-    """G -> FID dict, against reference statistics fixed for the whole run."""
+    """G -> FID result, against reference statistics fixed for the whole run."""
 
     def __init__(self, cfg: RunConfig, images: ImageSet, device: torch.device):
         e = cfg.eval
@@ -48,7 +50,7 @@ class FidEvaluator:
                                                    Path(cfg.data.cache_dir).expanduser())
         self.cfg, self.device = cfg, device
 
-    def __call__(self, G: torch.nn.Module, num_samples: int) -> dict:
+    def __call__(self, G: torch.nn.Module, num_samples: int) -> MetricResult:
         opts = MetricOptions(G=G, z_dim=self.cfg.model.z_dim, num_samples=num_samples, ref=self.ref,
                              extractor=self.extractor, device=self.device, g_mode=self.cfg.eval.g_mode,
                              seed=FID_SEED, batch=self.cfg.eval.fid_batch)
@@ -56,11 +58,16 @@ class FidEvaluator:
 
 
 def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_dir: Path | None = None,
-              with_fid: bool = True, images: ImageSet | None = None, progress=None) -> Trainer:
-    """Data, G and D (seeded, DCGAN init), optimizers, batch source and FID, wired into a Trainer."""
+              with_fid: bool = True, images: ImageSet | None = None, show_progress: bool = False,
+              on_log: Callable[[int, dict[str, float]], None] | None = None) -> Trainer:
+    """Data, G and D (seeded, DCGAN init), optimizers, batch source and FID, wired into a Trainer.
+
+    show_progress: a progress bar while images are decoded (when `images` is not given); on_log(nimg, stats):
+    called at every log interval of training.
+    """
     config_mod.validate(cfg)
     device = pick_device(cfg.train.device)
-    images = images or load_images(cfg.data, cfg.model.resolution, progress=progress is not None)
+    images = images or load_images(cfg.data, cfg.model.resolution, progress=show_progress)
     hooks = hooks or Hooks()
     cuda = device.type == "cuda"
     if cuda:
@@ -77,4 +84,4 @@ def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_d
                           channels_last=memory_format == torch.channels_last)
     evaluate = FidEvaluator(cfg, images, device) if with_fid and cfg.eval.fid_final_samples > 0 else None
     return Trainer(cfg, G, D, opt_g, opt_d, batches, device, hooks=hooks, tracker=tracker, evaluate=evaluate,
-                   run_dir=run_dir, progress=progress)
+                   run_dir=run_dir, progress=on_log)

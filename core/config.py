@@ -258,15 +258,3 @@ def validate(cfg: RunConfig) -> None:
 
 def to_json(cfg: RunConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True)
-
-
-def from_dict(raw: dict) -> RunConfig:
-    """Rebuild a RunConfig from `dataclasses.asdict` output (config.json, checkpoints)."""
-    flat = {f"{g}.{k}": v for g, kv in raw.items() for k, v in kv.items()}
-    return apply_overrides(RunConfig(), flat)
-
-
-def diff(a: RunConfig, b: RunConfig) -> dict[str, tuple[object, object]]:
-    """Keys whose values differ, for messages like 'checkpoint was made with train.kimg=...'."""
-    fa, fb = flatten(a), flatten(b)
-    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}

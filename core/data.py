@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,6 @@ from core.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PREPROCESS = "centercrop-square+pil-bicubic-v1"  # part of the cache key: change it when preprocessing changes
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 GET_CELEBA = ("get CelebA from Kaggle (img_align_celeba.zip) or torchvision, "
               "then pass --data PATH or set CELEBA_ROOT")
 
@@ -40,12 +40,6 @@ class Source:
 
     def describe(self) -> str:
         return f"{self.kind}:{self.path} ({len(self.names)} files)"
-
-
-def default_roots() -> list[Path]:
-    """The places searched when no --data is given, in order."""
-    roots = [Path(os.environ["CELEBA_ROOT"])] if os.environ.get("CELEBA_ROOT") else []
-    return roots + [Path("data/celeba"), PROJECT_ROOT / "data/celeba", PROJECT_ROOT.parent / "shared/data/celeba-subset"]
 
 
 def _source_at(path: Path) -> Source | None:
@@ -80,19 +74,22 @@ def _download_torchvision(cache_dir: Path) -> Path:
     return root / "celeba"
 
 
-def find_source(cfg: DataConfig) -> Source:
-    """Resolve --data (or the default search) to a Source, or say where we looked and how to get CelebA."""
+def find_source(cfg: DataConfig, roots: Sequence[Path] = ()) -> Source:
+    """Resolve data.root to a Source; with no root, the first of the caller's `roots` that holds images.
+
+    Where to look by default is the caller's to say (the command line's defaults), never this library's.
+    """
     if cfg.root == "torchvision":
         looked = [_download_torchvision(Path(cfg.cache_dir).expanduser())]
     elif cfg.root:
         looked = [Path(cfg.root).expanduser()]
     else:
-        looked = default_roots()
+        looked = list(roots)
     for path in looked:
         source = _source_at(path)
         if source is not None:
             return source
-    where = ", ".join(str(p) for p in looked)
+    where = ", ".join(str(p) for p in looked) or "nowhere: data.root is empty and no default places were given"
     raise UserError(f"no CelebA images found (looked in {where}); {GET_CELEBA}")
 
 
@@ -155,9 +152,9 @@ def _read_cache(npy: Path, meta_path: Path, resolution: int) -> ImageSet | None:
     return ImageSet(arr[: meta["count"]], meta["skipped"], meta["source"], meta["key"])
 
 
-def load_images(cfg: DataConfig, resolution: int, progress: bool = False) -> ImageSet:
-    """Decode (once) and return the training images at `resolution`."""
-    source = find_source(cfg)
+def load_images(cfg: DataConfig, resolution: int, progress: bool = False, roots: Sequence[Path] = ()) -> ImageSet:
+    """Decode (once) and return the training images at `resolution` (found as find_source finds them)."""
+    source = find_source(cfg, roots)
     names = source.names[: cfg.max_images] if cfg.max_images else source.names
     key = cache_key(source, cfg.max_images, resolution)
     cache_dir = Path(cfg.cache_dir).expanduser()

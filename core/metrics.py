@@ -211,10 +211,22 @@ def generate_uint8(opts: MetricOptions) -> Iterator[torch.Tensor]:
         opts.G.train(was_training)
 
 
-_METRICS: dict[str, Callable[[MetricOptions], dict]] = {}
+@dataclass(frozen=True)
+class MetricResult:
+    """What a metric returns: its values, keyed by their own names, and the protocol they were measured under."""
+    name: str  # the primary value's name: what is measured, on how many samples (fid10k, fid256)
+    values: dict[str, float]  # the primary value under `name`, plus any diagnostics (feature_spread)
+    protocol: dict[str, object]  # sample counts, G mode, quantisation, reference key: what makes values comparable
+
+    @property
+    def value(self) -> float:
+        return self.values[self.name]
 
 
-def register_metric(fn: Callable[[MetricOptions], dict]) -> Callable[[MetricOptions], dict]:
+_METRICS: dict[str, Callable[[MetricOptions], MetricResult]] = {}
+
+
+def register_metric(fn: Callable[[MetricOptions], MetricResult]) -> Callable[[MetricOptions], MetricResult]:
     if fn.__name__ in _METRICS:
         raise ValueError(f"metric '{fn.__name__}' registered twice")
     _METRICS[fn.__name__] = fn
@@ -225,24 +237,21 @@ def list_metrics() -> list[str]:
     return sorted(_METRICS)
 
 
-def calc_metric(name: str, opts: MetricOptions) -> dict:
+def calc_metric(name: str, opts: MetricOptions) -> MetricResult:
     if name not in _METRICS:
         raise UserError(f"unknown metric '{name}'; known: {', '.join(list_metrics())}")
     return _METRICS[name](opts)
 
 
 @register_metric
-def fid(opts: MetricOptions) -> dict:
+def fid(opts: MetricOptions) -> MetricResult:
     """FID of `num_samples` generated images against the reference statistics, with its protocol."""
     feats = opts.extractor.stream(generate_uint8(opts))
     mu, sigma = statistics(feats)
     value = frechet_distance(mu, sigma, opts.ref.mu, opts.ref.sigma, feats1=feats)
     # Collapse shows as generated features with far less spread than real ones.
     spread = float(np.trace(sigma) / np.trace(opts.ref.sigma))
-    return {
-        fid_name(opts.num_samples): value,
-        "feature_spread": spread,
-        "protocol": {"num_gen": opts.num_samples, "num_ref": opts.ref.num_images, "ref_key": opts.ref.key,
-                     "g_mode": opts.g_mode, "quantise": "uint8", "resize": RESIZES[opts.extractor.resize_mode],
-                     "version": PROTOCOL_VERSION},
-    }
+    name = fid_name(opts.num_samples)
+    return MetricResult(name, {name: value, "feature_spread": spread}, protocol={
+        "num_gen": opts.num_samples, "num_ref": opts.ref.num_images, "ref_key": opts.ref.key, "g_mode": opts.g_mode,
+        "quantise": "uint8", "resize": RESIZES[opts.extractor.resize_mode], "version": PROTOCOL_VERSION})

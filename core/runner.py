@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,13 +29,10 @@ def run_params(cfg: RunConfig, images: ImageSet) -> dict[str, object]:
 
 
 def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet, hooks: Hooks | None = None,
-                progress=None, with_fid: bool = True, log_reference: bool = True) -> RunResult:
-    """Train (or resume) one run and record everything about it through `tracker`.
-
-    A study logs the FID reference statistics (32 MB) once on its parent run, so it passes log_reference=False.
-    """
+                on_log: Callable[[int, dict[str, float]], None] | None = None, with_fid: bool = True) -> RunResult:
+    """Train (or resume) one run and record everything about it through `tracker`; on_log(nimg, stats) at each log."""
     trainer = build_run(cfg, hooks=hooks, tracker=tracker, run_dir=run_dir, images=images, with_fid=with_fid,
-                        progress=progress)
+                        on_log=on_log)
     if not trainer.try_resume():
         run_dir.mkdir(parents=True, exist_ok=True)
         params = run_params(cfg, images)
@@ -42,7 +40,9 @@ def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet, hoo
         tracker.log_params(params)
         (run_dir / "config.json").write_text(config_mod.to_json(cfg))
         tracker.log_artifact(run_dir / "config.json")
-        if trainer.evaluate is not None and log_reference:
+        # The FID reference statistics (32 MB, the same for every child of a parent run) are logged by a
+        # run of its own; a child run leaves them to whoever owns its parent.
+        if trainer.evaluate is not None and tracker.parent_id is None:
             tracker.log_artifact(trainer.evaluate.ref.path, "fid_reference")
     tracker.set_tags({"outcome": "running", "device": str(trainer.device),
                       "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"})

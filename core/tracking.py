@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from core.errors import UserError
@@ -23,6 +25,7 @@ PARAM_CHUNK = 100  # MLflow accepts at most 100 params per batch
 class NullTracker:
     """Same methods as a run tracker, records nothing: for tests and dry runs."""
     run_id: str | None = None
+    parent_id: str | None = None  # the run this one is a child of; None for a run of its own
 
     def log_params(self, params: dict[str, object]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -30,6 +33,21 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: dict[str, object]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+
+    @contextlib.contextmanager
+    def finishing(self) -> Iterator[None]:
+        """Finish the run when the block ends: FINISHED, or KILLED when anything (Ctrl-C included) escapes it."""
+        try:
+            yield
+        except BaseException:
+            self.finish("KILLED")
+            raise
+        self.finish("FINISHED")
+
+    def record_crash(self, exc: BaseException, **tags: object) -> None:
+        """Record an unexpected exception on the run: an `error` tag (plus `tags`) and the traceback as error.txt."""
+        self.set_tags({**tags, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        self.log_text("".join(traceback.format_exception(exc)), "error.txt")
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):
@@ -51,10 +69,11 @@ class RunTracker(NullTracker):
     last checkpoint and the kill leaves no duplicated points in its curves.
     """
 
-    def __init__(self, client, run_id: str, skip_until: int = -1):
+    def __init__(self, client, run_id: str, skip_until: int = -1, parent_id: str | None = None):
         self.client = client
         self.run_id = run_id
         self.skip_until = skip_until
+        self.parent_id = parent_id
 
     def log_params(self, params):
         from mlflow.entities import Param
@@ -120,14 +139,14 @@ class Store:
         if parent is not None:
             tags["mlflow.parentRunId"] = parent.run_id
         run = _retry(self.client.create_run, self.experiment_id(experiment), run_name=name, tags=tags)
-        return RunTracker(self.client, run.info.run_id)
+        return RunTracker(self.client, run.info.run_id, parent_id=parent.run_id if parent is not None else None)
 
     def resume_run(self, run_id: str) -> RunTracker:
         """Reopen an interrupted run so that its metric curves continue in place, without duplicates."""
         _retry(self.client.update_run, run_id, status="RUNNING")
-        logged = self.client.get_run(run_id).data.metrics
-        last = max((m.step for k in logged for m in self.client.get_metric_history(run_id, k)), default=-1)
-        return RunTracker(self.client, run_id, skip_until=last)
+        data = self.client.get_run(run_id).data
+        last = max((m.step for k in data.metrics for m in self.client.get_metric_history(run_id, k)), default=-1)
+        return RunTracker(self.client, run_id, skip_until=last, parent_id=data.tags.get("mlflow.parentRunId"))
 
     def find_runs(self, experiment: str, filter_string: str = "") -> list:
         exp = self.client.get_experiment_by_name(experiment)
@@ -144,10 +163,19 @@ class Store:
         mlflow.set_tracking_uri(self.uri)
         return mlflow.search_runs([exp.experiment_id], filter_string, max_results=10000)
 
-    def save_view(self, experiment: str, key: str, state: dict[str, object]) -> None:
-        """Store a runs-table view (filter, sort, columns, grouping) that the MLflow UI opens by `key`."""
-        self.client.set_experiment_tag(self.experiment_id(experiment), f"mlflow.sharedViewState.{key}",
-                                       json.dumps(state))
+    def save_view(self, experiment: str, key: str, state: dict[str, object]) -> str | None:
+        """Store a runs-table view (filter, sort, columns, grouping) that the MLflow UI opens by `key`.
+
+        Returns None when saved, else why the store refused it (an MLflow error, e.g. a server that does not
+        take experiment tags or a value over its length limit); callers go on without the view.
+        """
+        from mlflow.exceptions import MlflowException
+        try:
+            _retry(self.client.set_experiment_tag, self.experiment_id(experiment), f"mlflow.sharedViewState.{key}",
+                   json.dumps(state))
+        except MlflowException as exc:
+            return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return None
 
     def has_view(self, experiment: str, key: str) -> bool:
         exp = self.client.get_experiment_by_name(experiment)

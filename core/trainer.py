@@ -24,6 +24,7 @@ from core.config import RunConfig
 from core.data import BatchSource
 from core.errors import UserError
 from core.hooks import Hooks
+from core.metrics import MetricResult
 
 GRID_SEED = 2024  # every run's sample grids use the same z, so variants compare image by image
 FID_SEED = 123  # and every FID evaluation the same latents
@@ -61,7 +62,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
                  opt_d: torch.optim.Optimizer, batches: BatchSource, device: torch.device, *,
-                 hooks: Hooks | None = None, tracker=None, evaluate: Callable[[nn.Module, int], dict] | None = None,
+                 hooks: Hooks | None = None, tracker=None, evaluate: Callable[[nn.Module, int], MetricResult] | None = None,
                  run_dir: Path | None = None, progress: Callable[[int, dict], None] | None = None):
         from core.tracking import NullTracker
 
@@ -84,7 +85,7 @@ class Trainer:
                          else contextlib.nullcontext())
         self.G_train = torch.compile(G) if cuda and cfg.train.compile else G
         self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
-        self.d_steps = 0  # optimizer steps taken, checked by the n_dis tests
+        self.d_steps = 0  # optimizer steps taken, recorded in the run's summary
         self.g_steps = 0
         self.failures: dict[str, int] = {}  # failure mode -> nimg where first seen
         self._saturated_logs = 0
@@ -159,16 +160,16 @@ class Trainer:
             if crossed(nimg, self.batch, t.sample_every_kimg) or last:
                 self.save_grid()
             if e.fid_every_kimg > 0 and crossed(nimg, self.batch, e.fid_every_kimg) and not last:
-                out = self._eval_fid(e.fid_samples)
-                if out is not None and out["stop"]:
+                _, stop = self._eval_fid(e.fid_samples)
+                if stop:
                     result.status = "stopped"
                     break
             if crossed(nimg, self.batch, t.checkpoint_every_kimg) and not last:
                 self.save_checkpoint()
         if result.status not in ("diverged", "stopped"):  # a stopped (pruned) run needs no final FID
-            out = self._eval_fid(e.fid_final_samples, final=True)
+            fid, _ = self._eval_fid(e.fid_final_samples, final=True)
             result.final_fid = self.fid_history.get(self.nimg)
-            if out is not None and out["feature_spread"] < e.collapse_spread:
+            if fid is not None and fid.values["feature_spread"] < e.collapse_spread:
                 self.failures.setdefault("collapsed", self.nimg)
         if result.status == "finished" and self.failures:
             result.status = min(self.failures, key=self.failures.get)  # the first failure seen names the run
@@ -185,21 +186,18 @@ class Trainer:
         if self._saturated_logs >= e.saturation_logs:
             self.failures.setdefault("d_saturated", self.nimg)
 
-    def _eval_fid(self, num_samples: int, final: bool = False) -> dict | None:
-        """Log FID; returns the metric's output (None without an evaluator)."""
+    def _eval_fid(self, num_samples: int, final: bool = False) -> tuple[MetricResult | None, bool]:
+        """Log FID; returns the metric's result (None without an evaluator) and whether a hook asks to stop."""
         if self.evaluate is None:
-            return None
-        out = self.evaluate(self.G, num_samples)
-        name = next(k for k in out if k.startswith("fid"))
-        value = out[name]
-        self.fid_history[self.nimg] = value
-        metrics = {f"fid/{name}": value, "fid/feature_spread": out["feature_spread"]}
+            return None, False
+        fid = self.evaluate(self.G, num_samples)
+        self.fid_history[self.nimg] = fid.value
+        metrics = {f"fid/{k}": v for k, v in fid.values.items()}
         if final:
-            metrics["fid/final"] = value
+            metrics["fid/final"] = fid.value
         self._record(metrics)
-        self.tracker.set_tags({f"fid_protocol.{k}": v for k, v in out["protocol"].items()})
-        out["stop"] = self.hooks.on_eval(self.nimg / 1000, metrics)
-        return out
+        self.tracker.set_tags({f"fid_protocol.{k}": v for k, v in fid.protocol.items()})
+        return fid, self.hooks.on_eval(self.nimg / 1000, metrics)
 
     def _record(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, step=self.nimg)

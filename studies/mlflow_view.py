@@ -1,5 +1,8 @@
 """The MLflow UI view of a study: child runs only, grouped by variant, sorted by name, the deciding columns.
 
+    python -m studies.run pooling        # saves the view on the 'pooling' experiment
+    python -m studies.report pooling     # its "Open these runs in MLflow" section links to it (view_url)
+
 MLflow 3 keeps a runs-table view (filter, sort, columns, grouping) as an experiment tag and opens it from a
 link (`viewStateShareKey`), so a study saves one and its report links to it: the variants and their seeds
 line up, averaged per variant, without the user typing a filter. The plain link is the fallback for stores

@@ -13,7 +13,7 @@ from ablations import Ablation, get_ablation, list_ablations, register_ablation
 from ablations import registry
 from core.build import build_run
 from core.errors import UserError
-from studies.study import StudySpec, resolve_configs
+from studies.run.study import StudySpec, resolve_configs
 
 CASES = [(name, variant) for name in list_ablations() for variant in get_ablation(name).variants]
 

@@ -1,4 +1,18 @@
-"""The house rules that a grep can check: import direction and which module may talk to which library."""
+"""The house rules that a parser can check: import direction, which module may talk to which library, how the
+commands in studies/ meet, and that no import cycle exists anywhere.
+
+studies/ has two floors. Below: the shared modules (studies/cli.py, lr_handoff.py, mlflow_view.py), which import
+no command. Above: the command packages run/, report/, search/ and bench/, each with its CLI in __main__.py.
+- No module imports a command's CLI (a `__main__` module).
+- A command reaches another command only through that package's front door, the names its `__init__.py` exports
+  (`from studies.report import write_report`, `studies.search.choose_lr`), never one of its modules.
+- studies/report reads only the tracking store: from core it imports `core.tracking`, `core.errors`, `core.config`
+  (the defaults its setup table compares with) and, from `core.metrics`, only `fid_name` (the metric key the
+  trainer logged); besides those, the ablation registry (rationales), studies.cli and studies.mlflow_view. It never
+  imports torch, Optuna or MLflow itself.
+- Only studies/search imports optuna; only core/tracking.py imports mlflow.
+Every import counts, at module level, inside a function or under TYPE_CHECKING alike.
+"""
 
 import ast
 from pathlib import Path
@@ -6,6 +20,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("core", "ablations", "studies")
+COMMANDS = ("run", "report", "search", "bench")
+REPORT_MAY_IMPORT = {"core.tracking", "core.errors", "core.config", "ablations", "studies.cli", "studies.mlflow_view"}
+REPORT_MAY_IMPORT_NAMES = {"core.metrics": {"fid_name"}}  # module -> the only names report may take from it
 
 
 def imports(path: Path) -> set[str]:
@@ -17,6 +35,50 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
     return names
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_files() -> list[Path]:
+    return sorted(p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+MODULES = {module_name(p): p for p in project_files()}
+
+
+def import_records(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    """(absolute module, names taken from it) for every import in the file; `import a.b` takes no names."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    records = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            records += [(a.name, ()) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            records.append((base, tuple(a.name for a in node.names)))
+    return records
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules a file imports: `from pkg import mod` is an import of pkg.mod, else of pkg itself."""
+    found = set()
+    for module, names in import_records(path):
+        subs = {f"{module}.{n}" for n in names} & MODULES.keys()
+        found |= subs
+        if module in MODULES and (not names or len(subs) < len(names)):
+            found.add(module)
+    return found
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "core").glob("*.py")), ids=lambda p: p.name)
@@ -32,6 +94,82 @@ def test_ablations_do_not_import_studies_or_trackers(path):
     assert not imports(path) & {"studies", "mlflow", "optuna"}
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("[cas]*/*.py")), ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", project_files(), ids=rel)
 def test_modules_stay_small(path):
     assert len(path.read_text().splitlines()) <= 400
+
+
+@pytest.mark.parametrize("path", project_files(), ids=rel)
+def test_only_search_imports_optuna_and_only_tracking_imports_mlflow(path):
+    found = imports(path)
+    if "optuna" in found:
+        assert path.parent == REPO / "studies" / "search", f"{rel(path)} imports optuna; only studies/search may"
+    if "mlflow" in found:
+        assert path == REPO / "core" / "tracking.py", f"{rel(path)} imports mlflow; only core/tracking.py may"
+
+
+@pytest.mark.parametrize("path", project_files(), ids=rel)
+def test_no_module_imports_a_command_line(path):
+    clis = sorted(m for m in project_imports(path) if m.endswith(".__main__"))
+    assert not clis, f"{rel(path)} imports the command line {', '.join(clis)}; move what it needs down a floor"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.py")), ids=rel)
+def test_shared_studies_modules_import_no_command(path):
+    above = sorted(m for m in project_imports(path) if m.split(".")[:2] in [["studies", c] for c in COMMANDS])
+    assert not above, f"{rel(path)} is shared by the commands but imports {', '.join(above)}"
+
+
+@pytest.mark.parametrize("path", [p for c in COMMANDS for p in sorted((REPO / "studies" / c).rglob("*.py"))], ids=rel)
+def test_commands_meet_only_at_front_doors(path):
+    own = path.relative_to(REPO / "studies").parts[0]
+    for module in project_imports(path):
+        parts = module.split(".")
+        if parts[0] == "studies" and len(parts) > 2 and parts[1] in COMMANDS and parts[1] != own:
+            pytest.fail(f"{rel(path)} imports {module}: command '{own}' may use '{parts[1]}' only through "
+                        f"studies.{parts[1]}'s exports")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies" / "report").rglob("*.py")), ids=rel)
+def test_report_reads_only_the_tracking_store(path):
+    heavy = sorted(imports(path) & {"torch", "torchvision", "optuna", "mlflow"})
+    assert not heavy, f"{rel(path)} imports {', '.join(heavy)}; the report reads only the store"
+    for module in project_imports(path):
+        if module.startswith("studies.report") or module in REPORT_MAY_IMPORT:
+            continue
+        assert module in REPORT_MAY_IMPORT_NAMES, f"{rel(path)} imports {module}; the report reads only the store"
+    for module, names in import_records(path):
+        allowed = REPORT_MAY_IMPORT_NAMES.get(module)
+        assert allowed is None or (names and set(names) <= allowed), f"{rel(path)} takes {names or module} from {module}"
+
+
+def test_no_import_cycles():
+    graph = {name: project_imports(path) - {name} for name, path in MODULES.items()}
+    # Tarjan's strongly connected components: any component of two or more modules is a cycle
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"

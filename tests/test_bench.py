@@ -15,7 +15,7 @@ from core.build import build_run
 from core.errors import UserError
 from core.metrics import RESIZES, MetricOptions, ReferenceStats, calc_metric, reference_path
 from core.resize import BicubicResize, pil_bicubic_weights
-from studies.bench_plain import plain_losses
+from studies.bench.plain import plain_losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
 
 
 def test_bench_bad_input_is_one_line_and_exit_2(capsys):
-    from studies.bench import main
+    from studies.bench.__main__ import main
     assert main(["--batches", "64,x"]) == 2
     assert main(["--fid-resize", "cv2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -131,7 +131,7 @@ def test_fid_protocol_is_the_same_except_the_resize_and_keys_never_mix(tmp_path)
         ref = ReferenceStats(np.zeros(8), np.eye(8), n, key, path)
         opts = MetricOptions(G=G, z_dim=128, num_samples=6, ref=ref, extractor=FakeExtractor(mode),
                              device=torch.device("cpu"), batch=4)
-        protocols[mode] = calc_metric("fid", opts)["protocol"]
+        protocols[mode] = calc_metric("fid", opts).protocol
     clean, torch_ = protocols["clean"], protocols["torch"]
     assert {k for k in clean if clean[k] != torch_[k]} == {"resize", "ref_key"}
     assert clean["resize"] == "clean-fid PIL bicubic 299"  # unchanged: earlier runs stay comparable

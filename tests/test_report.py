@@ -27,10 +27,10 @@ from PIL import Image
 
 from ablations.registry import _REGISTRY, Ablation, register_ablation
 from core.tracking import Store
-from studies import report_stats as stats
-from studies.report import main as report_main
-from studies.report import write_report
-from studies.study import StudySpec, run_study
+from studies.report import stats
+from studies.report.__main__ import main as report_main
+from studies.report.build import write_report
+from studies.run.study import StudySpec, run_study
 
 NAME = "reportcheck"
 FAST = {  # 32x32, 8 steps of batch 8, final FID on 16 samples only: the FID's 2048-d sqrt dominates the time
@@ -60,7 +60,7 @@ def study(tmp_path_factory, synthetic_root, cache_dir):
         spec = StudySpec(NAME, seeds=(0, 1), preset="quick", workdir=tmp / "runs",
                          overrides={**FAST, "data.root": str(synthetic_root), "data.cache_dir": str(cache_dir)})
         from core.data import load_images
-        from studies.study import resolve_configs
+        from studies.run.study import resolve_configs
         first = next(iter(resolve_configs(spec).values()))
         run_study(spec, store, load_images(first.data, first.model.resolution), progress=False)
         path = write_report(store, NAME, tmp / "reports")
@@ -199,7 +199,7 @@ def test_diverged_runs_are_listed_and_left_out_of_the_mean(study):
 def test_a_diverged_run_with_a_final_fid_still_stays_out_of_the_mean(study):
     """Even if a diverged run had logged a final FID, the mean must not include it (outcome decides, not NaN)."""
     store, _, _ = study
-    from studies.report import study_runs
+    from studies.report.build import study_runs
     _, children = study_runs(store, NAME)
     runs = stats.run_table(children, ["baseline", "maxpool", "hot"])
     first = runs.index[runs["variant"] == "baseline"][0]
@@ -235,7 +235,7 @@ def test_report_is_rebuilt_identically_from_the_store(study, tmp_path):
 
 
 def test_timelapse_gif_has_one_frame_per_logged_grid_in_training_order(store, tmp_path):
-    from studies.report_plots import timelapse_gif
+    from studies.report.plots import timelapse_gif
     run = store.start_run("gif", "r", {})
     colors = {3: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}  # logged out of order on purpose
     for kimg, color in colors.items():

@@ -76,7 +76,7 @@ def test_sigkilled_study_resumes_to_the_same_result(tmp_path, synthetic_root):
 
 def test_a_diverging_run_is_tagged_and_the_study_goes_on(tmp_path, synthetic_root, monkeypatch):
     """lr_d = 1e30 blows D's weights to inf in a step or two; baseline runs must still finish."""
-    from studies.run import main
+    from studies.run.__main__ import main
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
     import ablations.pooling as pooling

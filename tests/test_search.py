@@ -23,10 +23,10 @@ import pytest
 
 from core.errors import UserError
 from core.tracking import Store
-from studies.search import main as search_main
-from studies.search import run_search
-from studies.search_storage import Heartbeat, open_storage
-from studies.search_trial import SearchSpec, make_pruner
+from studies.search.__main__ import main as search_main
+from studies.search.orchestrate import run_search
+from studies.search.storage import Heartbeat, open_storage
+from studies.search.trial import SearchSpec, make_pruner
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def test_resuming_adds_trials_and_refuses_other_settings(searched, monkeypatch):
 
 @pytest.mark.slow
 def test_lr_from_feeds_the_best_pair_to_a_study_and_records_where_it_came_from(searched, monkeypatch):
-    from studies import run
+    from studies.run import __main__ as run
 
     monkeypatch.chdir(searched.tmp)
     spec, store = searched.spec, searched.store
@@ -175,7 +175,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_runs(tmp_path, monkeypatch, 
 
 def test_lr_search_makes_no_sense_for_a_study_that_varies_lrs(tmp_path, monkeypatch, capsys):
     from ablations import registry
-    from studies import run
+    from studies.run import __main__ as run
 
     class Ttur(registry.Ablation):
         name = "ttur_like"
@@ -220,7 +220,7 @@ def test_pruner_waits_for_patience_then_compares_best_fid_with_the_median():
 # ---- heartbeats: a killed worker's trial is failed and retried ---------------------------------------------
 HANGING_WORKER = """
 import sys, time, optuna
-from studies.search_storage import Heartbeat, open_storage
+from studies.search.storage import Heartbeat, open_storage
 study = optuna.load_study(study_name="hb", storage=open_storage(sys.argv[1], Heartbeat(interval_s=1, grace_s=2)))
 def objective(trial):
     trial.suggest_float("x", 0, 1)

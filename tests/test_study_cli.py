@@ -79,7 +79,7 @@ def test_every_study_runs_quick_with_the_right_runs(name, tmp_path, synthetic_ro
     """In-process (no interpreter start-up) and without FID, so all studies fit in seconds."""
     from ablations import get_ablation
     from core.tracking import Store
-    from studies.run import main
+    from studies.run.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -97,7 +97,7 @@ def test_every_study_runs_quick_with_the_right_runs(name, tmp_path, synthetic_ro
 def test_all_resolves_every_study_and_base_is_recorded(tmp_path, synthetic_root, monkeypatch):
     from ablations import list_ablations
     from core.tracking import Store
-    from studies.run import main
+    from studies.run.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -1,8 +1,9 @@
 """Where and with what a study ran: git commit, package versions, host and accelerator, as parent-run tags.
 
+    python -m studies.run pooling    # its parent run gets env.git_commit, env.torch, env.command, ... tags
+
 Recorded when the study starts, so a report rebuilt months later still names the code and the machine
 that produced its numbers (the report reads these tags back; it never inspects the machine it runs on).
-`describe_study` also gives the parent run its MLflow description and saves the study's UI view.
 """
 
 from __future__ import annotations
@@ -15,16 +16,10 @@ import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ablations import get_ablation
-from studies.mlflow_view import study_view, view_key
+from studies.mlflow_view import view_key
 
-if TYPE_CHECKING:  # only for annotations: studies.study imports this module
-    from core.tracking import Store
-    from studies.study import StudySpec
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "torchvision", "mlflow", "optuna", "numpy", "clean-fid", "pandas")
 PREFIX = "env."  # every provenance tag starts with this, so the report can list them without knowing them
 
@@ -56,7 +51,8 @@ def _accelerator() -> dict[str, str]:
 def _command() -> str:
     """The command line as the user typed it: `python -m studies.run ...` rather than the module's file path."""
     prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
-    head = f"python -m studies.{prog.stem}" if prog.parent.name == "studies" else prog.name
+    command = prog.name == "__main__.py" and prog.parent.parent.name == "studies"  # studies/COMMAND/__main__.py
+    head = f"python -m studies.{prog.parent.name}" if command else prog.name
     return " ".join([head, *map(shlex.quote, sys.argv[1:])])[:500]
 
 
@@ -79,13 +75,3 @@ def study_note(experiment: str, variants: list[str], seeds: tuple[int, ...]) -> 
             f"{', '.join(map(str, seeds))}. Child runs are named VARIANT-sSEED and tagged `variant` and `seed`; "
             f"the saved view `{view_key('<this run id>')}` groups them by variant. "
             f"Report: `python -m studies.report {experiment}`.")
-
-
-def describe_study(store: Store, parent, spec: StudySpec, variants: list[str]) -> None:
-    """Tag the parent run with provenance and a description, and save the study's view for the MLflow UI."""
-    parent.set_tags({**provenance(), "mlflow.note.content": study_note(spec.experiment, variants, spec.seeds)})
-    varied = sorted(get_ablation(spec.ablation).varied_keys())
-    try:
-        store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied))
-    except Exception:  # a store that refuses experiment tags still runs the study; the report links a filter instead
-        pass

@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 
 from ablations import get_ablation, list_ablations
-from core.config import PRESETS, flatten, parse_set
+from core.config import flatten
 from core.errors import UserError
+from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
+from studies.lr_handoff import LrRequest, check_study
+from studies.run.study import StudySpec, resolve_configs, run_study
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,25 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="ablation to study (see --list), or 'all' for every study in turn")
     p.add_argument("--list", action="store_true", help="list ablations with their variants and exit")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant, 0..N-1 (default: 3)")
-    p.add_argument("--preset", default="default", choices=None,
-                   help=f"config preset: {' | '.join(PRESETS)} (default: default, the GPU preset)")
-    p.add_argument("--data", default=None, help="CelebA folder, img_align_celeba.zip, or 'torchvision' "
-                   "(default: $CELEBA_ROOT, ./data/celeba, then ../shared/data/celeba-subset)")
+    add_flags(p, "--preset", "--data")
     p.add_argument("--base", action="append", default=[], metavar="ABLATION=VARIANT",
                    help="run the study on top of another ablation's variant (repeatable; default: none)")
     p.add_argument("--variants", default="", help="comma-separated subset of variants (default: all; baseline always runs)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set train.kimg=500 (repeatable; default: none)")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    add_flags(p, "--set", "--tracking-uri")
     p.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and samples (default: runs)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config of each variant and exit")
     p.add_argument("--fresh", action="store_true",
                    help="start a new study even if the same one was interrupted or finished (default: resume it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: shown)")
-    from studies.search import add_lr_flags
-    add_lr_flags(p)  # --lr-from, --search-lr, --search-trials, --storage
+    add_flags(p, "--no-progress")
+    g = p.add_argument_group("learning rates from an Optuna search (python -m studies.search)")
+    g.add_argument("--lr-from", metavar="STUDY", default=None,
+                   help="use the best lr_g, lr_d (and beta1) of this Optuna study (default: the config's own)")
+    g.add_argument("--search-lr", action="store_true", help="first add --search-trials trials to the study "
+                   "--lr-from (default name lr-PRESET[@BASE]), then run the study with its best pair (default: off)")
+    g.add_argument("--search-trials", type=int, default=20, help="trials --search-lr adds (default: 20)")
+    add_flags(g, "--storage")
     return p
 
 
@@ -61,10 +63,8 @@ def list_text() -> str:
     return "\n".join(lines)
 
 
-def specs_from_args(args: argparse.Namespace) -> list:
+def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
     """One StudySpec per study to run: the named one, or every registered study for 'all'."""
-    from studies.study import StudySpec, parse_base
-
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds} must be >= 1")
     base = parse_base(args.base)
@@ -76,51 +76,61 @@ def specs_from_args(args: argparse.Namespace) -> list:
     else:
         get_ablation(args.name)  # unknown names fail here, listing the known ones
         names = [args.name]
-    overrides: dict[str, object] = dict(parse_set(args.set))
-    if args.data is not None:
-        overrides["data.root"] = args.data
     return [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=args.preset, base=base,
-                      overrides=overrides, variants=tuple(v for v in args.variants.split(",") if v),
+                      overrides=overrides_from(args), variants=tuple(v for v in args.variants.split(",") if v),
                       workdir=args.workdir) for name in names]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.list:
-            print(list_text())
-            return 0
-        if not args.name:
-            raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
-        specs = specs_from_args(args)
-        from studies.search import lr_for_study
-        specs = [lr_for_study(spec, args) for spec in specs]  # unchanged unless --lr-from or --search-lr
-        from studies.study import resolve_configs, run_study
-
-        configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
-        if args.dry_run:
-            print(json.dumps({name: {v: flatten(c) for v, c in cfgs.items()} for name, cfgs in configs.items()},
-                             indent=2))
-            return 0
-        from core.data import load_images
+def take_lr(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
+    """The study with the best LRs of an Optuna search (searched first with --search-lr); unchanged without
+    --lr-from or --search-lr, and with --search-lr --dry-run (the search would decide them)."""
+    if not (args.lr_from or args.search_lr):
+        return spec
+    if args.search_trials < 1:
+        raise UserError(f"--search-trials {args.search_trials} must be >= 1")
+    check_study(spec.ablation, get_ablation(spec.ablation).varied_keys(), spec.overrides)
+    request = LrRequest(study=args.lr_from or "", storage=args.storage,
+                        search_trials=args.search_trials if args.search_lr else 0, preset=spec.preset,
+                        base=spec.base, overrides=spec.overrides, workdir=spec.workdir)
+    import studies.search as search  # Optuna is imported only when a study asks for a search
+    if args.search_lr and args.dry_run:
+        search.check_lr_request(request)
+        return spec
+    store = None
+    if args.search_lr:
         from core.tracking import Store
-        from studies.report import write_report
-
-        # data first: a missing or corrupt dataset must fail before the tracking store is touched
-        first = next(iter(configs[specs[0].experiment].values()))
-        images = load_images(first.data, first.model.resolution, progress=not args.no_progress)
         store = Store(args.tracking_uri)
-        for spec in specs:
-            parent_id = run_study(spec, store, images, progress=not args.no_progress, fresh=args.fresh)
-            report = write_report(store, spec.experiment, args.reports, parent_id)
-            print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
+    return spec.with_lr(search.choose_lr(request, store, progress=not args.no_progress))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        print(list_text())
         return 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are in MLflow; rerun the same command to resume", file=sys.stderr)
-        return 130
+    if not args.name:
+        raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
+    specs = [take_lr(spec, args) for spec in specs_from_args(args)]
+    configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
+    if args.dry_run:
+        print(json.dumps({name: {v: flatten(c) for v, c in cfgs.items()} for name, cfgs in configs.items()}, indent=2))
+        return 0
+    from core.data import load_images
+    from core.tracking import Store
+    from studies.report import write_report
+
+    # data first: a missing or corrupt dataset must fail before the tracking store is touched
+    first = next(iter(configs[specs[0].experiment].values()))
+    images = load_images(first.data, first.model.resolution, progress=not args.no_progress, roots=data_roots())
+    store = Store(args.tracking_uri)
+    for spec in specs:
+        parent_id = run_study(spec, store, images, progress=not args.no_progress, fresh=args.fresh)
+        report = write_report(store, spec.experiment, args.reports, parent_id)
+        print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
+    return 0
+
+
+main = command(build_parser, run,
+               interrupted="interrupted: finished runs are in MLflow; rerun the same command to resume")
 
 
 if __name__ == "__main__":

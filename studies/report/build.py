@@ -1,22 +1,18 @@
-"""Write reports/NAME.md (and its pictures in reports/NAME/) from what MLflow holds, never from memory.
+"""A report's markdown, section by section, from what MLflow holds: write_report builds reports/NAME.md.
 
-    python -m studies.report pooling                          # latest study of the 'pooling' experiment
-    python -m studies.report pooling --parent RUN_ID          # a specific study invocation
-    python -m studies.report pooling --tracking-uri sqlite:///elsewhere/mlflow.db --reports /tmp/reports
+    python -m studies.report pooling      # write_report(Store(), "pooling")
+    python -m studies.run pooling         # calls write_report at the end of the study
 
-`python -m studies.run` calls this at the end. Every number, curve and image is read back from the tracking
-store (params, tags, metric histories, artifacts), so a report can be rebuilt or audited at any later time;
-reports/README.md, an index over every report in the folder, is rewritten alongside.
+Every number, curve and image is read back from the tracking store (params, tags, metric histories,
+artifacts), so a report can be rebuilt or audited at any later time; reports/README.md, an index over every
+report in the folder, is rewritten alongside.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,10 +21,9 @@ from core.config import RunConfig, flatten
 from core.errors import UserError
 from core.metrics import fid_name
 from core.tracking import Store
-from studies import report_plots as plots
-from studies import report_stats as stats
 from studies.mlflow_view import filter_url, view_key, view_url
-from studies.report_index import INDEX_MARK, write_index
+from studies.report import plots, stats
+from studies.report.index import INDEX_MARK, write_index
 
 KEY_PARAMS = ("model.resolution", "model.width", "model.z_dim", "train.batch_size", "train.kimg", "train.n_dis",
               "optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "eval.fid_samples", "eval.fid_final_samples",
@@ -109,45 +104,79 @@ def ablated_section(ablation: str, children: pd.DataFrame, runs: pd.DataFrame, o
 
 def setup_section(parent: pd.Series, children: pd.DataFrame, runs: pd.DataFrame, order: list[str]) -> list[str]:
     """Baseline config, base variant, data, length, seeds, hardware, packages, commit, FID protocol."""
-    base_run = runs[runs["variant"] == order[0]]["run_id"].iloc[0]
-    params, defaults = _params(children, base_run), {k: str(v) for k, v in flatten(RunConfig()).items()}
-    changed = [k for k in defaults if k in params and params[k] != defaults[k]]
-    keys = list(dict.fromkeys([*KEY_PARAMS, *changed]))
-    config = pd.DataFrame([{"key": f"`{k}`", "baseline run": params.get(k, "–"), "RunConfig default": defaults[k],
-                            "changed": "yes" if k in changed else ""} for k in keys if k in defaults])
+    params = _params(children, runs[runs["variant"] == order[0]]["run_id"].iloc[0])
     env = {c[len("tags.env."):]: _get(parent, c) for c in parent.index if c.startswith("tags.env.") and _get(parent, c)}
-    devices = sorted({_get(r, "tags.device_name") or _get(r, "tags.device") for _, r in children.iterrows()} - {""})
+    lines = [_study_line(parent), _command_line(env), _data_line(params), _length_line(params, runs["kimg"].dropna()),
+             _seeds_line(sorted(runs["seed"].unique())), _hardware_line(children, env), _packages_line(env),
+             _code_line(env), _fid_line(params, children)]
+    return ["## Setup", "", *lines, "", "Baseline configuration (key settings and every setting changed from the "
+            "`RunConfig()` defaults):", "", _md(_config_table(params)), ""]
+
+
+def _study_line(parent: pd.Series) -> str:
+    started = pd.Timestamp(parent["start_time"]).strftime("%Y-%m-%d %H:%M %Z")
+    return (f"- **Study**: preset `{_get(parent, 'tags.preset')}`, base variant `{_get(parent, 'tags.base', 'none')}`, "
+            f"study run `{parent['run_id']}`, started {started}.")
+
+
+def _command_line(env: dict[str, str]) -> str:
+    return f"- **Command**: `{env['command']}`" if env.get("command") else "- **Command**: not recorded"
+
+
+def _data_line(params: dict[str, str]) -> str:
+    side = params.get("model.resolution", "?")
+    return (f"- **Data**: {params.get('dataset.source', '?')}, {params.get('dataset.images', '?')} images "
+            f"({params.get('dataset.skipped', '0')} unreadable skipped) at {side}x{side} px.")
+
+
+def _length_line(params: dict[str, str], reached: pd.Series) -> str:
     steps, batch = params.get("derived.steps", "?"), params.get("train.batch_size", "?")
-    reached = runs["kimg"].dropna()
-    seeds = sorted(runs["seed"].unique())
+    planned = f"- **Length**: {steps} G steps of batch {batch} = {params.get('train.kimg', '?')} kimg planned per run"
+    return planned + (f"; runs reached {reached.min():.3g}-{reached.max():.3g} kimg." if len(reached) else ".")
+
+
+def _seeds_line(seeds: list) -> str:
+    return f"- **Seeds**: {', '.join(map(str, seeds))} ({len(seeds)} per variant; seeds weights, batches and z)."
+
+
+def _hardware_line(children: pd.DataFrame, env: dict[str, str]) -> str:
+    devices = sorted({_get(r, "tags.device_name") or _get(r, "tags.device") for _, r in children.iterrows()} - {""})
+    line = f"- **Hardware**: {', '.join(devices) or 'not recorded'}"
+    if "hostname" not in env:
+        return line + " (host not recorded)."
+    return (line + f"; host `{env['hostname']}`, {env.get('cpu_count', '?')} CPU cores, CUDA {env.get('cuda', '?')}, "
+            f"{env.get('platform', '?')}.")
+
+
+def _packages_line(env: dict[str, str]) -> str:
+    # sorted: tags come back in an order that differs between processes, and a rebuilt report must not change
+    packages = ", ".join(f"{k} {v}" for k, v in sorted(env.items()) if k not in ENV_NOT_PACKAGES)
+    return f"- **Packages**: {packages or 'not recorded (the study predates provenance tags)'}."
+
+
+def _code_line(env: dict[str, str]) -> str:
+    if not env.get("git_commit"):
+        return "- **Code**: git commit not recorded."
+    dirty = " with uncommitted changes" if env.get("git_dirty") == "true" else ""
+    return f"- **Code**: git commit `{env['git_commit']}`{dirty}."
+
+
+def _fid_line(params: dict[str, str], children: pd.DataFrame) -> str:
     protocol = {c[len("tags.fid_protocol."):]: sorted(set(children[c].dropna().astype(str)))
                 for c in children if c.startswith("tags.fid_protocol.")}
-    commit = env.get("git_commit")
-    lines = ["## Setup", "",
-             f"- **Study**: preset `{_get(parent, 'tags.preset')}`, base variant `{_get(parent, 'tags.base', 'none')}`, "
-             f"study run `{parent['run_id']}`, started {pd.Timestamp(parent['start_time']).strftime('%Y-%m-%d %H:%M %Z')}.",
-             f"- **Command**: `{env['command']}`" if env.get("command") else "- **Command**: not recorded",
-             f"- **Data**: {params.get('dataset.source', '?')}, {params.get('dataset.images', '?')} images "
-             f"({params.get('dataset.skipped', '0')} unreadable skipped) at {params.get('model.resolution', '?')}x"
-             f"{params.get('model.resolution', '?')} px.",
-             f"- **Length**: {steps} G steps of batch {batch} = {params.get('train.kimg', '?')} kimg planned per run; "
-             f"runs reached {reached.min():.3g}-{reached.max():.3g} kimg." if len(reached) else
-             f"- **Length**: {steps} G steps of batch {batch} = {params.get('train.kimg', '?')} kimg planned per run.",
-             f"- **Seeds**: {', '.join(map(str, seeds))} ({len(seeds)} per variant; seeds weights, batches and z).",
-             f"- **Hardware**: {', '.join(devices) or 'not recorded'}" + (
-                 f"; host `{env['hostname']}`, {env.get('cpu_count', '?')} CPU cores, CUDA {env.get('cuda', '?')}, "
-                 f"{env.get('platform', '?')}." if "hostname" in env else " (host not recorded)."),
-             "- **Packages**: " + (", ".join(f"{k} {v}" for k, v in env.items() if k not in ENV_NOT_PACKAGES)
-                                   or "not recorded (the study predates provenance tags)") + ".",
-             f"- **Code**: git commit `{commit}`" + (" with uncommitted changes" if env.get("git_dirty") == "true" else "")
-             + "." if commit else "- **Code**: git commit not recorded.",
-             f"- **FID protocol**: `fid/{fid_name(int(params.get('eval.fid_samples', 0) or 0))}` during training on "
-             f"{params.get('eval.fid_samples', '?')} samples every {params.get('eval.fid_every_kimg', '?')} kimg; "
-             f"final FID on {params.get('eval.fid_final_samples', '?')} samples; "
-             + ", ".join(f"{k}={'/'.join(v)}" for k, v in sorted(protocol.items())) + ".",
-             "", "Baseline configuration (key settings and every setting changed from the `RunConfig()` defaults):", "",
-             _md(config), ""]
-    return lines
+    return (f"- **FID protocol**: `fid/{fid_name(int(params.get('eval.fid_samples', 0) or 0))}` during training on "
+            f"{params.get('eval.fid_samples', '?')} samples every {params.get('eval.fid_every_kimg', '?')} kimg; "
+            f"final FID on {params.get('eval.fid_final_samples', '?')} samples; "
+            + ", ".join(f"{k}={'/'.join(v)}" for k, v in sorted(protocol.items())) + ".")
+
+
+def _config_table(params: dict[str, str]) -> pd.DataFrame:
+    """Key settings and every setting of the baseline run that differs from RunConfig()'s default."""
+    defaults = {k: str(v) for k, v in flatten(RunConfig()).items()}
+    changed = [k for k in defaults if k in params and params[k] != defaults[k]]
+    return pd.DataFrame([{"key": f"`{k}`", "baseline run": params.get(k, "–"), "RunConfig default": defaults[k],
+                          "changed": "yes" if k in changed else ""}
+                         for k in dict.fromkeys([*KEY_PARAMS, *changed]) if k in defaults])
 
 
 def mlflow_section(store: Store, experiment: str, parent: pd.Series) -> list[str]:
@@ -251,26 +280,3 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
         shutil.rmtree(staging, ignore_errors=True)
     write_index(reports_dir)
     return reports_dir / f"{experiment}.md"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="experiment (ablation study) name, e.g. pooling or pooling@norm=after_act")
-    parser.add_argument("--parent", default=None, help="parent run id of the study (default: the latest study)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    parser.add_argument("--reports", type=Path, default=Path("reports"), help="output folder (default: reports)")
-    args = parser.parse_args(argv)
-    try:
-        t0 = time.perf_counter()
-        path = write_report(Store(args.tracking_uri), args.name, args.reports, args.parent)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path} and {path.parent / 'README.md'} in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,7 @@
 """The numbers of a report: one row per run, one row per variant, the bootstrap interval, the verdict.
 
+    python -m studies.report pooling     # the verdict and the "Final FID per variant" and "Every run" tables
+
 Everything here takes the DataFrame that `Store.runs_frame` (mlflow.search_runs) returns, so a test can
 recompute any number from the same store. Only runs that finished (or were stopped early) with a finite
 final FID enter the FID means; diverged, failed and unfinished runs are counted, never averaged.

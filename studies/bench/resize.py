@@ -8,6 +8,8 @@ Run through the bench (a few minutes of CPU Inception for 500 vs 500 images):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +20,10 @@ from core.errors import UserError
 from core.metrics import InceptionFeatures, find_weights, frechet_distance, statistics
 
 
-def check_resize(cfg: RunConfig, n: int, resolution: int, device: torch.device, chunk: int = 100) -> dict:
+def check_resize(cfg: RunConfig, n: int, resolution: int, device: torch.device, roots: Sequence[Path] = (),
+                 chunk: int = 100) -> dict:
     """FID of the first n vs the next n images at `resolution`, with eval.fid_resize=clean and =torch."""
-    images = load_images(dataclasses.replace(cfg.data, max_images=2 * n), resolution).images
+    images = load_images(dataclasses.replace(cfg.data, max_images=2 * n), resolution, roots=roots).images
     if len(images) < 2 * n:
         raise UserError(f"--check-resize {n} needs {2 * n} images; the data has {len(images)}")
     halves = [torch.from_numpy(np.array(images[:n])), torch.from_numpy(np.array(images[n:2 * n]))]

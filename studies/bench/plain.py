@@ -1,5 +1,7 @@
 """The plain PyTorch loop the suite's trainer is measured against, written the way a notebook would write it.
 
+    python -m studies.bench --batches 128 --workers 14   # the "plain" column: measure_plain with 14 workers
+
 torchvision transforms on PIL images in a DataLoader with worker processes, fp32, NCHW, eager, no cuDNN
 autotuning. Same G and D (core.models), same init and seed, same losses, Adam settings and step order as
 core.trainer: a D step on a real batch and a no-grad fake, then a G step on a fresh fake. `plain_losses`
@@ -9,6 +11,7 @@ feeds this step the trainer's own batches and latents, so the two loss trajector
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +49,9 @@ class ImageFiles(Dataset):
             return self.transform(img.convert("RGB"))
 
 
-def image_files(cfg: RunConfig) -> list[Path]:
+def image_files(cfg: RunConfig, roots: Sequence[Path] = ()) -> list[Path]:
     """The files the suite loads for this config (same source and selection), as paths."""
-    source = find_source(cfg.data)
+    source = find_source(cfg.data, roots)
     if source.kind != "folder":
         raise UserError(f"the plain loop reads a folder of JPEGs, not {source.describe()}; unzip it and pass --data")
     names = source.names[: cfg.data.max_images] if cfg.data.max_images else source.names

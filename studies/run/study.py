@@ -1,5 +1,8 @@
 """A study: one ablation's variants x seeds, each a child MLflow run under one parent run.
 
+    python -m studies.run pooling --seeds 3          # run_study: 3 variants x 3 seeds; run again, it resumes
+    python -m studies.run pooling --seeds 3 --fresh  # a new study (a new parent run) instead of resuming
+
 Configs are resolved in a fixed order: preset, then the --base variant, then the study variant, then CLI
 --set flags. Every variant's config is resolved and validated before the first run starts, so a bad flag
 never leaves half a study behind.
@@ -10,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +23,13 @@ from core import config as config_mod
 from core.config import RunConfig
 from core.data import ImageSet
 from core.errors import UserError
+from core.hooks import HookList
 from core.metrics import reference_path
 from core.runner import execute_run
-from core.tracking import Store
-from studies.provenance import describe_study
+from core.tracking import RunTracker, Store
+from studies.lr_handoff import LrChoice
+from studies.mlflow_view import study_view, view_key
+from studies.run.provenance import provenance, study_note
 
 
 @dataclass(frozen=True)
@@ -42,15 +48,10 @@ class StudySpec:
         """One MLflow experiment per study; a study over a base variant is its own experiment."""
         return self.ablation + "".join(f"@{a}={v}" for a, v in self.base)
 
-
-def parse_base(items: list[str]) -> tuple[tuple[str, str], ...]:
-    pairs = []
-    for item in items:
-        name, eq, variant = item.partition("=")
-        if not eq:
-            raise UserError(f"--base expects ABLATION=VARIANT, got '{item}'")
-        pairs.append((name.strip(), variant.strip()))
-    return tuple(pairs)
+    def with_lr(self, choice: LrChoice) -> StudySpec:
+        """The same study on the learning rates of a search's best trial, recording where they came from."""
+        return dataclasses.replace(self, overrides={**self.overrides, **choice.overrides},
+                                   provenance={**self.provenance, **choice.provenance})
 
 
 def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
@@ -112,13 +113,13 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet, progress: bool = 
             "study": "parent", "study_key": key, "ablation": spec.ablation, "preset": spec.preset,
             "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
             "variants": ",".join(configs), **spec.provenance})
-        describe_study(store, parent, spec, list(configs))  # provenance tags, description, MLflow UI view
+        describe_study(store, parent, spec, list(configs))
         parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds),
                            "study.variants": list(configs), "study.base": dict(spec.base),
                            "study.overrides": spec.overrides, **spec.provenance})
         done = {}
-    status, logged_refs = "FINISHED", set()
-    try:
+    logged_refs: set[str] = set()
+    with parent.finishing():
         for variant, cfg in configs.items():
             for seed in spec.seeds:
                 earlier = done.get((variant, seed))
@@ -127,16 +128,20 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet, progress: bool = 
                 run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 _run_one(spec, store, parent, variant, seed, run_cfg, images, progress, earlier)
                 _log_reference_once(parent, run_cfg, images, logged_refs)
-    except BaseException:
-        status = "KILLED"
-        raise
-    finally:
-        parent.finish(status)
     return parent.run_id
 
 
-def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg: RunConfig, images,
-             progress: bool, earlier=None) -> None:
+def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: list[str]) -> None:
+    """Provenance tags and the MLflow description on the parent run, and the study's saved view for the UI."""
+    parent.set_tags({**provenance(), "mlflow.note.content": study_note(spec.experiment, variants, spec.seeds)})
+    varied = sorted(get_ablation(spec.ablation).varied_keys())
+    refused = store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied))
+    if refused:  # the study still runs; its report links a URL filter instead of the view
+        print(f"note: the MLflow store did not save the study's UI view ({refused})", file=sys.stderr)
+
+
+def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, seed: int, cfg: RunConfig,
+             images: ImageSet, progress: bool, earlier=None) -> None:
     name = f"{variant}-s{seed}"
     tags = {"ablation": spec.ablation, "variant": variant, "seed": seed, "preset": spec.preset,
             "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child", **spec.provenance}
@@ -148,9 +153,8 @@ def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg
     bar = _progress_bar(name, cfg) if progress else None
     try:
         hooks = get_ablation(spec.ablation).hooks(variant)
-        from core.hooks import HookList
         execute_run(cfg, child, run_dir, images=images, hooks=HookList(hooks) if hooks else None,
-                    progress=bar and (lambda nimg, stats: _advance(bar, nimg, stats)), log_reference=False)
+                    on_log=bar and (lambda nimg, stats: _advance(bar, nimg, stats)))
         child.finish("FINISHED")
     except UserError:
         child.finish("FAILED")
@@ -159,15 +163,14 @@ def _run_one(spec: StudySpec, store: Store, parent, variant: str, seed: int, cfg
         child.finish("KILLED")
         raise
     except Exception as exc:  # one broken run must not sink the study: record it and go on
-        child.set_tags({"outcome": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
-        child.log_text(traceback.format_exc(), "error.txt")
+        child.record_crash(exc, outcome="failed")
         child.finish("FAILED")
     finally:
         if bar is not None:
             bar.close()
 
 
-def _log_reference_once(parent, cfg: RunConfig, images, logged: set[str]) -> None:
+def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: ImageSet, logged: set[str]) -> None:
     """The FID reference statistics every child run was scored against, as an artifact of the parent."""
     path, key, _ = reference_path(Path(cfg.data.cache_dir).expanduser(), images.key, cfg.eval.fid_ref_images,
                                   len(images.images), resize=cfg.eval.fid_resize)

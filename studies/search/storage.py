@@ -1,5 +1,9 @@
 """Where an Optuna study lives: an SQLAlchemy URL (SQLite file, PostgreSQL) or a journal file, with heartbeats.
 
+    python -m studies.search --storage sqlite:///optuna.db                 # the default, one machine
+    python -m studies.search --storage postgresql://me@db-host/optuna     # several machines
+    python -m studies.search --storage journal:/nfs/lr.journal            # a journal file on a shared disk
+
 Every storage that several workers share gets a heartbeat: a running trial whose worker stops beating (killed,
 machine lost) is failed by the next worker that asks for a trial and re-queued once with the same parameters,
 instead of staying RUNNING forever.
@@ -22,7 +26,6 @@ from optuna.trial import TrialState
 
 from core.errors import UserError
 
-DEFAULT_STORAGE = "sqlite:///optuna.db"
 HEARTBEAT_ATTR = "search:heartbeat"
 
 

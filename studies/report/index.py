@@ -1,5 +1,7 @@
 """reports/README.md: one table over every report in the folder, rebuilt whenever a report is written.
 
+    python -m studies.report pooling     # rewrites reports/pooling.md, then reports/README.md from every report
+
 Each report carries its headline as a one-line JSON comment at its top (INDEX_MARK), so the index needs no
 tracking store: reports made from different stores, or copied in from another machine, are listed alike.
 """

@@ -1,5 +1,7 @@
 """One trial of the learning-rate search: its spec and config, the sampler and pruner, the objective.
 
+    python -m studies.search --preset quick --trials 20 --evals 5 --trial-kimg 50   # 20 Objective calls
+
 The objective trains one shortened run through core.runner.execute_run as an MLflow child run and returns its
 final FID; a hook hands every intermediate FID to Optuna so the pruner can stop hopeless trials early.
 """
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from core.config import RunConfig
 from core.data import ImageSet
 from core.errors import UserError
 from core.hooks import HookList, Hooks
+from core.metrics import fid_name
 from core.runner import execute_run
 from core.tracking import RunTracker, Store
-from studies.search_storage import DEFAULT_STORAGE, Heartbeat, quiet_experimental
+from studies.lr_handoff import BETA1_KEY, DEFAULT_STORAGE, LR_KEYS
+from studies.search.storage import Heartbeat, quiet_experimental
 
-LR_KEYS = ("optim.lr_g", "optim.lr_d")
 BETA1_RANGE = (0.0, 0.9)  # --search-beta1: no momentum (WGAN-GP's choice) up to Adam's own default
 MACHINE_KEYS = ("data.root", "data.cache_dir", "train.device", "eval.weights")  # may differ between workers
 
@@ -66,7 +68,7 @@ class SearchSpec:
 
     @property
     def searched(self) -> tuple[str, ...]:
-        return LR_KEYS + (("optim.beta1",) if self.search_beta1 else ())
+        return LR_KEYS + ((BETA1_KEY,) if self.search_beta1 else ())
 
 
 def _layers(spec: SearchSpec) -> list[dict[str, object]]:
@@ -108,7 +110,7 @@ def validate_spec(spec: SearchSpec) -> RunConfig:
     clash = sorted(set(spec.searched) & spec.overrides.keys())
     if clash:
         raise UserError(f"--set {', '.join(clash)} is what the search varies; drop it")
-    middle = {k: math.sqrt(lo * hi) for k in LR_KEYS} | ({"optim.beta1": sum(BETA1_RANGE) / 2} if spec.search_beta1 else {})
+    middle = {k: math.sqrt(lo * hi) for k in LR_KEYS} | ({BETA1_KEY: sum(BETA1_RANGE) / 2} if spec.search_beta1 else {})
     return trial_config(spec, middle)
 
 
@@ -143,8 +145,9 @@ def make_pruner() -> optuna.pruners.BasePruner:
 class ReportFid(Hooks):
     """Hands each training-time FID to the trial; stops training when Optuna prunes or the FID is not finite."""
 
-    def __init__(self, trial: optuna.Trial):
+    def __init__(self, trial: optuna.Trial, key: str):
         self.trial = trial
+        self.key = key  # the training-time FID's metric key, fid/ + the metric's name (fid/fid10k)
         self.pruned_at: int | None = None  # nimg
         self.nonfinite_at: int | None = None
 
@@ -152,7 +155,7 @@ class ReportFid(Hooks):
         if "fid/final" in metrics:  # the final FID (more samples) is the objective value, not a report
             return False
         nimg = round(kimg * 1000)
-        value = next(v for k, v in metrics.items() if k.startswith("fid/fid"))
+        value = metrics[self.key]
         if not math.isfinite(value):
             self.nonfinite_at = nimg
             return True
@@ -190,11 +193,11 @@ class Objective:
             trial.set_user_attr(key, value)
         child.log_params({"trial.number": trial.number, **{f"trial.{k}": v for k, v in params.items()}})
         extra = get_ablation(self.spec.ablation).hooks(self.spec.variant) if self.spec.ablation else []
-        report = ReportFid(trial)
+        report = ReportFid(trial, key=f"fid/{fid_name(cfg.eval.fid_samples)}")
         state, status = "failed", "FAILED"
         try:
             result = execute_run(cfg, child, self.spec.workdir / self.spec.experiment / child.run_id,
-                                 images=self.images, hooks=HookList([report, *extra]), log_reference=False)
+                                 images=self.images, hooks=HookList([report, *extra]))
             if result.status == "diverged":
                 raise TrialFailed(f"non-finite losses at {result.diverged_at} images")
             if report.nonfinite_at is not None:
@@ -215,8 +218,7 @@ class Objective:
             status = "KILLED"
             raise
         except Exception as exc:  # one broken trial must not sink the search: FAIL it, keep the traceback
-            child.set_tags({"error": f"{type(exc).__name__}: {exc}"[:500]})
-            child.log_text(traceback.format_exc(), "error.txt")
+            child.record_crash(exc)
             raise TrialFailed(f"{type(exc).__name__}: {exc}") from exc
         finally:
             child.set_tags({"state": state})

@@ -1,4 +1,7 @@
-"""What a search leaves on its MLflow parent run: best parameters, a study summary and Optuna's own plots."""
+"""What a search leaves on its MLflow parent run: best parameters, a study summary and Optuna's own plots.
+
+    python -m studies.search --preset quick --trials 20   # then the parent run's summary.json and optuna_plots/
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import optuna
 from optuna.trial import TrialState
 
 from core.tracking import dump_json
-from studies.search_storage import quiet_experimental
+from studies.search.storage import quiet_experimental
 
 # Optuna's plot, and how many complete trials it needs to say anything.
 PLOTS = (("optimization_history", "plot_optimization_history", 1),

@@ -1,5 +1,7 @@
 """The pictures of a report, all rebuilt from MLflow: curves over seeds, sample grids, a training timelapse.
 
+    python -m studies.report pooling     # reports/pooling/fid.png, losses.png, d_outputs.png, samples-*.png, timelapse.gif
+
 Curves come from metric histories (step = images seen), so variants with different batch sizes share an
 x-axis. Sample grids come from each run's `samples/` artifacts, which every run draws from the same fixed z.
 """

@@ -1,0 +1,1 @@
+"""`python -m studies.bench`: the trainer against a plain PyTorch loop (measure, suite, plain, resize, table)."""

@@ -1,0 +1,114 @@
+"""The suite's side of the bench: its trainer timed after warm-up, FLOPs of a training step, and FID wall time.
+
+    python -m studies.bench --batches 128 --fid-samples 10000   # measure_suite per variant, measure_fid per resize
+
+Each trainer is built by core.build.build_run (FID off; bf16 autocast and channels_last on CUDA), its first
+losses are kept for the comparison with the plain fp32 step, and its steps are timed between CUDA syncs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import time
+
+import torch
+
+from core.build import FidEvaluator, build_run
+from core.config import RunConfig, apply_overrides
+from core.data import ImageSet
+from core.metrics import MetricOptions, generate_uint8
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop the last config's tensors so that the next one's peak memory is its own."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def variants(with_compile: bool) -> list[dict[str, object]]:
+    """Overrides of each trainer variant to time: as configured but eager, then the compiled ones."""
+    eager = [{"train.compile": False}]
+    if not with_compile:
+        return eager
+    return eager + [{"train.compile": True, "train.channels_last": False},
+                    {"train.compile": True, "train.channels_last": True}]
+
+
+def describe(cfg: RunConfig, device: torch.device) -> str:
+    """What the trainer really does with these settings on this device (it ignores CUDA-only ones on CPU)."""
+    t, cuda = cfg.train, device.type == "cuda"
+    return " ".join(["compiled" if t.compile and cuda else "eager",
+                     "channels_last" if t.channels_last and cuda else "NCHW",
+                     t.amp if cuda else "fp32"])
+
+
+def flops_per_image(cfg: RunConfig, images: ImageSet, device: torch.device) -> float:
+    """FLOPs of one real training step (D on real and fake, one G step), per generated image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = 8  # FLOPs per image do not depend on the batch size; keep the count cheap
+    cfg = apply_overrides(cfg, {"train.batch_size": batch, "train.compile": False})
+    trainer = build_run(cfg, with_fid=False, images=dataclasses.replace(images, images=images.images[:64]))
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step()
+    return counter.get_total_flops() / batch
+
+
+def measure_suite(cfg: RunConfig, images: ImageSet, device: torch.device, *, steps: int, warmup: int,
+                  plain_ref: list[tuple[float, float]]) -> tuple[dict, torch.nn.Module]:
+    """Time the suite's trainer after warm-up; its first losses next to the plain step's. Returns (row, G)."""
+    free_memory(device)
+    trainer = build_run(cfg, with_fid=False, images=images)
+    ours = []
+    for _ in range(len(plain_ref)):
+        trainer.train_step()
+        stats = trainer.read_stats()  # a sync each step; these steps are warm-up, never timed
+        ours.append((stats["loss/d"], stats["loss/g"]))
+    for _ in range(warmup - len(plain_ref)):
+        trainer.train_step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    finite = all(math.isfinite(v) for v in trainer.read_stats().values())
+    diffs = [abs(a - b) / max(abs(b), 1e-12) for mine, ref in zip(ours, plain_ref) for a, b in zip(mine, ref)]
+    row = {"img_per_s": steps * cfg.train.batch_size / seconds, "seconds": seconds, "peak_mem_gib": _peak_gib(device),
+           "finite": finite,
+           "loss_check": {"suite": ours, "plain": plain_ref, "max_rel_diff": max(diffs, default=None)}}
+    return row, trainer.G
+
+
+def measure_fid(cfg: RunConfig, images: ImageSet, device: torch.device, G: torch.nn.Module, samples: int,
+                resize: str) -> dict:
+    """Wall time of one FID of `samples` generated images (sampling included), after a warm-up evaluation."""
+    cfg = apply_overrides(cfg, {"eval.fid_resize": resize})
+    start = time.perf_counter()
+    evaluator = FidEvaluator(cfg, images, device)  # weights and reference statistics (cached by key)
+    setup = time.perf_counter() - start
+    # The pipeline without the statistics, untimed: TorchScript's profiling runs and cuDNN autotuning
+    e = cfg.eval
+    warm = MetricOptions(G=G, z_dim=cfg.model.z_dim, num_samples=min(samples, 2 * e.fid_batch), ref=evaluator.ref,
+                         extractor=evaluator.extractor, device=device, g_mode=e.g_mode, batch=e.fid_batch)
+    evaluator.extractor.stream(generate_uint8(warm))
+    _sync(device)
+    start = time.perf_counter()
+    out = evaluator(G, samples)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"resize": resize, "samples": samples, "seconds": seconds, "setup_seconds": setup,
+            "value": out.value, "protocol": out.protocol}

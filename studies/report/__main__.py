@@ -1,0 +1,45 @@
+"""Write reports/NAME.md (and its pictures in reports/NAME/) from what MLflow holds, never from memory.
+
+    python -m studies.report pooling                          # latest study of the 'pooling' experiment
+    python -m studies.report pooling --parent RUN_ID          # a specific study invocation
+    python -m studies.report pooling --tracking-uri sqlite:///elsewhere/mlflow.db --reports /tmp/reports
+
+`python -m studies.run` calls this at the end. Every number, curve and image is read back from the tracking
+store (params, tags, metric histories, artifacts), so a report can be rebuilt or audited at any later time;
+reports/README.md, an index over every report in the folder, is rewritten alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from core.tracking import Store
+from studies.cli import add_flags, command
+from studies.report.build import write_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", help="experiment (ablation study) name, e.g. pooling or pooling@norm=after_act")
+    p.add_argument("--parent", default=None, help="parent run id of the study (default: the latest study)")
+    add_flags(p, "--tracking-uri")
+    p.add_argument("--reports", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    return p
+
+
+def report(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    path = write_report(Store(args.tracking_uri), args.name, args.reports, args.parent)
+    print(f"wrote {path} and {path.parent / 'README.md'} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+main = command(build_parser, report, interrupted="interrupted: a report is swapped in only when it is complete")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

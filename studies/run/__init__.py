@@ -1,0 +1,1 @@
+"""`python -m studies.run`: an ablation study (spec, resolve, execute), its provenance and the report at its end."""

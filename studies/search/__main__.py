@@ -1,0 +1,96 @@
+"""Optuna search over the learning rates of G and D: each trial is a shortened training run scored by its final
+FID, pruned early on its intermediate FIDs, and recorded as an MLflow child run of one parent run per invocation.
+
+    python -m studies.search --preset quick --trials 20                   # ./optuna.db, study 'lr-quick'
+    python -m studies.search --preset quick --ablation pooling --variant maxpool --search-beta1
+    python -m studies.search --study lr-team --storage postgresql://me@db.lan/optuna --trials 40 --workers 4
+    python -m studies.search --study lr-team --storage journal:/nfs/lr.journal --trials 10  # on each machine
+    python -m studies.run pooling --preset quick --lr-from lr-quick        # a study with the best pair found
+    python -m studies.run pooling --preset quick --search-lr               # search (20 trials), then the study
+
+Each invocation adds exactly --trials trials to the study, shared out over its --workers; the same --study
+name resumes it (with the same settings, or it is refused). On top of the usual order (preset, --base,
+--ablation's variant, --set) the search sets each trial's train.kimg (--trial-kimg, default a quarter of the
+resolved one), eval.fid_every_kimg (--evals reports per trial) and the searched optim.* keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.config import to_json
+from core.errors import UserError
+from core.tracking import Store
+from studies.cli import add_flags, command, overrides_from, parse_base
+from studies.search.handoff import best_choice
+from studies.search.orchestrate import run_search
+from studies.search.storage import Heartbeat, open_storage
+from studies.search.trial import BETA1_RANGE, SearchSpec, validate_spec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies.search", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", default="", help="Optuna study name; an existing one is resumed "
+                   "(default: lr-PRESET[-ABLATION=VARIANT][@BASE=VARIANT])")
+    add_flags(p, "--storage")
+    p.add_argument("--trials", type=int, default=20, help="trials this invocation adds, over all workers (default: 20)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes on the study (default: 1)")
+    p.add_argument("--ablation", default="", help="search on top of this ablation's --variant (default: none)")
+    p.add_argument("--variant", default="baseline", help="variant of --ablation (default: baseline)")
+    p.add_argument("--base", action="append", default=[], metavar="ABLATION=VARIANT",
+                   help="another ablation's variant under everything (repeatable; default: none)")
+    add_flags(p, "--preset", "--data", "--set")
+    p.add_argument("--lr-min", type=float, default=1e-5, help="lower end of the lr_g/lr_d range (default: 1e-5)")
+    p.add_argument("--lr-max", type=float, default=1e-3, help="upper end of the lr_g/lr_d range (default: 1e-3)")
+    p.add_argument("--search-beta1", action="store_true",
+                   help=f"also search Adam beta1 in [{BETA1_RANGE[0]}, {BETA1_RANGE[1]}] (default: off)")
+    p.add_argument("--trial-kimg", type=float, default=0.0,
+                   help="training length of a trial in kimg (default: 0 = a quarter of the resolved train.kimg)")
+    p.add_argument("--evals", type=int, default=5, help="intermediate FIDs per trial, for pruning (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default: 0)")
+    p.add_argument("--heartbeat", type=int, default=60, help="seconds between a running trial's heartbeats; "
+                   "silent for 3x that, it is failed and retried once (default: 60)")
+    add_flags(p, "--tracking-uri")
+    p.add_argument("--workdir", type=Path, default=Path("runs"), help="trial checkpoints and samples (default: runs)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config of a trial and exit")
+    add_flags(p, "--no-progress")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> SearchSpec:
+    return SearchSpec(study=args.study, storage=args.storage, trials=args.trials, workers=args.workers,
+                      ablation=args.ablation, variant=args.variant, base=parse_base(args.base), preset=args.preset,
+                      overrides=overrides_from(args), lr_range=(args.lr_min, args.lr_max),
+                      search_beta1=args.search_beta1, trial_kimg=args.trial_kimg, evals=args.evals, seed=args.seed,
+                      heartbeat=Heartbeat(interval_s=args.heartbeat), workdir=args.workdir)
+
+
+def search(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    if args.dry_run:
+        print(to_json(validate_spec(spec)))
+        return 0
+    validate_spec(spec)  # bad input found before the MLflow store is created
+    open_storage(spec.storage, spec.heartbeat)
+    parent_id = run_search(spec, Store(args.tracking_uri), progress=not args.no_progress)
+    print(f"search {spec.name}: parent run {parent_id} in MLflow experiment {spec.experiment}")
+    try:
+        best = best_choice(spec.name, spec.storage)
+    except UserError as exc:  # every trial pruned or failed: the search ran, there is just no winner yet
+        print(exc)
+        return 0
+    pair = " ".join(f"{k}={v:.3g}" for k, v in best.overrides.items())
+    print(f"best trial {best.trial} (FID {best.fid:.2f}): {pair}; use it with: "
+          f"python -m studies.run NAME --lr-from {spec.name} --storage {spec.storage}")
+    return 0
+
+
+main = command(build_parser, search,
+               interrupted="interrupted: finished trials are in the study; rerun the same command to add more")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
