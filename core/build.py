@@ -63,8 +63,8 @@ def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_d
     device = pick_device(cfg.train.device)
     channels_last = config_mod.derive(cfg).channels_last
     shared = images if isinstance(images, DeviceImages) else None
-    image_set = shared.image_set if shared else images or load_images(cfg.data, cfg.model.resolution,
-                                                                       progress=progress is not None)
+    image_set = shared.image_set if shared is not None else images or load_images(
+        cfg.data, cfg.model.resolution, progress=progress is not None)
     if shared is None or not _same_device(shared.device, device):
         shared = DeviceImages(image_set, device, channels_last)  # this run's own copy
     hooks = hooks or Hooks()

