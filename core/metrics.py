@@ -37,6 +37,7 @@ RESIZES = {  # eval.fid_resize -> the protocol's name for it; FIDs under differe
 NVIDIA_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid itself looks
 # Images per Inception forward on a CPU in the fast path: on 2 cores (python -m studies.bench_cpu) 4-8 run at
 # ~11 img/s, 16 at ~9.5, 32-64 at ~8.5 (the activations of a small batch stay in cache). GPUs take the whole batch.
+# Threads stay torch's default, one per core: one thread ran at ~5 img/s.
 CPU_NET_BATCH = 8
 
 
