@@ -9,25 +9,13 @@ import torch
 
 from core import config as config_mod
 from core.config import RunConfig
-from core.data import BatchSource, ImageSet, load_images
-from core.errors import UserError
+from core.data import BatchSource, DeviceImages, ImageSet, load_images
+from core.device import pick_device
 from core.hooks import Hooks
 from core.metrics import (InceptionFeatures, MetricOptions, MetricResult, ReferenceStats, calc_metric, find_weights,
                           reference_stats)
 from core.models import Discriminator, Generator, init_weights
 from core.trainer import FID_SEED, Trainer
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device='{name}' is not a device; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device asks for CUDA but no GPU is visible; use --set train.device=cpu")
-    return device
 
 
 def make_optimizers(cfg: RunConfig, G: torch.nn.Module, D: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -43,31 +31,47 @@ def make_optimizers(cfg: RunConfig, G: torch.nn.Module, D: torch.nn.Module) -> t
 class FidEvaluator:
     """G -> FID result, against reference statistics fixed for the whole run."""
 
-    def __init__(self, cfg: RunConfig, images: ImageSet, device: torch.device):
+    def __init__(self, cfg: RunConfig, images: ImageSet, device: torch.device, progress: bool = False):
         e = cfg.eval
         self.extractor = InceptionFeatures(find_weights(e.weights), device, batch=e.fid_batch, resize=e.fid_resize)
         self.ref: ReferenceStats = reference_stats(images.images, images.key, e.fid_ref_images, self.extractor,
-                                                   Path(cfg.data.cache_dir).expanduser())
-        self.cfg, self.device = cfg, device
+                                                   Path(cfg.data.cache_dir).expanduser(), progress=progress)
+        self.cfg, self.device, self.progress = cfg, device, progress
 
     def __call__(self, G: torch.nn.Module, num_samples: int) -> MetricResult:
         opts = MetricOptions(G=G, z_dim=self.cfg.model.z_dim, num_samples=num_samples, ref=self.ref,
                              extractor=self.extractor, device=self.device, g_mode=self.cfg.eval.g_mode,
-                             seed=FID_SEED, batch=self.cfg.eval.fid_batch)
+                             seed=FID_SEED, batch=self.cfg.eval.fid_batch, progress=self.progress)
         return calc_metric("fid", opts)
 
 
+def share_images(cfg: RunConfig, images: ImageSet) -> DeviceImages:
+    """The images on cfg's device in its memory format: made once per process, handed to each run's build_run."""
+    return DeviceImages(images, pick_device(cfg.train.device), config_mod.derive(cfg).channels_last)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    current = torch.cuda.current_device() if a.type == "cuda" else 0
+    return a.type == b.type and (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_dir: Path | None = None,
-              with_fid: bool = True, images: ImageSet | None = None, show_progress: bool = False,
+              with_fid: bool = True, images: ImageSet | DeviceImages | None = None, show_progress: bool = False,
               on_log: Callable[[int, dict[str, float]], None] | None = None) -> Trainer:
     """Data, G and D (seeded, DCGAN init), optimizers, batch source and FID, wired into a Trainer.
 
-    show_progress: a progress bar while images are decoded (when `images` is not given); on_log(nimg, stats):
-    called at every log interval of training.
+    `images` may be DeviceImages shared by several runs (see share_images): read, never copied again.
+    show_progress: bars while images are decoded and Inception runs; on_log(nimg, stats): called at every log
+    interval of training.
     """
     config_mod.validate(cfg)
     device = pick_device(cfg.train.device)
-    images = images or load_images(cfg.data, cfg.model.resolution, progress=show_progress)
+    channels_last = config_mod.derive(cfg).channels_last
+    shared = images if isinstance(images, DeviceImages) else None
+    image_set = shared.image_set if shared is not None else images or load_images(
+        cfg.data, cfg.model.resolution, progress=show_progress)
+    if shared is None or not _same_device(shared.device, device):
+        shared = DeviceImages(image_set, device, channels_last)  # this run's own copy
     hooks = hooks or Hooks()
     cuda = device.type == "cuda"
     if cuda:
@@ -77,11 +81,11 @@ def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_d
     G.apply(init_weights)
     D.apply(init_weights)
     G, D = hooks.on_models_built(G, D)
-    memory_format = torch.channels_last if cuda and cfg.train.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     opt_g, opt_d = make_optimizers(cfg, G, D)
-    batches = BatchSource(images.images, device, seed=cfg.train.seed + 2,
-                          channels_last=memory_format == torch.channels_last)
-    evaluate = FidEvaluator(cfg, images, device) if with_fid and cfg.eval.fid_final_samples > 0 else None
+    batches = BatchSource(shared, seed=cfg.train.seed + 2, channels_last=channels_last)
+    evaluate = (FidEvaluator(cfg, image_set, device, progress=show_progress)
+                if with_fid and cfg.eval.fid_final_samples > 0 else None)
     return Trainer(cfg, G, D, opt_g, opt_d, batches, device, hooks=hooks, tracker=tracker, evaluate=evaluate,
                    run_dir=run_dir, progress=on_log)

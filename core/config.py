@@ -13,6 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from core.device import device_type, resolve_precision
 from core.errors import UserError
 
 ACTIVATIONS = ("relu", "leaky")
@@ -21,7 +22,9 @@ DOWNSAMPLES = ("stride", "maxpool", "avgpool")
 WD_MODES = ("l2", "decoupled")
 LR_SCALINGS = ("none", "sqrt", "linear")
 G_MODES = ("eval", "train")
-AMPS = ("bf16", "fp32")
+AMPS = ("auto", "bf16", "fp32")
+CHANNELS_LAST = ("auto", "on", "off")
+SWITCH_ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}  # old bool values
 FID_RESIZES = ("clean", "torch")
 
 
@@ -67,8 +70,8 @@ class TrainConfig:
     fake_label: float = 0.0  # D's target for generated images
     seed: int = 0  # seeds weights, batches, z; >= 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "bf16"  # bf16 autocast on CUDA (fp32 on CPU always) | fp32
-    channels_last: bool = True  # NHWC memory format on CUDA (~2.3x for this model in bf16)
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32 autocast
+    channels_last: str = "auto"  # NHWC memory format: auto (wherever amp=auto picks bf16) | on | off
     compile: bool = False  # torch.compile G and D for training (CUDA only; + channels_last failed on torch 2.11)
     log_every_kimg: float = 10.0  # losses and throughput logged every this many kimg
     sample_every_kimg: float = 100.0  # fixed-z sample grid every this many kimg
@@ -134,6 +137,8 @@ def _field_type(cfg: RunConfig, key: str) -> type:
 
 def _coerce(key: str, value: object, want: type) -> object:
     """Turn CLI strings (and ints for floats) into the field's type, or say which key is wrong."""
+    if key == "train.channels_last" and str(value).lower() in SWITCH_ALIASES:
+        return SWITCH_ALIASES[str(value).lower()]  # --set train.channels_last=true, configs from before 'auto'
     if isinstance(value, want) and not (want is int and isinstance(value, bool)):
         return value
     try:
@@ -193,15 +198,19 @@ class Derived:
     lr_g: float  # after lr_scaling
     lr_d: float
     d_steps_per_step: float  # average D updates per G step = n_dis / d_interval
+    amp: str  # bf16 | fp32: the autocast the trainer runs on this device (train.amp=auto resolved)
+    channels_last: bool  # NHWC models and images on this device (train.channels_last=auto resolved)
 
 
 def derive(cfg: RunConfig) -> Derived:
-    """Steps from images seen and batch size, and the learning-rate scaling rule."""
+    """Steps from images seen and batch size, the learning-rate scaling rule, precision on this machine."""
     t, o = cfg.train, cfg.optim
     ratio = t.batch_size / o.lr_ref_batch
     scale = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[o.lr_scaling]
     steps = math.ceil(t.kimg * 1000 / t.batch_size)
-    return Derived(steps=steps, lr_g=o.lr_g * scale, lr_d=o.lr_d * scale, d_steps_per_step=t.n_dis / t.d_interval)
+    amp, channels_last = resolve_precision(t.amp, t.channels_last, device_type(t.device))
+    return Derived(steps=steps, lr_g=o.lr_g * scale, lr_d=o.lr_d * scale, d_steps_per_step=t.n_dis / t.d_interval,
+                   amp=amp, channels_last=channels_last)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -245,7 +254,8 @@ def validate(cfg: RunConfig) -> None:
         ("model.d_downsample", m.d_downsample, DOWNSAMPLES),
         ("optim.weight_decay_mode", o.weight_decay_mode, WD_MODES),
         ("optim.lr_scaling", o.lr_scaling, LR_SCALINGS), ("eval.g_mode", e.g_mode, G_MODES),
-        ("train.amp", t.amp, AMPS), ("eval.fid_resize", e.fid_resize, FID_RESIZES),
+        ("train.amp", t.amp, AMPS), ("train.channels_last", t.channels_last, CHANNELS_LAST),
+        ("eval.fid_resize", e.fid_resize, FID_RESIZES),
     ]:
         if value not in allowed:
             raise UserError(f"{key}='{value}' is not one of: {', '.join(allowed)}")

@@ -3,7 +3,8 @@
 JPEG decoding is the bottleneck of a plain DataLoader loop (~1,650 img/s on an H100 host), so images are
 centre-cropped, resized and stored once as an (N, 3, R, R) uint8 array keyed by source and resolution. At
 training time the whole array sits in device memory (full CelebA at 128x128 is ~10 GB) and a batch is one
-random gather there: no DataLoader, no host round trip in the hot loop.
+random gather there: no DataLoader, no host round trip in the hot loop. DeviceImages is that device copy,
+made once per process and shared read-only by its runs.
 """
 
 from __future__ import annotations
@@ -193,27 +194,62 @@ def load_images(cfg: DataConfig, resolution: int, progress: bool = False, roots:
     return _read_cache(npy, meta_path, resolution)
 
 
-class BatchSource:
-    """Random batches drawn from device-resident uint8 images; its RNG state is part of a checkpoint."""
+class DeviceImages:
+    """The training images as one uint8 tensor on a device, built once and shared read-only by many runs.
 
-    def __init__(self, images: np.ndarray, device: torch.device, seed: int, channels_last: bool = False):
-        self.images = torch.from_numpy(np.array(images)).to(device)  # copies a read-only memmap
-        self.device = device
+    A study or a search copies its images to the device once and hands this object to every run's
+    build_run; each run draws from it with its own BatchSource (its own RNG), so nothing here changes after
+    construction. With channels_last the pixels are stored NHWC, so a gathered batch already has the
+    memory format the models use and no batch is ever converted.
+    """
+
+    def __init__(self, images: ImageSet, device: torch.device, channels_last: bool = False, chunk: int = 4096):
+        self.image_set, self.device, self.channels_last = images, torch.device(device), channels_last
+        arr = images.images
+        n, c, h, w = arr.shape
+        shape = (n, h, w, c) if channels_last else (n, c, h, w)
+        self.pixels = torch.empty(shape, dtype=torch.uint8, device=self.device)
+        for i in range(0, n, chunk):  # a chunk at a time: never a second host copy of a memmap of ~10 GB
+            part = torch.from_numpy(np.array(arr[i:i + chunk])).to(self.device)
+            self.pixels[i:i + chunk] = part.permute(0, 2, 3, 1) if channels_last else part
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images at `idx` as (B, 3, H, W); NHWC in memory (channels_last strides) when stored so."""
+        x = self.pixels.index_select(0, idx)
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
+
+
+class BatchSource:
+    """Random batches drawn from device-resident uint8 images; its RNG state is part of a checkpoint.
+
+    Give it shared DeviceImages (several runs, one copy on the device) or a uint8 array (a private copy).
+    """
+
+    def __init__(self, images: DeviceImages | np.ndarray, device: torch.device | None = None, seed: int = 0,
+                 channels_last: bool = False):
+        if not isinstance(images, DeviceImages):
+            images = DeviceImages(ImageSet(images, 0, "array", ""), device or torch.device("cpu"), channels_last)
+        self.images = images
+        self.device = images.device
+        # only when the shared copy has the other layout (a variant that sets train.channels_last) is a batch converted
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.gen = torch.Generator(device=device)
+        self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(seed)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.images)
 
     def next(self, batch_size: int) -> torch.Tensor:
         """A float batch in [-1, 1], sampled with replacement on the device (no host sync)."""
         idx = torch.randint(0, len(self), (batch_size,), device=self.device, generator=self.gen)
-        x = self.images.index_select(0, idx).float().div_(127.5).sub_(1.0)
-        return x.contiguous(memory_format=self.memory_format)
+        x = self.images.gather(idx).float().div_(127.5).sub_(1.0)
+        return x.contiguous(memory_format=self.memory_format)  # a no-op when the images are stored this way
 
     def state_dict(self) -> dict:
         return {"gen": self.gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.gen.set_state(state["gen"])
+        self.gen.set_state(state["gen"])  # a CPU ByteTensor, also for a CUDA generator

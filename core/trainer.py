@@ -7,7 +7,6 @@ the device inside the step and are reduced only at log intervals (the one sync p
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -30,11 +29,14 @@ GRID_SEED = 2024  # every run's sample grids use the same z, so variants compare
 FID_SEED = 123  # and every FID evaluation the same latents
 
 
-@dataclass
+@dataclass(frozen=True)
 class Phase:
-    """One optimisation phase: which network it trains, how often (every `interval` steps), how many times."""
+    """One optimisation phase: which network it trains (D | G), how often (every `interval` steps), how many times.
+
+    Plain data: the trainer dispatches on `name`. (A bound method here would make trainer -> phases -> method
+    -> trainer a reference cycle, which keeps a finished run's device memory until a full GC.)
+    """
     name: str
-    run: Callable[[int], None]
     interval: int = 1
     repeats: int = 1
 
@@ -81,8 +83,8 @@ class Trainer:
         self.history: dict[str, list[tuple[int, float]]] = {}  # every logged metric, for the run's plot
         self.zgen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
         cuda = device.type == "cuda"
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.train.amp == "bf16"
-                         else contextlib.nullcontext())
+        # train.amp=auto resolved for this device (core.device); bf16 autocast runs on CPUs too
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.derived.amp == "bf16")
         self.G_train = torch.compile(G) if cuda and cfg.train.compile else G
         self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
         self.d_steps = 0  # optimizer steps taken, recorded in the run's summary
@@ -91,7 +93,7 @@ class Trainer:
         self._saturated_logs = 0
         self._reset_stats()
         t = cfg.train
-        self.phases = [Phase("D", self._d_step, interval=t.d_interval, repeats=t.n_dis), Phase("G", self._g_step)]
+        self.phases = [Phase("D", interval=t.d_interval, repeats=t.n_dis), Phase("G")]
 
     # ---- the step --------------------------------------------------------------------------------
     def _z(self, n: int) -> torch.Tensor:
@@ -118,11 +120,15 @@ class Trainer:
         self._count["d"] += 1
 
     def _g_step(self, step: int) -> None:
+        # D's parameters get no gradients here: backward still flows through D to G, but skips D's weight
+        # gradients, which the G step would only throw away (stylegan2-ada toggles requires_grad per phase)
+        self.D.requires_grad_(False)
         with self.autocast:
             logits = self.D_train(self.G_train(self._z(self.batch))).float()
         loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # non-saturating
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        self.D.requires_grad_(True)
         self.opt_g.step()
         self.g_steps += 1
         self._acc["loss/g"] += loss.detach()
@@ -132,7 +138,7 @@ class Trainer:
         for phase in self.phases:
             if self.step % phase.interval == 0:
                 for _ in range(phase.repeats):
-                    phase.run(self.step)
+                    PHASE_STEPS[phase.name](self, self.step)
         self.step += 1
         self.nimg += self.batch
 
@@ -254,6 +260,8 @@ class Trainer:
             "history": {k: [[n, v] for n, v in pts] for k, pts in self.history.items()},
             "steps_taken": [self.d_steps, self.g_steps], "run_id": self.tracker.run_id or "",
             "failures": dict(self.failures), "saturated_logs": self._saturated_logs,
+            # the running sums since the last log: a resume between two log points logs the same means
+            "stats": {"acc": dict(self._acc), "count": dict(self._count)},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -269,6 +277,7 @@ class Trainer:
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        # RNG states stay CPU ByteTensors (set_state refuses anything else, also for CUDA generators)
         self.batches.load_state_dict(state["batches"])
         self.zgen.set_state(state["zgen"])
         torch.set_rng_state(state["torch_rng"])
@@ -279,6 +288,14 @@ class Trainer:
         self.history = {k: [(int(n), float(v)) for n, v in pts] for k, pts in state["history"].items()}
         self.d_steps, self.g_steps = state["steps_taken"]
         self.failures, self._saturated_logs = dict(state["failures"]), state["saturated_logs"]
+        if "stats" in state:  # checkpoints from before it was saved restart the sums
+            self._acc = {k: v.to(self.device) for k, v in state["stats"]["acc"].items()}
+            self._count = dict(state["stats"]["count"])
+
+    def close(self) -> None:
+        """Let go of G, D, optimizers, batches and evaluator now, even while a traceback still holds the trainer."""
+        self.G = self.D = self.G_train = self.D_train = self.opt_g = self.opt_d = None
+        self.batches = self.evaluate = None
 
     def checkpoint_path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
@@ -295,13 +312,20 @@ class Trainer:
         return path
 
     def try_resume(self) -> bool:
-        """Continue from run_dir/checkpoint.pt if there is one; False when starting fresh."""
+        """Continue from run_dir/checkpoint.pt if there is one; False when starting fresh.
+
+        Loaded onto the CPU: load_state_dict moves weights and optimizer state to where the models are,
+        and RNG states must stay CPU ByteTensors (map_location=cuda would break resume on a GPU).
+        """
         path = self.checkpoint_path()
         if path is None or not path.is_file():
             return False
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to start over") from None
         self.load_state_dict(state)
         return True
+
+
+PHASE_STEPS: dict[str, Callable[[Trainer, int], None]] = {"D": Trainer._d_step, "G": Trainer._g_step}

@@ -35,7 +35,8 @@ def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
     args = ["--preset", "quick", "--data", str(synthetic_root), "--batches", "8", "--steps", "2", "--warmup", "2",
             "--fid-samples", "4", "--fid-resize", "torch", "--workers", "0", "--compile", "--out", str(out),
             "--set", "data.max_images=32", "--set", "eval.fid_ref_images=4", "--set", "eval.fid_batch=4",
-            "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+            "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", "train.amp=fp32", "--set", "train.channels_last=off"]  # auto is bf16 on a bf16 CPU
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-m", "studies.bench", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -87,12 +88,13 @@ def test_resize_weights_are_normalised_and_shrink_with_a_wider_kernel():
 
 
 def test_trainer_step_gives_the_plain_fp32_loss_trajectory(tiny_cfg):
-    """On CPU both paths are fp32 on the same batches and z, so the losses agree to float rounding.
+    """In fp32 NCHW both paths do the same arithmetic on the same batches and z: losses agree to float rounding.
 
-    On CUDA the trainer runs bf16 autocast and channels_last; there the first steps agree to about 1e-2
-    relative (bf16 keeps 8 significant bits); test_..._on_cuda below and the bench's loss check show it.
+    With bf16 autocast and channels_last (auto on CUDA and on CPUs with native bf16) the first steps agree
+    to about 1e-2 relative (bf16 keeps 8 significant bits); test_..._on_cuda below, tests/test_device.py and
+    the bench's loss check show it.
     """
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(train__amp="fp32", train__channels_last="off")
     from core.data import load_images
     images = load_images(cfg.data, cfg.model.resolution).images
     ours, plain = trainer_losses(cfg, 3), plain_losses(cfg, images, torch.device("cpu"), 3)
@@ -101,7 +103,7 @@ def test_trainer_step_gives_the_plain_fp32_loss_trajectory(tiny_cfg):
     assert not np.allclose(ours, other_seed, rtol=1e-3)  # the comparison can tell runs apart
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast and channels_last run only on CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_trainer_step_on_cuda_stays_within_bf16_tolerance_of_plain_fp32(tiny_cfg):
     cfg = tiny_cfg(train__device="cuda")
     from core.data import load_images

@@ -54,3 +54,64 @@ def test_fid_small_for_real_halves_and_large_for_an_untrained_generator(real_cel
     assert ref.path.is_file()
     again = reference_stats(images.images[:64], images.key, 64, extractor, tmp_path)  # from the cache
     np.testing.assert_array_equal(again.sigma, ref.sigma)
+
+
+def test_fast_inception_gives_the_plain_features(extractor):
+    """The NHWC fast path against the network as loaded (NCHW): the same features to 1e-4 of their scale."""
+    plain = InceptionFeatures(find_weights(), torch.device("cpu"), batch=32, fast=False)
+    assert extractor.memory_format == torch.channels_last and plain.memory_format == torch.contiguous_format
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8))
+    x = extractor.resize(images)  # float, 299 x 299
+    with torch.no_grad():
+        plain_feats = plain._forward(x.contiguous())
+        scale = plain_feats.abs().max()
+        for layout in (x.contiguous(), x.contiguous(memory_format=torch.channels_last)):  # torch / clean resize
+            assert (extractor._forward(layout) - plain_feats).abs().max() <= 1e-4 * scale
+
+
+def test_weights_digest_is_cached_by_path_mtime_and_size(tmp_path):
+    import os
+    from core.metrics import weights_digest
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"a" * 100)
+    first = weights_digest(path)
+    stat = path.stat()
+    path.write_bytes(b"b" * 100)  # same size; put the old mtime back: the cached digest is returned unread
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights_digest(path) == first
+    path.write_bytes(b"b" * 101)
+    assert weights_digest(path) != first
+
+
+def test_reference_key_names_the_weights(tmp_path):
+    from core.metrics import reference_path
+    keys = {reference_path(tmp_path, "data", 64, 100, resize="clean", weights=w)[1] for w in ("aaaa", "bbbb")}
+    assert len(keys) == 2
+
+
+def test_tf32_is_off_within_the_fid_pass_on_cuda_and_restored_after():
+    from core.metrics import no_tf32
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = True
+        with no_tf32(torch.device("cuda")):  # only flips the flags: runs without a GPU too
+            assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+        with no_tf32(torch.device("cpu")):
+            assert matmul.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
+def test_reference_statistics_and_fid_show_progress_when_asked(tmp_path, extractor, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    ref = reference_stats(images, "bar-test", 6, extractor, tmp_path, progress=True)
+    G = Generator(ModelConfig(resolution=32, width=0.125))
+    calc_metric("fid", MetricOptions(G=G, z_dim=128, num_samples=4, ref=ref, extractor=extractor,
+                                     device=torch.device("cpu"), batch=4, progress=True))
+    err = capsys.readouterr().err
+    assert "FID reference statistics:" in err and "/6 [" in err  # a tqdm bar over the 6 images
+    assert "FID on 4 samples:" in err and "/4 [" in err
+    reference_stats(images, "bar-test-2", 6, extractor, tmp_path)  # progress off: silent
+    assert capsys.readouterr().err == ""

@@ -60,3 +60,38 @@ def test_discriminator_downsampling_layers():
     convs = [m for m in Discriminator(ModelConfig(resolution=32, d_downsample="maxpool")).features
              if isinstance(m, nn.Conv2d)]
     assert all(c.stride == (1, 1) for c in convs)
+
+
+def test_cspup_halves_out_is_the_wide_block_split_in_two():
+    """Same parameters and function as one wide block; the output halves come out as separate tensors."""
+    torch.manual_seed(0)
+    split, wide = CSPup(16, 8, halves_out=True), CSPup(16, 8)
+    assert count_params(split) == count_params(wide)
+    with torch.no_grad():  # the wide layers are the two halves stacked along their output channels
+        wide.path_a.weight.copy_(torch.cat([split.path_a.lo.weight, split.path_a.hi.weight], 1))
+        wide.path_a.bias.copy_(torch.cat([split.path_a.lo.bias, split.path_a.hi.bias]))
+        for w, s in zip(wide.path_b[:-1].parameters(), split.path_b[:-1].parameters()):
+            w.copy_(s)
+        wide.path_b[-1].weight.copy_(torch.cat([split.path_b[-1].lo.weight, split.path_b[-1].hi.weight]))
+        wide.path_b[-1].bias.copy_(torch.cat([split.path_b[-1].lo.bias, split.path_b[-1].hi.bias]))
+    x = torch.randn(2, 16, 4, 4)
+    lo, hi = split((x[:, :8].contiguous(), x[:, 8:].contiguous()))  # a pair in, as the generator passes it
+    assert lo.shape == hi.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(torch.cat([lo, hi], 1), wide(x))
+    torch.testing.assert_close(torch.cat(split(x), 1), wide(x))  # one tensor in still works
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_every_block_reads_contiguous_halves(memory_format):
+    G = Generator(ModelConfig(resolution=32, width=0.25)).to(memory_format=memory_format)
+    seen = []
+
+    def check(module, args):
+        x = args[0]
+        seen.append(x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+
+    for block in G.blocks:
+        block.path_a.register_forward_pre_hook(check)
+        block.path_b.register_forward_pre_hook(check)
+    assert G(torch.randn(3, 128)).shape == (3, 3, 32, 32)
+    assert seen == [True] * 2 * len(G.blocks)  # no strided channel slices for a conv to copy

@@ -73,3 +73,68 @@ def test_non_finite_loss_stops_the_run_as_diverged(tiny_cfg):
             p.fill_(float("nan"))
     result = trainer.run()
     assert result.status == "diverged" and result.diverged_at == 8 and result.step == 1
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_between_two_log_points_logs_the_same_losses(tiny_cfg, tmp_path):
+    """Checkpoint at step 3, logs at steps 2, 4, 6: the mean logged at step 4 spans the kill."""
+    cfg = tiny_cfg(train__kimg=0.048, train__log_every_kimg=0.016, train__checkpoint_every_kimg=0.024)
+    straight = build_run(cfg, with_fid=False, run_dir=tmp_path / "a")
+    straight.run()
+
+    first = build_run(cfg, with_fid=False, run_dir=tmp_path / "b")
+    save = first.save_checkpoint
+
+    def save_then_die():
+        save()
+        raise Killed  # the process dies right after writing the checkpoint
+
+    first.save_checkpoint = save_then_die
+    with pytest.raises(Killed):
+        first.run()
+    assert first.step == 3
+    second = build_run(cfg, with_fid=False, run_dir=tmp_path / "b")
+    assert second.try_resume() and second.step == 3
+    second.run()
+    for key in ("loss/d", "loss/g", "d/real", "d/fake"):
+        assert second.history[key] == straight.history[key], key  # exact: the sums since step 2 were saved
+
+
+def test_resume_hands_only_cpu_byte_tensors_to_set_state(tiny_cfg, tmp_path, monkeypatch):
+    """What a GPU resume does, on the CPU: a loader that mapped the checkpoint to the device would hand
+    set_state device tensors (here 'meta' ones stand for CUDA), which it refuses."""
+    cfg = tiny_cfg()
+    first = build_run(cfg, with_fid=False, run_dir=tmp_path)
+    first.train_step()
+    path = first.save_checkpoint()
+    state = torch.load(path, weights_only=True)
+    state["cuda_rng"] = [torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()]
+    torch.save(state, path)  # as if saved on a GPU: one CUDA RNG state
+
+    real_load = torch.load
+
+    def load_like_a_device(f, map_location=None, **kwargs):
+        loaded = real_load(f, map_location=map_location, **kwargs)
+        if str(map_location) != "cpu":  # map_location=<device> puts every tensor there
+            loaded = torch.utils._pytree.tree_map(lambda t: t.to("meta") if torch.is_tensor(t) else t, loaded)
+        return loaded
+
+    handed = []
+
+    class Recorder:
+        def set_state(self, s):
+            handed.append(s)
+
+    monkeypatch.setattr(torch, "load", load_like_a_device)
+    monkeypatch.setattr(torch, "set_rng_state", handed.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", handed.extend)
+    second = build_run(cfg, with_fid=False, run_dir=tmp_path)
+    second.zgen, second.batches.gen = Recorder(), Recorder()
+    assert second.try_resume() and second.step == 1
+    assert len(handed) == 4  # z, batches, torch, one CUDA device
+    assert all(s.device.type == "cpu" and s.dtype == torch.uint8 for s in handed)
+    for a, b in zip(first.G.state_dict().values(), second.G.state_dict().values()):
+        assert torch.equal(a, b)

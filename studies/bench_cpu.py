@@ -1,0 +1,329 @@
+"""CPU benchmark of the fast path: the suite's trainer against the plain PyTorch loop, Inception before and
+after, peak memory. One run, on this machine, the same data for every loop.
+
+    python -m studies.bench_cpu                     # issue 12's numbers: two models, Inception, memory
+    python -m studies.bench_cpu --rounds 1 --steps 3 --warmup 3 --inception-images 4 --no-memory   # smoke
+    python -m studies.bench_cpu --data ~/celeba/img_align_celeba --out bench_cpu.json
+
+Trainer rows, per model: the suite's trainer as configured (train.amp/channels_last=auto: bf16 + NHWC on a
+CPU with native bf16, else fp32 NCHW), the suite's trainer forced to fp32 NCHW, and the plain loop
+(studies/bench_plain.py: a DataLoader decoding the same JPEG files the suite's cache was made from, fp32,
+NCHW). Each is warmed up, then timed for --steps steps in each of --rounds rounds; the rounds alternate
+between the loops, so load from other processes falls on all of them alike. The table shows the median
+round and the best; the ratio is of medians. The suite's first losses are compared with the plain fp32 step
+on the same batches and latents. Inception: img/s of the FID feature pass on the same real images, clean
+resize included (as FID runs it) and the network alone, as loaded (NCHW) and on the fast path, in
+alternating rounds, with the largest feature difference. Peak memory: ru_maxrss of a fresh process that
+builds one loop and runs its warm-up and steps, and of a process that only imports torch and the suite, for
+scale. These processes start before anything is measured: a process inherits its parent's ru_maxrss through
+fork and exec, so they must come from a parent that is still small. The plain loop's DataLoader workers are
+shown apart (their RSS counts the pages they share with the loop's process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import config as config_mod
+from core.build import build_run
+from core.config import apply_overrides, parse_set
+from core.data import load_images
+from core.device import cpu_has_native_bf16
+from core.errors import UserError
+from core.metrics import InceptionFeatures, find_weights
+from studies.bench_plain import image_files, measure_plain, plain_losses
+
+MODELS = {  # the quick preset's model and batch, then a wider one at a larger batch
+    "32px w0.125 b32": {},
+    "32px w0.25 b64": {"model.width": 0.25, "train.batch_size": 64},
+}
+FP32 = {"train.amp": "fp32", "train.channels_last": "off"}
+LOSS_CHECK_STEPS = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies.bench_cpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="CelebA folder of JPEGs (default: $CELEBA_ROOT, ./data/celeba, "
+                   "then ../shared/data/celeba-subset)")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop, alternating (default: 3)")
+    p.add_argument("--steps", type=int, default=50, help="timed training steps per round (default: 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps before the first round (default: 10)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help=f"DataLoader workers of the plain loop (default: CPU cores = {os.cpu_count()})")
+    p.add_argument("--inception-images", type=int, default=128,
+                   help="real images per Inception round; 0 = skip Inception (default: 128)")
+    p.add_argument("--inception-batch", type=int, default=64,
+                   help="images per FID chunk, eval.fid_batch (default: 64, the quick preset's)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure peak memory in fresh processes (default: --memory)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key of the quick preset (repeatable; default: none)")
+    p.add_argument("--out", type=Path, default=Path("bench_cpu.json"), help="JSON results (default: bench_cpu.json)")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for ok, msg in [(args.rounds >= 1, "--rounds must be >= 1"), (args.steps >= 1, "--steps must be >= 1"),
+                    (args.warmup >= LOSS_CHECK_STEPS, f"--warmup must be >= {LOSS_CHECK_STEPS}"),
+                    (args.workers >= 0, "--workers must be >= 0"), (args.inception_images >= 0,
+                    "--inception-images must be >= 0"), (args.inception_batch >= 1, "--inception-batch must be >= 1")]:
+        if not ok:
+            raise UserError(msg)
+
+
+def configs(args: argparse.Namespace) -> dict[str, config_mod.RunConfig]:
+    base = {**parse_set(args.set), "train.device": "cpu"}
+    if args.data is not None:
+        base["data.root"] = args.data
+    return {name: config_mod.resolve("quick", base, layer) for name, layer in MODELS.items()}
+
+
+def describe(cfg: config_mod.RunConfig) -> str:
+    d = config_mod.derive(cfg)
+    return f"{d.amp} + {'NHWC' if d.channels_last else 'NCHW'}"
+
+
+def suite_losses_and_warmup(trainer, warmup: int) -> list[tuple[float, float]]:
+    """Warm-up steps; the first few report their losses (a sync each, never timed)."""
+    out = []
+    for i in range(warmup):
+        trainer.train_step()
+        if i < LOSS_CHECK_STEPS:
+            stats = trainer.read_stats()
+            out.append((stats["loss/d"], stats["loss/g"]))
+    return out
+
+
+def time_suite(trainer, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    trainer.read_stats()  # the log-time sync, paid once per round
+    return steps * trainer.batch / (time.perf_counter() - start)
+
+
+def max_rel_diff(ours: list, ref: list) -> float:
+    return max(abs(a - b) / max(abs(b), 1e-12) for mine, theirs in zip(ours, ref) for a, b in zip(mine, theirs))
+
+
+def measure_model(cfg: config_mod.RunConfig, args: argparse.Namespace) -> list[dict]:
+    """The three loops on one model, warmed up, then timed in alternating rounds."""
+    device = torch.device("cpu")
+    images = load_images(cfg.data, cfg.model.resolution)
+    files = image_files(cfg)
+    cfg_fp32 = apply_overrides(cfg, FP32)
+    plain_ref = plain_losses(cfg_fp32, images.images, device, LOSS_CHECK_STEPS)
+    suites = {"suite auto": build_run(cfg, with_fid=False, images=images),
+              "suite fp32": build_run(cfg_fp32, with_fid=False, images=images)}
+    rows = {name: {"loop": f"{name.split()[0]} {describe(c)}" + (" (auto)" if name == "suite auto" else ""),
+                   "img_per_s_rounds": [], "loss_check_max_rel_diff": max_rel_diff(
+                       suite_losses_and_warmup(suites[name], args.warmup), plain_ref)}
+            for name, c in (("suite auto", cfg), ("suite fp32", cfg_fp32))}
+    rows["plain"] = {"loop": f"plain fp32 + NCHW, DataLoader {args.workers} workers", "img_per_s_rounds": [],
+                     "loss_check_max_rel_diff": None}
+    for _ in range(args.rounds):
+        for name, trainer in suites.items():
+            rows[name]["img_per_s_rounds"].append(time_suite(trainer, args.steps))
+        rows["plain"]["img_per_s_rounds"].append(measure_plain(cfg_fp32, files, device, steps=args.steps,
+                                                               warmup=args.warmup, workers=args.workers)["img_per_s"])
+    plain = statistics.median(rows["plain"]["img_per_s_rounds"])
+    for name, row in rows.items():
+        row["key"] = name
+        row["img_per_s"] = statistics.median(row["img_per_s_rounds"])
+        row["best_img_per_s"] = max(row["img_per_s_rounds"])
+        row["ratio_vs_plain"] = row["img_per_s"] / plain
+    return list(rows.values())
+
+
+def measure_inception(cfg: config_mod.RunConfig, args: argparse.Namespace) -> dict:
+    """FID feature pass img/s, as loaded (NCHW) and on the fast path, on the same real images."""
+    weights = find_weights(cfg.eval.weights)
+    device = torch.device("cpu")
+    images = load_images(cfg.data, cfg.model.resolution)
+    n = min(args.inception_images, len(images.images))
+    real = torch.from_numpy(np.array(images.images[:n]))
+    nets = {"before": InceptionFeatures(weights, device, batch=args.inception_batch, fast=False),
+            "after": InceptionFeatures(weights, device, batch=args.inception_batch, fast=True)}
+    resized = nets["after"].resize(real[:args.inception_batch])  # float 299x299, for the network-only timing
+    out: dict = {"images": n, "batch": args.inception_batch, "weights": str(weights)}
+    feats, timings = {}, {(k, part): [] for k in nets for part in ("pass", "net")}
+    with torch.no_grad():
+        for net in nets.values():  # TorchScript's profiling runs, untimed
+            net._forward(resized)
+            net._forward(resized)
+        for _ in range(args.rounds):
+            for key, net in nets.items():
+                start = time.perf_counter()
+                feats[key] = net(real)
+                timings[(key, "pass")].append(n / (time.perf_counter() - start))
+                start = time.perf_counter()
+                net._forward(resized)
+                timings[(key, "net")].append(len(resized) / (time.perf_counter() - start))
+    for (key, part), values in timings.items():
+        out[f"{key}_{part}_img_per_s"] = statistics.median(values)
+        out[f"{key}_{part}_img_per_s_rounds"] = values
+    scale = np.abs(feats["before"]).max()
+    out["max_feature_diff_of_scale"] = float(np.abs(feats["after"] - feats["before"]).max() / scale)
+    return out
+
+
+def _probe(job: dict, results) -> None:
+    """In a fresh process: build one loop, run warm-up and steps, report this process's peak RSS (MiB)."""
+    try:
+        cfg = config_mod.from_dict(job["config"])
+        device = torch.device("cpu")
+        children = None
+        if job["what"] == "suite":
+            trainer = build_run(cfg, with_fid=False)
+            for _ in range(job["warmup"] + job["steps"]):
+                trainer.train_step()
+        elif job["what"] == "plain":
+            measure_plain(cfg, image_files(cfg), device, steps=job["steps"], warmup=job["warmup"],
+                          workers=job["workers"])
+            children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        elif job["what"] == "inception":
+            images = load_images(cfg.data, cfg.model.resolution)
+            net = InceptionFeatures(find_weights(cfg.eval.weights), device, batch=job["batch"], fast=job["fast"])
+            net(torch.from_numpy(np.array(images.images[:job["images"]])))
+        results.put({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                     "workers_peak_rss_mib": children})
+    except Exception as exc:  # reported in the table, never a hung parent
+        results.put({"error": f"{type(exc).__name__}: {exc}"[:300]})
+
+
+def peak_memory(job: dict) -> dict:
+    ctx = mp.get_context("spawn")  # a fresh interpreter: its peak is this loop's alone
+    results = ctx.Queue()
+    proc = ctx.Process(target=_probe, args=(job, results))
+    proc.start()
+    try:
+        out = results.get(timeout=900)
+    except Exception:  # queue.Empty: the process died without a word (killed for memory, a crash)
+        out = {"error": f"no result (exit code {proc.exitcode})"}
+    proc.join()
+    return out
+
+
+def memory_jobs(cfgs: dict[str, config_mod.RunConfig], args: argparse.Namespace) -> list[tuple[str, dict]]:
+    base = {"steps": args.steps, "warmup": args.warmup, "workers": args.workers}
+    quick = next(iter(cfgs.values()))
+    jobs = [("import only", {**base, "what": "none", "config": _asdict(quick)})]
+    for name, cfg in cfgs.items():
+        fp32 = apply_overrides(cfg, FP32)
+        jobs += [(f"{name} / suite auto", {**base, "what": "suite", "config": _asdict(cfg)}),
+                 (f"{name} / suite fp32", {**base, "what": "suite", "config": _asdict(fp32)}),
+                 (f"{name} / plain", {**base, "what": "plain", "config": _asdict(fp32)})]
+    if args.inception_images:
+        for label, fast in (("before", False), ("after", True)):
+            jobs.append((f"inception {label}", {**base, "what": "inception", "config": _asdict(quick), "fast": fast,
+                                                "batch": args.inception_batch, "images": args.inception_images}))
+    return jobs
+
+
+def _asdict(cfg: config_mod.RunConfig) -> dict:
+    return json.loads(config_mod.to_json(cfg))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['cpu']}, {result['cores']} cores, torch {result['torch']}, native bf16: "
+             f"{'yes' if result['native_bf16'] else 'no'}; {result['rounds']} rounds x {result['steps']} steps "
+             f"after {result['warmup']} warm-up; load average {result['load_start']:.2f} -> {result['load_end']:.2f}",
+             f"{'model':<17} {'loop':<44} {'img/s':>7} {'best':>7} {'vs plain':>8} {'loss diff':>9}  peak RSS MiB"]
+    for model, rows in result["trainer"].items():
+        for row in rows:
+            mem = result["memory"].get(f"{model} / {row['key']}", {})
+            peak = mem.get("peak_rss_mib")
+            peak_text = mem.get("error", "-") if peak is None else f"{peak:.0f}"
+            if mem.get("workers_peak_rss_mib"):
+                peak_text += f" (workers {mem['workers_peak_rss_mib']:.0f} each, shared pages included)"
+            diff = row["loss_check_max_rel_diff"]
+            lines.append(f"{model:<17} {row['loop']:<44} {row['img_per_s']:>7.0f} {row['best_img_per_s']:>7.0f} "
+                         f"{row['ratio_vs_plain']:>7.2f}x {'-' if diff is None else format(diff, '.1e'):>9} "
+                         f" {peak_text}")
+    inc = result.get("inception")
+    if inc:
+        mem = result["memory"]
+        for key, label in (("before", "as loaded, NCHW"), ("after", "fast path, NHWC")):
+            peak = mem.get(f"inception {key}", {}).get("peak_rss_mib")
+            lines.append(f"Inception {key:<6} ({label}): FID pass {inc[f'{key}_pass_img_per_s']:.2f} img/s "
+                         f"(clean resize included), network alone {inc[f'{key}_net_img_per_s']:.2f} img/s; "
+                         f"batch {inc['batch']}; peak {'-' if peak is None else f'{peak:.0f}'} MiB")
+        speedup = {part: inc[f"after_{part}_img_per_s"] / inc[f"before_{part}_img_per_s"] for part in ("pass", "net")}
+        lines.append(f"Inception after/before: FID pass {speedup['pass']:.2f}x, network {speedup['net']:.2f}x; "
+                     f"max feature difference {inc['max_feature_diff_of_scale']:.1e} of the feature scale")
+    if "import only" in result["memory"]:
+        base = result["memory"]["import only"].get("peak_rss_mib", 0)
+        lines.append(f"peak RSS of a process that only imports torch and the suite: {base:.0f} MiB; "
+                     f"of this whole benchmark: {result['bench_peak_rss_mib']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace, command: str) -> dict:
+    _check_args(args)
+    cfgs = configs(args)
+    for cfg in cfgs.values():
+        image_files(cfg)  # bad --data fails here, before minutes of measuring
+    if args.inception_images:
+        find_weights(next(iter(cfgs.values())).eval.weights)
+    result: dict = {"command": command, "cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
+                    "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
+                    "load_start": os.getloadavg()[0], "trainer": {}, "inception": None, "memory": {}}
+    if args.memory:  # first: children inherit the parent's peak RSS (see the module docstring)
+        for label, job in memory_jobs(cfgs, args):
+            result["memory"][label] = peak_memory(job)
+            print(f"peak memory, {label}: {result['memory'][label]}", file=sys.stderr, flush=True)
+    for name, cfg in cfgs.items():
+        result["trainer"][name] = measure_model(cfg, args)
+        print(f"{name}: " + ", ".join(f"{r['key']} {r['img_per_s']:.0f} img/s" for r in result["trainer"][name]),
+              file=sys.stderr, flush=True)
+    if args.inception_images:
+        result["inception"] = measure_inception(next(iter(cfgs.values())), args)
+    result["load_end"] = os.getloadavg()[0]
+    result["bench_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python -m studies.bench_cpu " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        result = run_bench(args, command)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
