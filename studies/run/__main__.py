@@ -7,6 +7,7 @@
     python -m studies.run all --preset quick               # every study in turn
     python -m studies.run --list                           # every ablation and its variants
     python -m studies.run pooling --dry-run                # print the resolved configs and exit
+    python -m studies.run pooling --smoke                  # preflight every variant on this device (minutes)
     python -m studies.run pooling --lr-from lr-default     # best lr_g/lr_d of an Optuna study (studies.search)
 """
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and samples (default: runs)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config of each variant and exit")
+    p.add_argument("--smoke", action="store_true", help="preflight: a few steps, a checkpoint round trip, a grid and "
+                   "FID/KID of every variant on this device; one line each; exit 0 only if all pass; writes no "
+                   "runs (default: off)")
     p.add_argument("--fresh", action="store_true",
                    help="start a new study even if the same one was interrupted or finished (default: resume it)")
     add_flags(p, "--no-progress")
@@ -121,12 +125,25 @@ def run(args: argparse.Namespace) -> int:
     # data first: a missing or corrupt dataset must fail before the tracking store is touched
     first = next(iter(configs[specs[0].experiment].values()))
     images = load_images(first.data, first.model.resolution, progress=not args.no_progress, roots=data_roots())
+    if args.smoke:
+        return smoke(specs, configs, images)
     store = Store(args.tracking_uri)
     for spec in specs:
         parent_id = run_study(spec, store, images, progress=not args.no_progress, fresh=args.fresh)
         report = write_report(store, spec.experiment, args.reports, parent_id)
         print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
     return 0
+
+
+def smoke(specs: list[StudySpec], configs: dict[str, dict], images) -> int:
+    """--smoke: the preflight of every variant of every study; exit 1 when any fails."""
+    from studies.preflight import preflight
+    ok = True
+    for spec in specs:
+        ablation = get_ablation(spec.ablation)
+        print(f"preflight of {spec.experiment} ({len(configs[spec.experiment])} variants, preset {spec.preset})")
+        ok &= preflight(configs[spec.experiment], images, ablation.hooks)
+    return 0 if ok else 1
 
 
 main = command(build_parser, run,

@@ -21,10 +21,11 @@ from pathlib import Path
 from ablations import get_ablation
 from core import config as config_mod
 from core.config import RunConfig
-from core.data import ImageSet
+from core.build import share_images
+from core.data import DeviceImages, ImageSet
 from core.errors import UserError
 from core.hooks import HookList
-from core.metrics import reference_path
+from core.metrics import find_weights, reference_path, weights_digest
 from core.runner import execute_run
 from core.tracking import RunTracker, Store
 from studies.lr_handoff import LrChoice
@@ -91,7 +92,7 @@ def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def run_study(spec: StudySpec, store: Store, images: ImageSet, progress: bool = True, fresh: bool = False) -> str:
+def run_study(spec: StudySpec, store: Store, images: ImageSet | DeviceImages, progress: bool = True, fresh: bool = False) -> str:
     """Run every variant x seed; returns the parent run id.
 
     Re-running the same study resumes it: its unfinished parent run is reopened, finished child runs are
@@ -119,6 +120,8 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet, progress: bool = 
                            "study.overrides": spec.overrides, **spec.provenance})
         done = {}
     logged_refs: set[str] = set()
+    if not isinstance(images, DeviceImages):  # on the device once; every run of the study reads this copy
+        images = share_images(next(iter(configs.values())), images)
     with parent.finishing():
         for variant, cfg in configs.items():
             for seed in spec.seeds:
@@ -141,7 +144,7 @@ def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: 
 
 
 def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, seed: int, cfg: RunConfig,
-             images: ImageSet, progress: bool, earlier=None) -> None:
+             images: DeviceImages, progress: bool, earlier=None) -> None:
     name = f"{variant}-s{seed}"
     tags = {"ablation": spec.ablation, "variant": variant, "seed": seed, "preset": spec.preset,
             "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child", **spec.provenance}
@@ -170,10 +173,14 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
             bar.close()
 
 
-def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: ImageSet, logged: set[str]) -> None:
+def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: DeviceImages, logged: set[str]) -> None:
     """The FID reference statistics every child run was scored against, as an artifact of the parent."""
+    images = images.image_set
+    if cfg.eval.fid_final_samples == 0:
+        return
     path, key, _ = reference_path(Path(cfg.data.cache_dir).expanduser(), images.key, cfg.eval.fid_ref_images,
-                                  len(images.images), resize=cfg.eval.fid_resize)
+                                  len(images.images), resize=cfg.eval.fid_resize,
+                                  weights=weights_digest(find_weights(cfg.eval.weights)))
     if path.is_file() and key not in logged:
         parent.log_artifact(path, "fid_reference")
         logged.add(key)

@@ -7,6 +7,7 @@ FID, pruned early on its intermediate FIDs, and recorded as an MLflow child run 
     python -m studies.search --study lr-team --storage journal:/nfs/lr.journal --trials 10  # on each machine
     python -m studies.run pooling --preset quick --lr-from lr-quick        # a study with the best pair found
     python -m studies.run pooling --preset quick --search-lr               # search (20 trials), then the study
+    python -m studies.search --smoke                                      # preflight before a long search
 
 Each invocation adds exactly --trials trials to the study, shared out over its --workers; the same --study
 name resumes it (with the same settings, or it is refused). On top of the usual order (preset, --base,
@@ -20,10 +21,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.config import to_json
+from core.config import RunConfig, apply_overrides, to_json
 from core.errors import UserError
 from core.tracking import Store
-from studies.cli import add_flags, command, overrides_from, parse_base
+from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.search.handoff import best_choice
 from studies.search.orchestrate import run_search
 from studies.search.storage import Heartbeat, open_storage
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, "--tracking-uri")
     p.add_argument("--workdir", type=Path, default=Path("runs"), help="trial checkpoints and samples (default: runs)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config of a trial and exit")
+    p.add_argument("--smoke", action="store_true", help="preflight a trial at both ends of the LR range on this "
+                   "device (a few steps, checkpoint round trip, grid, FID/KID); exit 0 only if both pass; writes no "
+                   "runs or trials (default: off)")
     add_flags(p, "--no-progress")
     return p
 
@@ -73,6 +77,8 @@ def search(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_json(validate_spec(spec)))
         return 0
+    if args.smoke:
+        return smoke(spec, validate_spec(spec), not args.no_progress)
     validate_spec(spec)  # bad input found before the MLflow store is created
     open_storage(spec.storage, spec.heartbeat)
     parent_id = run_search(spec, Store(args.tracking_uri), progress=not args.no_progress)
@@ -86,6 +92,18 @@ def search(args: argparse.Namespace) -> int:
     print(f"best trial {best.trial} (FID {best.fid:.2f}): {pair}; use it with: "
           f"python -m studies.run NAME --lr-from {spec.name} --storage {spec.storage}")
     return 0
+
+
+def smoke(spec: SearchSpec, cfg: RunConfig, show_progress: bool) -> int:
+    """--smoke: one trial's configuration at the lowest and at the highest learning rates of the range."""
+    from ablations import get_ablation
+    from core.data import load_images
+    from studies.preflight import preflight
+    images = load_images(cfg.data, cfg.model.resolution, progress=show_progress, roots=data_roots())
+    ends = {f"lr={lr:g}": apply_overrides(cfg, {"optim.lr_g": lr, "optim.lr_d": lr}) for lr in spec.lr_range}
+    hooks = get_ablation(spec.ablation).hooks(spec.variant) if spec.ablation else []
+    print(f"preflight of search {spec.name} (preset {spec.preset})")
+    return 0 if preflight(ends, images, lambda _: hooks) else 1
 
 
 main = command(build_parser, search,

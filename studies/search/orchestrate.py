@@ -16,6 +16,7 @@ import time
 
 import optuna
 
+from core.build import share_images
 from core.data import ImageSet, load_images
 from core.errors import UserError
 from core.tracking import RunTracker, Store
@@ -31,12 +32,13 @@ def work(spec: SearchSpec, store: Store | str, parent_id: str, n_trials: int, wo
     """One worker: `n_trials` trials of the study, each an MLflow child of `parent_id`. A spawned worker gets
     the store's URI and opens everything itself; in-process, the already opened objects are reused."""
     store = Store(store) if isinstance(store, str) else store
+    cfg = validate_spec(spec)
     if images is None:
-        cfg = validate_spec(spec)
         images = load_images(cfg.data, cfg.model.resolution, roots=data_roots())
+    shared = share_images(cfg, images)  # on the device once per worker; every trial reads the same copy
     study = optuna.load_study(study_name=spec.name, storage=storage or open_storage(spec.storage, spec.heartbeat),
                               sampler=make_sampler(spec, n_before, worker), pruner=make_pruner())
-    objective = Objective(spec, store, RunTracker(store.client, parent_id), images, worker)
+    objective = Objective(spec, store, RunTracker(store.client, parent_id), shared, worker)
     study.optimize(objective, n_trials=n_trials, catch=(TrialFailed,), gc_after_trial=False)
 
 

@@ -19,7 +19,7 @@ import optuna
 from ablations import get_ablation
 from core import config as config_mod
 from core.config import RunConfig
-from core.data import ImageSet
+from core.data import DeviceImages
 from core.errors import UserError
 from core.hooks import HookList, Hooks
 from core.metrics import fid_name
@@ -169,7 +169,7 @@ class ReportFid(Hooks):
 class Objective:
     """One trial: suggest, resolve the config, train as an MLflow child run, return the final FID."""
 
-    def __init__(self, spec: SearchSpec, store: Store, parent: RunTracker, images: ImageSet, worker: int):
+    def __init__(self, spec: SearchSpec, store: Store, parent: RunTracker, images: DeviceImages, worker: int):
         self.spec, self.store, self.parent, self.images, self.worker = spec, store, parent, images, worker
 
     def suggest(self, trial: optuna.Trial) -> dict[str, float]:
