@@ -35,7 +35,7 @@ RESIZES = {  # eval.fid_resize -> the protocol's name for it; FIDs under differe
     "torch": "PIL bicubic as device matmul 299",
 }
 NVIDIA_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid itself looks
-# Images per Inception forward on a CPU in the fast path: on 2 cores (python -m studies.bench_cpu) 4-8 run at
+# Images per Inception forward on a CPU in the fast path: on 2 cores (python -m studies.bench.cpu) 4-8 run at
 # ~11 img/s, 16 at ~9.5, 32-64 at ~8.5 (the activations of a small batch stay in cache). GPUs take the whole batch.
 # Threads stay torch's default, one per core: one thread ran at ~5 img/s.
 CPU_NET_BATCH = 8
@@ -91,7 +91,7 @@ class InceptionFeatures:
     """uint8 images (B, 3, H, W) -> 2048-d pool features (float64), clean-fid 'clean' protocol.
 
     `fast` (the default) runs the network in its fastest float32 form, measured on a CPU by
-    `python -m studies.bench_cpu`: weights and input in NHWC (channels_last), frozen TorchScript (weights
+    `python -m studies.bench.cpu`: weights and input in NHWC (channels_last), frozen TorchScript (weights
     folded in as constants), CPU_NET_BATCH images per forward on a CPU; the same features to ~1e-6 of their
     scale. `fast=False` is the network as loaded (NCHW, whole batches), kept as the reference.
     """

@@ -2,7 +2,7 @@
 
 import json
 
-from studies.bench_cpu import main
+from studies.bench.cpu import main
 from tests.conftest import write_synthetic_celeba
 
 

@@ -1,13 +1,13 @@
 """CPU benchmark of the fast path: the suite's trainer against the plain PyTorch loop, Inception before and
 after, peak memory. One run, on this machine, the same data for every loop.
 
-    python -m studies.bench_cpu                     # issue 12's numbers: two models, Inception, memory
-    python -m studies.bench_cpu --rounds 1 --steps 3 --warmup 3 --inception-images 4 --no-memory   # smoke
-    python -m studies.bench_cpu --data ~/celeba/img_align_celeba --out bench_cpu.json
+    python -m studies.bench.cpu                     # issue 12's numbers: two models, Inception, memory
+    python -m studies.bench.cpu --rounds 1 --steps 3 --warmup 3 --inception-images 4 --no-memory   # smoke
+    python -m studies.bench.cpu --data ~/celeba/img_align_celeba --out bench_cpu.json
 
 Trainer rows, per model: the suite's trainer as configured (train.amp/channels_last=auto: bf16 + NHWC on a
 CPU with native bf16, else fp32 NCHW), the suite's trainer forced to fp32 NCHW, and the plain loop
-(studies/bench_plain.py: a DataLoader decoding the same JPEG files the suite's cache was made from, fp32,
+(studies/bench/plain.py: a DataLoader decoding the same JPEG files the suite's cache was made from, fp32,
 NCHW). Each is warmed up, then timed for --steps steps in each of --rounds rounds; the rounds alternate
 between the loops, so load from other processes falls on all of them alike. The table shows the median
 round and the best; the ratio is of medians. The suite's first losses are compared with the plain fp32 step
@@ -39,12 +39,13 @@ import torch
 
 from core import config as config_mod
 from core.build import build_run
-from core.config import apply_overrides, parse_set
-from core.data import load_images
+from core.config import apply_overrides
+from core.data import find_source, load_images
 from core.device import cpu_has_native_bf16
 from core.errors import UserError
 from core.metrics import InceptionFeatures, find_weights
-from studies.bench_plain import image_files, measure_plain, plain_losses
+from studies.bench.plain import image_files, measure_plain, plain_losses
+from studies.cli import add_flags, command, data_roots, overrides_from
 
 MODELS = {  # the quick preset's model and batch, then a wider one at a larger batch
     "32px w0.125 b32": {},
@@ -55,10 +56,9 @@ LOSS_CHECK_STEPS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m studies.bench_cpu", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m studies.bench.cpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="CelebA folder of JPEGs (default: $CELEBA_ROOT, ./data/celeba, "
-                   "then ../shared/data/celeba-subset)")
+    add_flags(p, "--data")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per loop, alternating (default: 3)")
     p.add_argument("--steps", type=int, default=50, help="timed training steps per round (default: 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps before the first round (default: 10)")
@@ -70,8 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per FID chunk, eval.fid_batch (default: 64, the quick preset's)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory in fresh processes (default: --memory)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key of the quick preset (repeatable; default: none)")
+    add_flags(p, "--set")
     p.add_argument("--out", type=Path, default=Path("bench_cpu.json"), help="JSON results (default: bench_cpu.json)")
     return p
 
@@ -86,9 +85,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def configs(args: argparse.Namespace) -> dict[str, config_mod.RunConfig]:
-    base = {**parse_set(args.set), "train.device": "cpu"}
-    if args.data is not None:
-        base["data.root"] = args.data
+    base = {**overrides_from(args), "train.device": "cpu"}
+    if not base.get("data.root"):  # the default places, resolved once: every loop then reads the same folder
+        base["data.root"] = str(find_source(config_mod.resolve("quick", base).data, data_roots()).path)
     return {name: config_mod.resolve("quick", base, layer) for name, layer in MODELS.items()}
 
 
@@ -308,21 +307,16 @@ def run_bench(args: argparse.Namespace, command: str) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    command = "python -m studies.bench_cpu " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        result = run_bench(args, command)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+def bench(args: argparse.Namespace) -> int:
+    result = run_bench(args, "python -m studies.bench.cpu " + shlex.join(args.argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(table(result))
     print(f"wrote {args.out}")
     return 0
+
+
+main = command(build_parser, bench)
 
 
 if __name__ == "__main__":
