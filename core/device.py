@@ -28,6 +28,15 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def choose_preset(name: str) -> tuple[str, str]:
+    """(preset, why) for --preset: 'auto' is the GPU preset with CUDA and the CPU preset without."""
+    if name != "auto":
+        return name, "asked for with --preset"
+    if torch.cuda.is_available():
+        return "default", f"CUDA device {torch.cuda.get_device_name()} found: the 128 px GPU preset"
+    return "cpu", "no CUDA device: the 32 px CPU preset (pass --preset default for the 128 px GPU preset)"
+
+
 def device_type(name: str) -> str:
     """'cuda' or 'cpu' for a train.device value, without raising (validation is pick_device's job)."""
     if name == "auto":

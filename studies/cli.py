@@ -32,8 +32,9 @@ def data_roots() -> list[Path]:
 
 
 FLAGS: dict[str, dict[str, object]] = {  # flag -> argparse keywords: one definition and one help text each
-    "--preset": {"default": "default",
-                 "help": f"config preset: {' | '.join(PRESETS)} (default: default, the GPU preset)"},
+    "--preset": {"default": "auto",
+                 "help": f"config preset: auto | {' | '.join(PRESETS)} (default: auto = 'default', the 128 px GPU "
+                 "preset, with CUDA, else 'cpu', the 32 px CPU preset; 'quick' is for tests and --smoke)"},
     "--data": {"default": None, "help": "CelebA folder, img_align_celeba.zip, or 'torchvision' (default: the first "
                "that holds images of $CELEBA_ROOT, ./data/celeba, data/celeba in the checkout, then "
                "../shared/data/celeba-subset beside the checkout)"},

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from core import config as config_mod
 from core.build import FidEvaluator, build_run
 from core.config import RunConfig, apply_overrides
 from core.data import ImageSet
@@ -43,16 +44,15 @@ def variants(with_compile: bool) -> list[dict[str, object]]:
     eager = [{"train.compile": False}]
     if not with_compile:
         return eager
-    return eager + [{"train.compile": True, "train.channels_last": False},
-                    {"train.compile": True, "train.channels_last": True}]
+    return eager + [{"train.compile": True, "train.channels_last": "off"},
+                    {"train.compile": True, "train.channels_last": "on"}]
 
 
 def describe(cfg: RunConfig, device: torch.device) -> str:
-    """What the trainer really does with these settings on this device (it ignores CUDA-only ones on CPU)."""
-    t, cuda = cfg.train, device.type == "cuda"
-    return " ".join(["compiled" if t.compile and cuda else "eager",
-                     "channels_last" if t.channels_last and cuda else "NCHW",
-                     t.amp if cuda else "fp32"])
+    """What the trainer really does with these settings on this device (precision and layout as resolved)."""
+    d, cuda = config_mod.derive(cfg), device.type == "cuda"
+    return " ".join(["compiled" if cfg.train.compile and cuda else "eager",
+                     "channels_last" if d.channels_last else "NCHW", d.amp])
 
 
 def flops_per_image(cfg: RunConfig, images: ImageSet, device: torch.device) -> float:

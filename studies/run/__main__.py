@@ -1,7 +1,8 @@
 """Run an ablation study: every variant x seed as MLflow child runs, then write reports/NAME.md.
 
-    python -m studies.run pooling                          # GPU preset, 3 seeds, full CelebA or the subset
-    python -m studies.run pooling --preset quick --seeds 2 # minutes on a CPU
+    python -m studies.run pooling                          # preset auto: 'default' on a GPU, 'cpu' without one
+    python -m studies.run pooling --preset quick --seeds 2 # tests and --smoke only: a few minutes, noise samples
+    python -m studies.run pooling --preset default --yes   # the 128 px GPU preset even where its ETA is days
     python -m studies.run pooling --data ~/celeba/img_align_celeba.zip --set train.kimg=500
     python -m studies.run pooling --base ttur=ttur         # pooling variants on top of TTUR learning rates
     python -m studies.run all --preset quick               # every study in turn
@@ -14,12 +15,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from ablations import get_ablation, list_ablations
+from core.build import share_images
 from core.config import flatten
+from core.device import choose_preset
 from core.errors import UserError
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.lr_handoff import LrRequest, check_study
@@ -40,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("runs"), help="checkpoints and samples (default: runs)")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="report folder (default: reports)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config of each variant and exit")
+    p.add_argument("--yes", action="store_true", help="run even when the measured ETA exceeds 12 hours "
+                   "(default: refuse such a study with its ETA)")
     p.add_argument("--smoke", action="store_true", help="preflight: a few steps, a checkpoint round trip, a grid and "
                    "FID/KID of every variant on this device; one line each; exit 0 only if all pass; writes no "
                    "runs (default: off)")
@@ -72,6 +78,8 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds} must be >= 1")
     base = parse_base(args.base)
+    preset, why = choose_preset(args.preset)
+    print(f"preset {preset} ({why})", file=sys.stderr)
     if args.name == "all":
         if args.variants:
             raise UserError("--variants names variants of one study; it cannot be combined with 'all'")
@@ -80,9 +88,9 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
     else:
         get_ablation(args.name)  # unknown names fail here, listing the known ones
         names = [args.name]
-    return [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=args.preset, base=base,
+    return [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=preset, base=base,
                       overrides=overrides_from(args), variants=tuple(v for v in args.variants.split(",") if v),
-                      workdir=args.workdir) for name in names]
+                      workdir=args.workdir, notes={"preset_reason": why}) for name in names]
 
 
 def take_lr(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
@@ -127,12 +135,34 @@ def run(args: argparse.Namespace) -> int:
     images = load_images(first.data, first.model.resolution, progress=not args.no_progress, roots=data_roots())
     if args.smoke:
         return smoke(specs, configs, images)
+    shared = share_images(first, images)  # on the device once for every study and run of this process
+    specs = with_eta(specs, configs, shared, args.yes)
     store = Store(args.tracking_uri)
     for spec in specs:
-        parent_id = run_study(spec, store, images, progress=not args.no_progress, fresh=args.fresh)
+        parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh)
         report = write_report(store, spec.experiment, args.reports, parent_id)
         print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
     return 0
+
+
+def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool) -> list[StudySpec]:
+    """Measure, print and record the ETA of the whole invocation; refuse one over 12 hours without --yes."""
+    from studies import eta
+    estimates = []
+    for spec in specs:
+        cfgs = configs[spec.experiment]
+        timings = eta.measure(cfgs, images)
+        estimates.append(eta.estimate(cfgs, len(spec.seeds), timings,
+                                      eta.reference_images_to_compute(next(iter(cfgs.values())), images)))
+    total = sum(e.total_s for e in estimates)
+    what = f"{len(specs)} studies" if len(specs) > 1 else f"study {specs[0].experiment}"
+    line = (estimates[0].line(what) if len(specs) == 1
+            else f"ETA {eta.format_duration(total)} for {what} ({sum(e.runs for e in estimates)} runs)")
+    print(f"{line}, preset {specs[0].preset}", file=sys.stderr)
+    if total > eta.LONG_ETA_S and not yes:
+        raise UserError(f"{line}: over 12 hours on this machine; pass --yes to run it anyway, "
+                        "or --preset auto for the preset that fits this hardware")
+    return [dataclasses.replace(s, notes={**s.notes, **e.tags()}) for s, e in zip(specs, estimates)]
 
 
 def smoke(specs: list[StudySpec], configs: dict[str, dict], images) -> int:

@@ -42,6 +42,7 @@ class StudySpec:
     overrides: dict[str, object] = field(default_factory=dict)  # CLI --set and --data, applied last
     variants: tuple[str, ...] = ()  # subset of the ablation's variants; () = all (baseline always included)
     workdir: Path = Path("runs")  # run directories: checkpoints, sample grids, curves
+    notes: dict[str, object] = field(default_factory=dict)  # parent-run tags only: the preset's choice, the ETA
     provenance: dict[str, object] = field(default_factory=dict)  # where overrides came from (--lr-from): params+tags
 
     @property
@@ -119,6 +120,8 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet | DeviceImages, pr
                            "study.variants": list(configs), "study.base": dict(spec.base),
                            "study.overrides": spec.overrides, **spec.provenance})
         done = {}
+    if spec.notes:  # this invocation's preset choice and ETA (a resumed study records its new estimate)
+        parent.set_tags(spec.notes)
     logged_refs: set[str] = set()
     if not isinstance(images, DeviceImages):  # on the device once; every run of the study reads this copy
         images = share_images(next(iter(configs.values())), images)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from core.config import RunConfig, apply_overrides, to_json
+from core.device import choose_preset
 from core.errors import UserError
 from core.tracking import Store
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> SearchSpec:
+    preset, why = choose_preset(args.preset)
+    print(f"preset {preset} ({why})", file=sys.stderr)
+    args.preset = preset
     return SearchSpec(study=args.study, storage=args.storage, trials=args.trials, workers=args.workers,
                       ablation=args.ablation, variant=args.variant, base=parse_base(args.base), preset=args.preset,
                       overrides=overrides_from(args), lr_range=(args.lr_min, args.lr_max),
@@ -81,6 +85,7 @@ def search(args: argparse.Namespace) -> int:
         return smoke(spec, validate_spec(spec), not args.no_progress)
     validate_spec(spec)  # bad input found before the MLflow store is created
     open_storage(spec.storage, spec.heartbeat)
+    print_eta(spec, validate_spec(spec))
     parent_id = run_search(spec, Store(args.tracking_uri), progress=not args.no_progress)
     print(f"search {spec.name}: parent run {parent_id} in MLflow experiment {spec.experiment}")
     try:
@@ -92,6 +97,19 @@ def search(args: argparse.Namespace) -> int:
     print(f"best trial {best.trial} (FID {best.fid:.2f}): {pair}; use it with: "
           f"python -m studies.run NAME --lr-from {spec.name} --storage {spec.storage}")
     return 0
+
+
+def print_eta(spec: SearchSpec, cfg: RunConfig) -> None:
+    """The search's ETA, measured here: every trial run to its end (pruning can only shorten it)."""
+    from core.build import share_images
+    from core.data import load_images
+    from studies import eta
+    images = share_images(cfg, load_images(cfg.data, cfg.model.resolution, roots=data_roots()))
+    estimate = eta.estimate({"trial": cfg}, spec.trials, eta.measure({"trial": cfg}, images),
+                            eta.reference_images_to_compute(cfg, images))
+    per_worker = estimate.total_s / min(spec.workers, spec.trials)
+    print(f"{estimate.line(f'search {spec.name}')}; about {eta.format_duration(per_worker)} over "
+          f"{min(spec.workers, spec.trials)} worker(s) at most, less with pruning", file=sys.stderr)
 
 
 def smoke(spec: SearchSpec, cfg: RunConfig, show_progress: bool) -> int:

@@ -1,0 +1,137 @@
+"""How long a study or a search will take on this machine, measured before it starts, not guessed.
+
+    python -m studies.run pooling                 # prints 'preset cpu (...): ETA 52 min for 9 runs ...' first
+    python -m studies.run pooling --preset default --yes   # a 128 px study on a CPU: its ETA, then it runs anyway
+
+A few timed training steps of every variant's real model (after a warm-up step, on the device and in the
+precision the run will use) give its img/s; one timed Inception batch gives the FID/KID pass's img/s. The
+arithmetic (`estimate`) is separate from the measuring (`measure`), so it is tested on made-up timings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core import config as config_mod
+from core.build import build_run
+from core.config import RunConfig
+from core.data import DeviceImages
+from core.device import release_memory
+from core.metrics import InceptionFeatures, find_weights, reference_path, weights_digest
+
+TIMED_STEPS = 3  # training steps timed per variant, after one warm-up step
+LONG_ETA_S = 12 * 3600  # beyond this, a study asks for --yes
+
+
+@dataclass(frozen=True)
+class Timings:
+    train_img_per_s: dict[str, float]  # variant -> training images per second
+    inception_img_per_s: float  # generated or real images per second through the FID/KID feature pass
+
+
+@dataclass(frozen=True)
+class Estimate:
+    total_s: float  # the whole study: every run plus the reference statistics
+    runs: int
+    train_s: float  # of which training
+    eval_s: float  # of which FID/KID feature passes (evaluations and reference)
+
+    def line(self, what: str) -> str:
+        return (f"ETA {format_duration(self.total_s)} for {what} ({self.runs} runs: training "
+                f"{format_duration(self.train_s)}, FID/KID {format_duration(self.eval_s)}; measured on this machine)")
+
+    def tags(self) -> dict[str, object]:
+        return {"eta.total_s": round(self.total_s), "eta.train_s": round(self.train_s),
+                "eta.eval_s": round(self.eval_s), "eta.runs": self.runs}
+
+
+def evaluations(cfg: RunConfig) -> int:
+    """Generated images one run sends through Inception: the intermediate evaluations plus the final one."""
+    e = cfg.eval
+    if e.fid_final_samples == 0:
+        return 0
+    nimg = config_mod.derive(cfg).steps * cfg.train.batch_size
+    every = round(e.fid_every_kimg * 1000)
+    intermediate = (nimg - 1) // every if every > 0 else 0  # the trainer skips an evaluation on the last step
+    return intermediate * e.fid_samples + e.fid_final_samples
+
+
+def estimate(configs: dict[str, RunConfig], runs_per_variant: int, timings: Timings,
+             reference_images: int) -> Estimate:
+    """Seconds for runs_per_variant runs of each config plus `reference_images` through Inception (0 = cached)."""
+    train_s = eval_images = 0.0
+    for name, cfg in configs.items():
+        nimg = config_mod.derive(cfg).steps * cfg.train.batch_size
+        train_s += runs_per_variant * nimg / timings.train_img_per_s[name]
+        eval_images += runs_per_variant * evaluations(cfg)
+    eval_s = (eval_images + reference_images) / timings.inception_img_per_s
+    return Estimate(train_s + eval_s, runs_per_variant * len(configs), train_s, eval_s)
+
+
+def measure(configs: dict[str, RunConfig], images: DeviceImages) -> Timings:
+    """Time TIMED_STEPS training steps of each variant and one Inception batch, here and now."""
+    speeds = {name: _train_img_per_s(cfg, images) for name, cfg in configs.items()}
+    return Timings(speeds, _inception_img_per_s(next(iter(configs.values())), images))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_img_per_s(cfg: RunConfig, images: DeviceImages) -> float:
+    trainer = build_run(cfg, images=images, with_fid=False)
+    device = trainer.device
+    try:
+        trainer.train_step()  # warm-up: allocations, cuDNN autotuning
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(TIMED_STEPS):
+            trainer.train_step()
+        _sync(device)
+        return TIMED_STEPS * cfg.train.batch_size / (time.perf_counter() - start)
+    finally:
+        trainer.close()
+        del trainer
+        release_memory(device)
+
+
+def _inception_img_per_s(cfg: RunConfig, images: DeviceImages) -> float:
+    if cfg.eval.fid_final_samples == 0:
+        return math.inf
+    extractor = InceptionFeatures(find_weights(cfg.eval.weights), images.device, batch=cfg.eval.fid_batch,
+                                  resize=cfg.eval.fid_resize)
+    n = min(cfg.eval.fid_batch, len(images))
+    batch = torch.from_numpy(np.array(images.image_set.images[:n]))
+    extractor(batch[: min(n, 2)])  # warm-up
+    start = time.perf_counter()
+    extractor(batch)
+    return n / (time.perf_counter() - start)
+
+
+def format_duration(seconds: float) -> str:
+    """'45 s', '12 min', '3.4 h', '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def reference_images_to_compute(cfg: RunConfig, images: DeviceImages) -> int:
+    """Real images the study must still send through Inception for its reference statistics (0 when cached)."""
+    if cfg.eval.fid_final_samples == 0:
+        return 0
+    image_set = images.image_set
+    path, _, n = reference_path(Path(cfg.data.cache_dir).expanduser(), image_set.key, cfg.eval.fid_ref_images,
+                                len(image_set.images), resize=cfg.eval.fid_resize,
+                                weights=weights_digest(find_weights(cfg.eval.weights)))
+    return 0 if path.is_file() else n

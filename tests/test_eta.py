@@ -1,0 +1,91 @@
+"""--preset auto picks the hardware's preset; the ETA is measured, printed before training, recorded, and gates
+a study longer than 12 hours behind --yes. The arithmetic is checked on made-up timings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import config as config_mod
+from core.tracking import Store
+from studies import eta
+from studies.run.__main__ import main as run_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(**layer):
+    return config_mod.resolve("quick", {k.replace("__", "."): v for k, v in layer.items()})
+
+
+def test_estimate_is_training_plus_every_inception_pass():
+    a = _cfg(train__kimg=6.4, train__batch_size=32, eval__fid_every_kimg=3.2, eval__fid_samples=100,
+             eval__fid_final_samples=200)  # 200 steps: one intermediate evaluation (3.2 kimg), none at the end
+    b = _cfg(train__kimg=3.2, train__batch_size=64, eval__fid_every_kimg=0.0, eval__fid_final_samples=200)
+    assert eta.evaluations(a) == 100 + 200 and eta.evaluations(b) == 200
+    timings = eta.Timings({"a": 640.0, "b": 320.0}, inception_img_per_s=10.0)
+    est = eta.estimate({"a": a, "b": b}, 3, timings, reference_images=500)
+    assert est.runs == 6
+    assert est.train_s == pytest.approx(3 * 6400 / 640 + 3 * 3200 / 320)  # 30 + 30
+    assert est.eval_s == pytest.approx((3 * 300 + 3 * 200 + 500) / 10)  # 200
+    assert est.total_s == pytest.approx(260.0)
+    assert eta.estimate({"a": a}, 1, timings, 0).eval_s == pytest.approx(30.0)  # cached reference costs nothing
+
+
+def test_no_evaluation_costs_nothing_and_durations_read_well():
+    assert eta.evaluations(_cfg(eval__fid_every_kimg=0.0, eval__fid_final_samples=0)) == 0
+    assert [eta.format_duration(s) for s in (45, 600, 5 * 3600, 3 * 86400)] == ["45 s", "10 min", "5.0 h", "3.0 days"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without CUDA")
+def test_dry_run_without_cuda_resolves_auto_to_the_cpu_preset(tmp_path):
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "studies.run", "pooling", "--dry-run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("preset cpu (no CUDA device")
+    import json
+    configs = json.loads(proc.stdout)["pooling"]
+    cpu = config_mod.flatten(config_mod.resolve("cpu"))
+    assert configs["baseline"]["model.resolution"] == cpu["model.resolution"] == 32
+    assert configs["baseline"]["train.kimg"] == cpu["train.kimg"]
+
+
+def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path, monkeypatch, synthetic_root, capsys):
+    monkeypatch.chdir(tmp_path)
+    printed: list[str] = []
+    real_train = eta._train_img_per_s
+    monkeypatch.setattr(eta, "_train_img_per_s", lambda cfg, images: (printed.append("timed"), real_train(cfg, images))[1])
+    code = run_main(["pooling", "--preset", "cpu", "--seeds", "1", "--data", str(synthetic_root), "--no-progress",
+                     "--set", "train.kimg=0.256", "--set", "eval.fid_final_samples=8", "--set", "eval.fid_ref_images=16",
+                     "--set", "eval.fid_batch=8", "--set", "eval.grid_size=4", "--set", "train.device=cpu",
+                     "--set", "eval.collapse_spread=0",  # 4 steps have not left the collapsed start
+                     "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = err.splitlines()
+    assert lines[0].startswith("preset cpu (asked for with --preset)")
+    eta_line = next(line for line in lines if line.startswith("ETA "))
+    assert "study pooling (3 runs" in eta_line and printed == ["timed"] * 3  # every variant's model was timed
+    runs = Store(f"sqlite:///{tmp_path / 'mlflow.db'}").runs_frame("pooling")
+    parent = runs[runs["tags.study"] == "parent"].iloc[0]
+    assert float(parent["tags.eta.total_s"]) > 0 and parent["tags.eta.runs"] == "3"
+    assert parent["tags.preset"] == "cpu" and parent["tags.preset_reason"] == "asked for with --preset"
+    children = runs[runs["tags.study"] == "child"]
+    assert len(children) == 3 and (children["tags.outcome"] == "finished").all()
+    assert set(children["params.model.width"]) == {str(config_mod.resolve("cpu").model.width)}
+
+
+def test_a_study_over_12_hours_needs_yes(tmp_path, monkeypatch, synthetic_root, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(eta, "measure", lambda configs, images: eta.Timings({k: 0.5 for k in configs}, 0.5))
+    flags = ["pooling", "--preset", "quick", "--seeds", "1", "--data", str(synthetic_root), "--no-progress",
+             "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert run_main(flags) == 2  # 3 runs x 12,000 images at 0.5 img/s: 20 hours of training alone
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ETA ") and "over 12 hours" in err[-1] and "--yes" in err[-1]
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store is opened
