@@ -67,9 +67,8 @@ def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path,
                      "--set", f"data.cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err
     assert code == 0, err
-    lines = err.splitlines()
-    assert lines[0].startswith("preset cpu (asked for with --preset)")
-    eta_line = next(line for line in lines if line.startswith("ETA "))
+    eta_line = err.splitlines()[0]  # before anything trains
+    assert eta_line.startswith("preset cpu (asked for with --preset); ETA ")
     assert "study pooling (3 runs" in eta_line and printed == ["timed"] * 3  # every variant's model was timed
     runs = Store(f"sqlite:///{tmp_path / 'mlflow.db'}").runs_frame("pooling")
     parent = runs[runs["tags.study"] == "parent"].iloc[0]
@@ -87,5 +86,6 @@ def test_a_study_over_12_hours_needs_yes(tmp_path, monkeypatch, synthetic_root, 
              "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     assert run_main(flags) == 2  # 3 runs x 12,000 images at 0.5 img/s: 20 hours of training alone
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ETA ") and "over 12 hours" in err[-1] and "--yes" in err[-1]
+    assert len(err) == 1 and err[0].startswith("error: preset quick (asked for with --preset); ETA ")
+    assert "over 12 hours" in err[0] and "--yes" in err[0]
     assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store is opened

@@ -79,7 +79,6 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
         raise UserError(f"--seeds {args.seeds} must be >= 1")
     base = parse_base(args.base)
     preset, why = choose_preset(args.preset)
-    print(f"preset {preset} ({why})", file=sys.stderr)
     if args.name == "all":
         if args.variants:
             raise UserError("--variants names variants of one study; it cannot be combined with 'all'")
@@ -124,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     specs = [take_lr(spec, args) for spec in specs_from_args(args)]
     configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
     if args.dry_run:
+        print(f"preset {specs[0].preset} ({specs[0].notes['preset_reason']})", file=sys.stderr)
         print(json.dumps({name: {v: flatten(c) for v, c in cfgs.items()} for name, cfgs in configs.items()}, indent=2))
         return 0
     from core.data import load_images
@@ -158,10 +158,11 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
     what = f"{len(specs)} studies" if len(specs) > 1 else f"study {specs[0].experiment}"
     line = (estimates[0].line(what) if len(specs) == 1
             else f"ETA {eta.format_duration(total)} for {what} ({sum(e.runs for e in estimates)} runs)")
-    print(f"{line}, preset {specs[0].preset}", file=sys.stderr)
+    line = f"preset {specs[0].preset} ({specs[0].notes['preset_reason']}); {line}"
     if total > eta.LONG_ETA_S and not yes:
         raise UserError(f"{line}: over 12 hours on this machine; pass --yes to run it anyway, "
                         "or --preset auto for the preset that fits this hardware")
+    print(line, file=sys.stderr)
     return [dataclasses.replace(s, notes={**s.notes, **e.tags()}) for s, e in zip(specs, estimates)]
 
 

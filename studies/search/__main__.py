@@ -66,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> SearchSpec:
-    preset, why = choose_preset(args.preset)
-    print(f"preset {preset} ({why})", file=sys.stderr)
+    preset, args.preset_reason = choose_preset(args.preset)
     args.preset = preset
     return SearchSpec(study=args.study, storage=args.storage, trials=args.trials, workers=args.workers,
                       ablation=args.ablation, variant=args.variant, base=parse_base(args.base), preset=args.preset,
@@ -79,13 +78,14 @@ def spec_from_args(args: argparse.Namespace) -> SearchSpec:
 def search(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
     if args.dry_run:
+        print(f"preset {spec.preset} ({args.preset_reason})", file=sys.stderr)
         print(to_json(validate_spec(spec)))
         return 0
     if args.smoke:
         return smoke(spec, validate_spec(spec), not args.no_progress)
     validate_spec(spec)  # bad input found before the MLflow store is created
     open_storage(spec.storage, spec.heartbeat)
-    print_eta(spec, validate_spec(spec))
+    print_eta(spec, validate_spec(spec), args.preset_reason)
     parent_id = run_search(spec, Store(args.tracking_uri), progress=not args.no_progress)
     print(f"search {spec.name}: parent run {parent_id} in MLflow experiment {spec.experiment}")
     try:
@@ -99,7 +99,7 @@ def search(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_eta(spec: SearchSpec, cfg: RunConfig) -> None:
+def print_eta(spec: SearchSpec, cfg: RunConfig, preset_reason: str) -> None:
     """The search's ETA, measured here: every trial run to its end (pruning can only shorten it)."""
     from core.build import share_images
     from core.data import load_images
@@ -108,7 +108,7 @@ def print_eta(spec: SearchSpec, cfg: RunConfig) -> None:
     estimate = eta.estimate({"trial": cfg}, spec.trials, eta.measure({"trial": cfg}, images),
                             eta.reference_images_to_compute(cfg, images))
     per_worker = estimate.total_s / min(spec.workers, spec.trials)
-    print(f"{estimate.line(f'search {spec.name}')}; about {eta.format_duration(per_worker)} over "
+    print(f"preset {spec.preset} ({preset_reason}); {estimate.line(f'search {spec.name}')}; about {eta.format_duration(per_worker)} over "
           f"{min(spec.workers, spec.trials)} worker(s) at most, less with pruning", file=sys.stderr)
 
 
