@@ -235,3 +235,22 @@ def test_plugins_from_other_installed_packages_register_through_entry_points(tmp
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     assert "third_party" in list_ablations()
     assert get_ablation("third_party").overrides("wide") == {"model.width": 2.0}
+
+
+def test_stabiliser_bases_compose_and_nonsense_is_refused():
+    configs = resolve_configs(StudySpec(ablation="n_dis", base=(("spectral_norm", "sn"),)))
+    assert all(c.model.d_spectral_norm and c.model.d_sn_keep_bn for c in configs.values())
+    assert configs["n_dis_5"].train.n_dis == 5
+    stacked = resolve_configs(StudySpec(ablation="loss", base=(("ema", "ema_10"), ("r1", "r1_10"), ("augment", "diffaug"),
+                                                               ("spectral_norm", "sn_no_bn"))))
+    assert {(c.train.loss, c.train.ema_kimg, c.train.r1_gamma, c.train.augment, c.model.d_sn_keep_bn)
+            for c in stacked.values()} == {(k, 10.0, 10.0, "diffaug", False) for k in ("bce", "hinge", "lsgan")}
+    with pytest.raises(UserError, match="train.loss=hinge has margins, not targets"):
+        resolve_configs(StudySpec(ablation="label_smoothing", base=(("loss", "hinge"),)))
+    with pytest.raises(UserError, match="train.loss=hinge has margins, not targets"):
+        resolve_configs(StudySpec(ablation="loss", base=(("label_smoothing", "real_0.9"),)))
+    resolve_configs(StudySpec(ablation="label_smoothing", base=(("loss", "lsgan"),)))  # LS targets are labels
+    with pytest.raises(UserError, match="sets train.loss, which another --base already sets"):
+        resolve_configs(StudySpec(ablation="pooling", base=(("loss", "hinge"), ("loss", "lsgan"))))
+    with pytest.raises(UserError, match="removes D's BatchNorm"):
+        resolve_configs(StudySpec(ablation="leaky_bn", base=(("spectral_norm", "sn_no_bn"),)))
