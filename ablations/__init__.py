@@ -1,7 +1,7 @@
 """Ablation plugins: importing this package registers the built-ins (one small module each)."""
 
-from ablations import (baseline, batch_size, label_smoothing, leaky_bn, n_dis, pooling,  # noqa: F401 (register)
-                       ttur, weight_decay)
+from ablations import (augment, baseline, batch_size, ema, label_smoothing, leaky_bn, loss,  # noqa: F401 (register)
+                       n_dis, pooling, r1, spectral_norm, ttur, weight_decay)
 from ablations.registry import Ablation, get_ablation, list_ablations, register_ablation
 
 __all__ = ["Ablation", "get_ablation", "list_ablations", "register_ablation"]

@@ -15,16 +15,26 @@ from core.hooks import Hooks
 from core.metrics import (InceptionFeatures, MetricOptions, MetricResult, ReferenceStats, calc_metric, find_weights,
                           reference_stats)
 from core.models import Discriminator, Generator, init_weights
+from core.regularizers import lazy_adam
+from core.sampling import g_source
+from core.spectral import apply_spectral_norm
 from core.trainer import FID_SEED, Trainer
 
 
 def make_optimizers(cfg: RunConfig, G: torch.nn.Module, D: torch.nn.Module) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-    """Adam (weight decay as coupled L2) or AdamW (decoupled), at the derived, batch-scaled LRs."""
-    o, derived = cfg.optim, config_mod.derive(cfg)
+    """Adam (weight decay as coupled L2) or AdamW (decoupled), at the derived, batch-scaled LRs.
+
+    With lazy R1 (train.r1_gamma > 0), D's optimizer also takes the Dreg steps, so its lr and betas are scaled by
+    r1_interval / (r1_interval + 1), as stylegan does (core/regularizers.py).
+    """
+    o, t, derived = cfg.optim, cfg.train, config_mod.derive(cfg)
     cls = torch.optim.AdamW if o.weight_decay_mode == "decoupled" else torch.optim.Adam
     fused = {"fused": True} if next(G.parameters()).is_cuda else {}
+    lr_d, betas_d = derived.lr_d, (o.beta1, o.beta2)
+    if t.r1_gamma > 0:
+        lr_d, betas_d = lazy_adam(lr_d, betas_d, t.r1_interval)
     opt_g = cls(G.parameters(), lr=derived.lr_g, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, **fused)
-    opt_d = cls(D.parameters(), lr=derived.lr_d, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, **fused)
+    opt_d = cls(D.parameters(), lr=lr_d, betas=betas_d, weight_decay=o.weight_decay, **fused)
     return opt_g, opt_d
 
 
@@ -41,8 +51,12 @@ class FidEvaluator:
     def __call__(self, G: torch.nn.Module, num_samples: int) -> MetricResult:
         opts = MetricOptions(G=G, z_dim=self.cfg.model.z_dim, num_samples=num_samples, ref=self.ref,
                              extractor=self.extractor, device=self.device, g_mode=self.cfg.eval.g_mode,
-                             seed=FID_SEED, batch=self.cfg.eval.fid_batch, progress=self.progress)
+                             seed=FID_SEED, batch=self.cfg.eval.fid_batch, progress=self.progress,
+                             g_source=g_source(self.cfg), standing_batches=self._standing_batches())
         return calc_metric("fid", opts)
+
+    def _standing_batches(self) -> int:
+        return self.cfg.eval.standing_batches if self.cfg.eval.g_mode == "standing" else 0
 
 
 def share_images(cfg: RunConfig, images: ImageSet) -> DeviceImages:
@@ -80,6 +94,8 @@ def build_run(cfg: RunConfig, *, hooks: Hooks | None = None, tracker=None, run_d
     G, D = Generator(cfg.model), Discriminator(cfg.model)
     G.apply(init_weights)
     D.apply(init_weights)
+    if cfg.model.d_spectral_norm:  # after init (SN divides the initialised weight), before the optimizers see D
+        apply_spectral_norm(D, keep_batchnorm=cfg.model.d_sn_keep_bn)
     G, D = hooks.on_models_built(G, D)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)

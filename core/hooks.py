@@ -18,7 +18,7 @@ class Hooks:
         return G, D
 
     def d_targets(self, step: int, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The targets D's BCE loss receives for real and fake logits; default from train.*_label."""
+        """The targets D's loss receives for real and fake logits (hinge ignores them); default from train.*_label."""
         return real, fake
 
     def on_eval(self, kimg: float, metrics: dict[str, float]) -> bool:

@@ -253,7 +253,9 @@ class MetricOptions:
     ref: ReferenceStats
     extractor: InceptionFeatures
     device: torch.device
-    g_mode: str = "eval"  # eval | train: the mode G samples in (BatchNorm statistics)
+    g_mode: str = "eval"  # eval | train | standing: G's BatchNorm statistics (standing: G is a re-estimated copy)
+    g_source: str = "g"  # g | ema: which network G is (core/sampling.py)
+    standing_batches: int = 0  # z batches that re-estimated G's BatchNorm statistics (g_mode=standing); else 0
     seed: int = 123  # z for FID is drawn from this seed: every evaluation sees the same latents
     batch: int = 250
     progress: bool = False  # a progress bar over the generated images
@@ -334,4 +336,5 @@ def fid(opts: MetricOptions) -> MetricResult:
     name = fid_name(opts.num_samples)
     return MetricResult(name, {name: value, "feature_spread": spread}, protocol={
         "num_gen": opts.num_samples, "num_ref": opts.ref.num_images, "ref_key": opts.ref.key, "g_mode": opts.g_mode,
-        "quantise": "uint8", "resize": RESIZES[opts.extractor.resize_mode], "version": PROTOCOL_VERSION})
+        "quantise": "uint8", "resize": RESIZES[opts.extractor.resize_mode], "version": PROTOCOL_VERSION,
+        "g_source": opts.g_source, "standing_batches": opts.standing_batches})

@@ -10,6 +10,14 @@ BatchNorm2d layers with Identity (same positions, so layer order and indices are
 
 Apply after weight initialisation (the parametrized `weight` is computed, not stored) and before the
 optimizer is built (the parameters become `parametrizations.weight.original`).
+
+Under bf16 autocast (read from torch 2.14's `_SpectralNorm` and ATen's autocast op lists; the trainer computes
+`weight` inside D's forward, so inside autocast): on CUDA `torch.mv` is on the lower-precision list, so each power
+iteration's products are rounded to bf16, but `F.normalize(..., out=self._u)` writes them into the float32 `_u`/`_v`
+buffers, `vdot` is on the promote list (the fix for pytorch#125544, where it used to fail on mixed dtypes), and
+`weight / sigma` stays float32; sigma carries bf16 rounding (~2^-9 relative), far below what one power iteration per
+step leaves anyway. On the CPU, `mv` is not autocast at all (float32). The trainer's CPU tests run SN under bf16
+autocast; a CUDA run has not been checked on a device here.
 """
 
 from __future__ import annotations

@@ -1,29 +1,30 @@
-"""The one GAN training loop every study uses: non-saturating BCE loss, Adam, phases with intervals.
+"""The one GAN training loop every study uses: a loss picked by name (core/losses.py), Adam, phases with intervals.
 
 A step is one G update; before it, D is updated `n_dis` times on fresh real batches, but only every
-`d_interval`-th step. Images seen (nimg) count G's batches, so kimg = step * batch / 1000. Scalars stay on
-the device inside the step and are reduced only at log intervals (the one sync point).
+`d_interval`-th step, and with R1 on, a lazy `Dreg` phase follows every `r1_interval`-th D update. After the G
+update, G_ema (when on) takes its moving-average step. Images seen (nimg) count G's batches, so kimg = step *
+batch / 1000. Scalars stay on the device inside the step and are reduced only at log intervals (the one sync point).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from core import augment, checkpoint, losses, regularizers
 from core import config as config_mod
 from core.config import RunConfig
 from core.data import BatchSource
-from core.errors import UserError
+from core.ema import ema_beta, make_ema, update_ema
 from core.hooks import Hooks
 from core.metrics import MetricResult
+from core.sampling import evaluated_g
 
 GRID_SEED = 2024  # every run's sample grids use the same z, so variants compare image by image
 FID_SEED = 123  # and every FID evaluation the same latents
@@ -31,14 +32,17 @@ FID_SEED = 123  # and every FID evaluation the same latents
 
 @dataclass(frozen=True)
 class Phase:
-    """One optimisation phase: which network it trains (D | G), how often (every `interval` steps), how many times.
+    """One optimisation phase: what it trains (D | Dreg | G), how often (every `interval` steps), how many times.
 
-    Plain data: the trainer dispatches on `name`. (A bound method here would make trainer -> phases -> method
-    -> trainer a reference cycle, which keeps a finished run's device memory until a full GC.)
+    With `per` set, `interval` counts that phase's updates instead of steps: Dreg runs once per `interval` D updates
+    (stylegan's lazy regularisation), whatever n_dis and d_interval are. Plain data: the trainer dispatches on
+    `name`. (A bound method here would make trainer -> phases -> method -> trainer a reference cycle, which keeps
+    a finished run's device memory until a full GC.)
     """
     name: str
     interval: int = 1
     repeats: int = 1
+    per: str = ""  # '' = trainer steps; a phase name = counted in that phase's updates
 
 
 @dataclass
@@ -51,6 +55,9 @@ class RunResult:
     best_fid: float | None = None
     diverged_at: int | None = None  # nimg at which a non-finite loss was seen
     img_per_s: float | None = None
+
+
+STAT_PHASE = {"loss/d": "D", "d/real": "D", "d/fake": "D", "loss/r1": "Dreg", "loss/g": "G"}  # stat -> its phase
 
 
 def crossed(nimg: int, batch: int, every_kimg: float) -> bool:
@@ -82,65 +89,109 @@ class Trainer:
         self.fid_history: dict[int, float] = {}
         self.history: dict[str, list[tuple[int, float]]] = {}  # every logged metric, for the run's plot
         self.zgen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
+        self.augment_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 3)  # x-flip, DiffAugment
+        self.G_ema = make_ema(G) if cfg.train.ema_kimg > 0 else None
         cuda = device.type == "cuda"
         # train.amp=auto resolved for this device (core.device); bf16 autocast runs on CPUs too
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.derived.amp == "bf16")
         self.G_train = torch.compile(G) if cuda and cfg.train.compile else G
         self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
-        self.d_steps = 0  # optimizer steps taken, recorded in the run's summary
-        self.g_steps = 0
         self.failures: dict[str, int] = {}  # failure mode -> nimg where first seen
         self._saturated_logs = 0
         self._reset_stats()
         t = cfg.train
         self.phases = [Phase("D", interval=t.d_interval, repeats=t.n_dis), Phase("G")]
+        if t.r1_gamma > 0:
+            self.phases.insert(1, Phase("Dreg", interval=t.r1_interval, per="D"))
+        self.phase_steps = {"D": 0, "Dreg": 0, "G": 0}  # optimizer steps taken, recorded in the run's summary
+
+    @property
+    def d_steps(self) -> int:
+        return self.phase_steps["D"]
+
+    @property
+    def g_steps(self) -> int:
+        return self.phase_steps["G"]
 
     # ---- the step --------------------------------------------------------------------------------
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, device=self.device, generator=self.zgen)
 
-    def _d_step(self, step: int) -> None:
+    def _real(self) -> torch.Tensor:
+        """A fresh real batch, each image flipped left-right with p=0.5 under train.augment=xflip."""
         real = self.batches.next(self.batch)
+        return augment.xflip(real, self.augment_gen) if self.cfg.train.augment == "xflip" else real
+
+    def _d_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees: DiffAugment under train.augment=diffaug, differentiable, so G's gradient passes through."""
+        return augment.diff_augment(x, self.augment_gen) if self.cfg.train.augment == "diffaug" else x
+
+    def _d_step(self, step: int) -> None:
+        real = self._real()
         with torch.no_grad(), self.autocast:
             fake = self.G_train(self._z(self.batch))
         with self.autocast:
-            logits_real = self.D_train(real).float()
-            logits_fake = self.D_train(fake).float()
+            logits_real = self.D_train(self._d_view(real)).float()
+            logits_fake = self.D_train(self._d_view(fake)).float()
         t_real, t_fake = self.hooks.d_targets(step, torch.full_like(logits_real, self.cfg.train.real_label),
                                               torch.full_like(logits_fake, self.cfg.train.fake_label))
-        loss = (F.binary_cross_entropy_with_logits(logits_real, t_real)
-                + F.binary_cross_entropy_with_logits(logits_fake, t_fake))
+        loss = losses.d_loss(self.cfg.train.loss, logits_real, logits_fake, t_real, t_fake)
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
-        self.d_steps += 1
         self._acc["loss/d"] += loss.detach()
         self._acc["d/real"] += torch.sigmoid(logits_real.detach()).mean()
         self._acc["d/fake"] += torch.sigmoid(logits_fake.detach()).mean()
-        self._count["d"] += 1
+        self._count["D"] += 1
+
+    def _dreg_step(self, step: int) -> None:
+        """Lazy R1 on a fresh real batch: gamma/2 * r1_interval * E||grad_x D(x)||^2, one step of D's optimizer.
+
+        Eager D (compiled graphs have no double backward). D's BatchNorm stays in train mode, as in every D step,
+        so the penalty is on the function D is trained as; its running statistics see one more batch, and nothing
+        reads them (D never runs in eval mode). Under diffaug the gradient is taken through the augmentation.
+        """
+        t = self.cfg.train
+        penalty = regularizers.r1_penalty(lambda x: self.D(self._d_view(x)), self._real(), self.autocast)
+        self.opt_d.zero_grad(set_to_none=True)
+        (penalty * regularizers.lazy_reg_scale(t.r1_gamma, t.r1_interval)).backward()
+        self.opt_d.step()
+        self._acc["loss/r1"] += penalty.detach()  # the raw penalty E||grad||^2, before gamma and the interval
+        self._count["Dreg"] += 1
 
     def _g_step(self, step: int) -> None:
         # D's parameters get no gradients here: backward still flows through D to G, but skips D's weight
         # gradients, which the G step would only throw away (stylegan2-ada toggles requires_grad per phase)
         self.D.requires_grad_(False)
         with self.autocast:
-            logits = self.D_train(self.G_train(self._z(self.batch))).float()
-        loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))  # non-saturating
+            logits = self.D_train(self._d_view(self.G_train(self._z(self.batch)))).float()
+        loss = losses.g_loss(self.cfg.train.loss, logits)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.D.requires_grad_(True)
         self.opt_g.step()
-        self.g_steps += 1
         self._acc["loss/g"] += loss.detach()
-        self._count["g"] += 1
+        self._count["G"] += 1
 
     def train_step(self) -> None:
+        # D phase(s), lazy R1, G phase: each as often as its interval says
         for phase in self.phases:
-            if self.step % phase.interval == 0:
-                for _ in range(phase.repeats):
-                    PHASE_STEPS[phase.name](self, self.step)
+            for _ in range(self._due(phase)):
+                PHASE_STEPS[phase.name](self, self.step)
+                self.phase_steps[phase.name] += 1
+        # EMA: G_ema follows the updated G; beta from the images seen before this step, a float (no host sync)
+        if self.G_ema is not None:
+            t = self.cfg.train
+            update_ema(self.G_ema, self.G, ema_beta(self.batch, self.nimg, t.ema_kimg, t.ema_rampup))
+        # bookkeeping
         self.step += 1
         self.nimg += self.batch
+
+    def _due(self, phase: Phase) -> int:
+        """How many times `phase` runs this step."""
+        if phase.per:  # once for every `interval` updates of that phase so far
+            return self.phase_steps[phase.per] // phase.interval - self.phase_steps[phase.name]
+        return phase.repeats if self.step % phase.interval == 0 else 0
 
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -196,7 +247,7 @@ class Trainer:
         """Log FID; returns the metric's result (None without an evaluator) and whether a hook asks to stop."""
         if self.evaluate is None:
             return None, False
-        fid = self.evaluate(self.G, num_samples)
+        fid = self.evaluate(evaluated_g(self.cfg, self.G, self.G_ema), num_samples)
         self.fid_history[self.nimg] = fid.value
         metrics = {f"fid/{k}": v for k, v in fid.values.items()}
         if final:
@@ -211,31 +262,32 @@ class Trainer:
             self.history.setdefault(k, []).append((self.nimg, float(v)))
 
     def read_stats(self) -> dict[str, float]:
-        """Mean of each step statistic (loss/d, loss/g, d/real, d/fake) since the last read; a host sync."""
+        """Mean of each step statistic (loss/d, loss/g, d/real, d/fake, loss/r1) since the last read; a host sync."""
         return self._reduce_stats()
 
     def _reset_stats(self) -> None:
         zero = torch.zeros((), device=self.device)
-        self._acc = {k: zero.clone() for k in ("loss/d", "loss/g", "d/real", "d/fake")}
-        self._count = {"d": 0, "g": 0}
+        self._acc = {k: zero.clone() for k in STAT_PHASE}
+        self._count = {phase: 0 for phase in ("D", "Dreg", "G")}
 
     def _reduce_stats(self) -> dict[str, float]:
-        keys = [k for k in self._acc if self._count["g" if k == "loss/g" else "d"] > 0]
+        keys = [k for k in self._acc if self._count[STAT_PHASE[k]] > 0]
         values = torch.stack([self._acc[k] for k in keys]).tolist() if keys else []
-        out = {k: v / self._count["g" if k == "loss/g" else "d"] for k, v in zip(keys, values)}
+        out = {k: v / self._count[STAT_PHASE[k]] for k, v in zip(keys, values)}
         self._reset_stats()
         return out
 
     # ---- artifacts -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self) -> torch.Tensor:
-        """Images from the fixed grid z, in eval.g_mode, in [0, 1]."""
+        """Images from the fixed grid z, of the evaluated G (G_ema when on) in eval.g_mode, in [0, 1]."""
         n = self.cfg.eval.grid_size
         z = torch.randn(n, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(GRID_SEED)).to(self.device)
-        was = self.G.training
-        self.G.train(self.cfg.eval.g_mode == "train")
-        x = self.G(z).float()
-        self.G.train(was)
+        G = evaluated_g(self.cfg, self.G, self.G_ema)
+        was = G.training
+        G.train(self.cfg.eval.g_mode == "train")
+        x = G(z).float()
+        G.train(was)
         return ((x + 1) / 2).clamp(0, 1).cpu()
 
     def save_grid(self) -> None:
@@ -247,85 +299,30 @@ class Trainer:
         save_image(self.sample_grid(), path, nrow=math.isqrt(self.cfg.eval.grid_size), padding=1)
         self.tracker.log_artifact(path, "samples")
 
-    # ---- checkpoints -----------------------------------------------------------------------------
+    # ---- checkpoints (core/checkpoint.py) ---------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
-            "config": config_mod.flatten(self.cfg), "step": self.step, "nimg": self.nimg,
-            "G": self.G.state_dict(), "D": self.D.state_dict(),
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "batches": self.batches.state_dict(), "zgen": self.zgen.get_state(),
-            "torch_rng": torch.get_rng_state(), "hooks": self.hooks.state_dict(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "fid_history": [[k, v] for k, v in self.fid_history.items()],
-            "history": {k: [[n, v] for n, v in pts] for k, pts in self.history.items()},
-            "steps_taken": [self.d_steps, self.g_steps], "run_id": self.tracker.run_id or "",
-            "failures": dict(self.failures), "saturated_logs": self._saturated_logs,
-            # the running sums since the last log: a resume between two log points logs the same means
-            "stats": {"acc": dict(self._acc), "count": dict(self._count)},
-        }
+        return checkpoint.trainer_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        ours = config_mod.flatten(self.cfg)
-        theirs = state["config"]
-        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
-        if differ:
-            shown = ", ".join(f"{k}={theirs.get(k)!r} (now {ours[k]!r})" for k in differ[:4])
-            raise UserError(f"checkpoint was made with a different config: {shown}; "
-                            "delete the run directory or rerun with the same settings")
-        self.step, self.nimg = state["step"], state["nimg"]
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        # RNG states stay CPU ByteTensors (set_state refuses anything else, also for CUDA generators)
-        self.batches.load_state_dict(state["batches"])
-        self.zgen.set_state(state["zgen"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.hooks.load_state_dict(state["hooks"])
-        self.fid_history = {int(k): float(v) for k, v in state["fid_history"]}
-        self.history = {k: [(int(n), float(v)) for n, v in pts] for k, pts in state["history"].items()}
-        self.d_steps, self.g_steps = state["steps_taken"]
-        self.failures, self._saturated_logs = dict(state["failures"]), state["saturated_logs"]
-        if "stats" in state:  # checkpoints from before it was saved restart the sums
-            self._acc = {k: v.to(self.device) for k, v in state["stats"]["acc"].items()}
-            self._count = dict(state["stats"]["count"])
-
-    def close(self) -> None:
-        """Let go of G, D, optimizers, batches and evaluator now, even while a traceback still holds the trainer."""
-        self.G = self.D = self.G_train = self.D_train = self.opt_g = self.opt_d = None
-        self.batches = self.evaluate = None
+        checkpoint.load_trainer_state(self, state)
 
     def checkpoint_path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
 
     def save_checkpoint(self) -> Path | None:
-        """Write atomically (temporary file, then rename): a kill never leaves a half checkpoint."""
         path = self.checkpoint_path()
-        if path is None:
-            return None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".partial-{os.getpid()}")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
-        return path
+        return None if path is None else checkpoint.save_checkpoint(self, path)
 
     def try_resume(self) -> bool:
-        """Continue from run_dir/checkpoint.pt if there is one; False when starting fresh.
-
-        Loaded onto the CPU: load_state_dict moves weights and optimizer state to where the models are,
-        and RNG states must stay CPU ByteTensors (map_location=cuda would break resume on a GPU).
-        """
+        """Continue from run_dir/checkpoint.pt if there is one; False when starting fresh."""
         path = self.checkpoint_path()
-        if path is None or not path.is_file():
-            return False
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to start over") from None
-        self.load_state_dict(state)
-        return True
+        return path is not None and checkpoint.resume(self, path)
+
+    def close(self) -> None:
+        """Let go of G, D, optimizers, batches and evaluator now, even while a traceback still holds the trainer."""
+        self.G = self.D = self.G_ema = self.G_train = self.D_train = self.opt_g = self.opt_d = None
+        self.batches = self.evaluate = None
 
 
-PHASE_STEPS: dict[str, Callable[[Trainer, int], None]] = {"D": Trainer._d_step, "G": Trainer._g_step}
+PHASE_STEPS: dict[str, Callable[[Trainer, int], None]] = {"D": Trainer._d_step, "Dreg": Trainer._dreg_step,
+                                                          "G": Trainer._g_step}

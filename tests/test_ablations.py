@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-import core.trainer as trainer_mod
+import core.augment as augment_mod
+import core.losses as losses_mod
+import core.regularizers as regularizers_mod
 from ablations import Ablation, get_ablation, list_ablations, register_ablation
 from ablations import registry
 from core.build import build_run
@@ -19,36 +22,59 @@ CASES = [(name, variant) for name in list_ablations() for variant in get_ablatio
 
 
 def observe(trainer, steps: int = 4) -> dict:
-    """What a run really does: layers, optimizers, loss targets, optimizer steps, batches, images seen."""
-    targets, batches, opt_steps = [], [], {"D": 0, "G": 0}
-    real_bce = trainer_mod.F.binary_cross_entropy_with_logits
+    """What a run really does: layers, optimizers, loss kind and targets, optimizer and phase steps, batches,
+    augmentation and R1 calls, spectral norm on D, G_ema, images seen."""
+    targets, batches, opt_steps, calls, kinds = [], [], {"D": 0, "G": 0}, {}, set()
 
-    def spy_bce(logits, target, *a, **k):
-        targets.append(round(float(target.flatten()[0]), 6))
-        return real_bce(logits, target, *a, **k)
+    def spy_bce(real_fn):
+        def spy(logits, target, *a, **k):
+            targets.append(round(float(target.flatten()[0]), 6))
+            return real_fn(logits, target, *a, **k)
+        return spy
 
+    def spy_loss(real_fn):
+        def spy(kind, *a, **k):
+            kinds.add(kind)
+            return real_fn(kind, *a, **k)
+        return spy
+
+    def counted(name, real_fn):
+        def spy(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return real_fn(*a, **k)
+        return spy
+
+    spies = [(losses_mod.F, "binary_cross_entropy_with_logits", spy_bce), (losses_mod, "d_loss", spy_loss),
+             (losses_mod, "g_loss", spy_loss), (augment_mod, "xflip", lambda f: counted("xflip", f)),
+             (augment_mod, "diff_augment", lambda f: counted("diff_augment", f)),
+             (regularizers_mod, "r1_penalty", lambda f: counted("r1_penalty", f))]
     for name, opt in (("D", trainer.opt_d), ("G", trainer.opt_g)):
         step = opt.step
         opt.step = lambda *a, _s=step, _n=name, **k: (opt_steps.__setitem__(_n, opt_steps[_n] + 1), _s(*a, **k))[1]
     draw = trainer.batches.next
     trainer.batches.next = lambda n: (batches.append(n), draw(n))[1]
-    trainer_mod.F.binary_cross_entropy_with_logits = spy_bce
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in spies]
+    for owner, attr, wrap in spies:
+        setattr(owner, attr, wrap(getattr(owner, attr)))
     try:
         for _ in range(steps):
             trainer.train_step()
     finally:
-        trainer_mod.F.binary_cross_entropy_with_logits = real_bce
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
 
     def layers(module):
         return [(type(m).__name__, getattr(m, "negative_slope", None)) for m in module.modules()
                 if not isinstance(m, (nn.Sequential,)) and type(m).__name__ not in ("Generator", "Discriminator", "CSPup")]
 
     def groups(opt):
-        return [(type(opt).__name__, g["lr"], g["weight_decay"]) for g in opt.param_groups]
+        return [(type(opt).__name__, g["lr"], g["weight_decay"], g["betas"]) for g in opt.param_groups]
 
     return {"G layers": layers(trainer.G), "D layers": layers(trainer.D), "opt_g": groups(trainer.opt_g),
-            "opt_d": groups(trainer.opt_d), "targets": sorted(set(targets)), "opt steps": opt_steps,
-            "batches": batches, "nimg": trainer.nimg}
+            "opt_d": groups(trainer.opt_d), "targets": sorted(set(targets)), "losses": sorted(kinds),
+            "opt steps": opt_steps, "phase steps": dict(trainer.phase_steps), "batches": batches, "calls": calls,
+            "D spectral norm": sum(parametrize.is_parametrized(m, "weight") for m in trainer.D.modules()),
+            "G_ema": trainer.G_ema is not None, "nimg": trainer.nimg}
 
 
 @pytest.fixture
@@ -109,8 +135,8 @@ def test_leaky_bn_activation_and_norm_placement(build):
 def test_weight_decay_reaches_the_optimizer(build):
     base, l2, adamw = (observe(build("weight_decay", v)) for v in ("baseline", "l2_1e-3", "adamw_1e-2"))
     assert {g[2] for g in base["opt_g"] + base["opt_d"]} == {0.0}
-    assert {g[:1] + g[2:] for g in l2["opt_g"] + l2["opt_d"]} == {("Adam", 1e-3)}
-    assert {g[:1] + g[2:] for g in adamw["opt_g"] + adamw["opt_d"]} == {("AdamW", 1e-2)}
+    assert {g[:1] + g[2:3] for g in l2["opt_g"] + l2["opt_d"]} == {("Adam", 1e-3)}
+    assert {g[:1] + g[2:3] for g in adamw["opt_g"] + adamw["opt_d"]} == {("AdamW", 1e-2)}
 
 
 def test_ttur_learning_rates_in_param_groups(build):
@@ -209,3 +235,22 @@ def test_plugins_from_other_installed_packages_register_through_entry_points(tmp
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     assert "third_party" in list_ablations()
     assert get_ablation("third_party").overrides("wide") == {"model.width": 2.0}
+
+
+def test_stabiliser_bases_compose_and_nonsense_is_refused():
+    configs = resolve_configs(StudySpec(ablation="n_dis", base=(("spectral_norm", "sn"),)))
+    assert all(c.model.d_spectral_norm and c.model.d_sn_keep_bn for c in configs.values())
+    assert configs["n_dis_5"].train.n_dis == 5
+    stacked = resolve_configs(StudySpec(ablation="loss", base=(("ema", "ema_10"), ("r1", "r1_10"), ("augment", "diffaug"),
+                                                               ("spectral_norm", "sn_no_bn"))))
+    assert {(c.train.loss, c.train.ema_kimg, c.train.r1_gamma, c.train.augment, c.model.d_sn_keep_bn)
+            for c in stacked.values()} == {(k, 10.0, 10.0, "diffaug", False) for k in ("bce", "hinge", "lsgan")}
+    with pytest.raises(UserError, match="train.loss=hinge has margins, not targets"):
+        resolve_configs(StudySpec(ablation="label_smoothing", base=(("loss", "hinge"),)))
+    with pytest.raises(UserError, match="train.loss=hinge has margins, not targets"):
+        resolve_configs(StudySpec(ablation="loss", base=(("label_smoothing", "real_0.9"),)))
+    resolve_configs(StudySpec(ablation="label_smoothing", base=(("loss", "lsgan"),)))  # LS targets are labels
+    with pytest.raises(UserError, match="sets train.loss, which another --base already sets"):
+        resolve_configs(StudySpec(ablation="pooling", base=(("loss", "hinge"), ("loss", "lsgan"))))
+    with pytest.raises(UserError, match="removes D's BatchNorm"):
+        resolve_configs(StudySpec(ablation="leaky_bn", base=(("spectral_norm", "sn_no_bn"),)))

@@ -50,6 +50,10 @@ def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba):
     (["pooling", "--set", "model.resolution=48"], "power of two between 16 and 256"),
     (["pooling", "--set", "model.d_downsample=maxpool"], "varied by 'pooling'"),
     (["pooling", "--seeds", "0"], "--seeds 0 must be >= 1"),
+    (["label_smoothing", "--base", "loss=hinge"], "train.loss=hinge has margins, not targets"),
+    (["pooling", "--base", "loss=hinge", "--base", "loss=lsgan"], "sets train.loss, which another --base already sets"),
+    (["leaky_bn", "--base", "spectral_norm=sn_no_bn"], "model.d_sn_keep_bn=false removes D's BatchNorm"),
+    (["pooling", "--set", "train.augment=cutmix"], "train.augment='cutmix' is not one of: none, xflip, diffaug"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, synthetic_root, args, message):
     data = [] if "--data" in args else ["--data", str(synthetic_root)]  # only the data case lacks data

@@ -132,9 +132,9 @@ def test_resume_hands_only_cpu_byte_tensors_to_set_state(tiny_cfg, tmp_path, mon
     monkeypatch.setattr(torch, "set_rng_state", handed.append)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", handed.extend)
     second = build_run(cfg, with_fid=False, run_dir=tmp_path)
-    second.zgen, second.batches.gen = Recorder(), Recorder()
+    second.zgen, second.batches.gen, second.augment_gen = Recorder(), Recorder(), Recorder()
     assert second.try_resume() and second.step == 1
-    assert len(handed) == 4  # z, batches, torch, one CUDA device
+    assert len(handed) == 5  # z, batches, augmentation, torch, one CUDA device
     assert all(s.device.type == "cpu" and s.dtype == torch.uint8 for s in handed)
     for a, b in zip(first.G.state_dict().values(), second.G.state_dict().values()):
         assert torch.equal(a, b)
