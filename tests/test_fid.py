@@ -45,8 +45,8 @@ def test_fid_small_for_real_halves_and_large_for_an_untrained_generator(real_cel
     assert "fid" in list_metrics()
     out = calc_metric("fid", MetricOptions(G=G, z_dim=128, num_samples=64, ref=ref, extractor=extractor,
                                            device=torch.device("cpu"), batch=32))
-    untrained = out.values["fid64"]
-    assert out.name == "fid64" and out.value == untrained
+    untrained = out.score("fid").value
+    assert out.name == "fid64" and out.value == untrained and out.score("kid").name == "kid64"
     assert out.protocol["num_gen"] == 64 and out.protocol["g_mode"] == "eval"
     assert out.protocol["ref_key"] == ref.key
     # 64 vs 64 samples bias both values up; the gap is what matters
