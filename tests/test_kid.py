@@ -59,3 +59,24 @@ def test_rejects_mismatched_features():
         kid.kernel_distance(np.zeros((10, 4)), np.zeros((10, 5)))
     with pytest.raises(ValueError, match="at least 2"):
         kid.kernel_distance(np.zeros((1, 4)), np.zeros((10, 4)))
+
+
+# ---- KID in a run --------------------------------------------------------------------------------------------
+def test_a_run_logs_kid_beside_fid_and_best_values_per_sample_count(tiny_cfg, store, tmp_path):
+    from core.data import load_images
+    from core.runner import execute_run
+    # training evaluations on 16 samples at 16 images; the final one on 24: never a candidate for best
+    cfg = tiny_cfg(eval__fid_every_kimg=0.016, eval__fid_samples=16, eval__fid_final_samples=24)
+    tracker = store.start_run("kid-test", "one", {"variant": "baseline"})
+    result = execute_run(cfg, tracker, tmp_path / "run", images=load_images(cfg.data, cfg.model.resolution))
+    tracker.finish()
+    run = store.client.get_run(tracker.run_id)
+    m, history = run.data.metrics, lambda key: [(p.step, p.value) for p in store.client.get_metric_history(run.info.run_id, key)]
+    assert run.data.params["derived.primary_metric"] == "kid" and run.data.params["eval.primary_metric"] == "auto"
+    assert [s for s, _ in history("kid/kid16")] == [16] and [s for s, _ in history("kid/kid24")] == [32]
+    assert m["kid/final"] == m["kid/kid24"] == result.final["kid"] and m["fid/final"] == m["fid/fid24"]
+    assert m["kid/final_std"] > 0  # 24 generated vs 32 reference: every subset is the whole pool, yet an error
+    # (this tiny G still draws one image, so its FID does not depend on the sample count: KID tells them apart)
+    assert m["kid/best"] == m["kid/kid16"] != m["kid/final"] and m["fid/best"] == m["fid/fid16"]
+    assert result.best == {"fid": m["fid/fid16"], "kid": m["kid/kid16"]}
+    assert run.data.tags["fid_protocol.kid_subsets"] == "100 x 24"
