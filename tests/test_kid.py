@@ -141,3 +141,15 @@ def test_a_run_logs_kid_beside_fid_and_best_values_per_sample_count(tiny_cfg, st
     assert m["kid/best"] == m["kid/kid16"] != m["kid/final"] and m["fid/best"] == m["fid/fid16"]
     assert result.best == {"fid": m["fid/fid16"], "kid": m["kid/kid16"]}
     assert run.data.tags["fid_protocol.kid_subsets"] == "100 x 24"
+
+
+def test_best_values_compare_only_evaluations_on_the_training_sample_count(tiny_cfg):
+    from core.build import build_run
+    trainer = build_run(tiny_cfg(eval__fid_every_kimg=0.016, eval__fid_samples=16, eval__fid_final_samples=24),
+                        with_fid=False)
+    # the final 24-sample values are the lowest, but biased differently: they never compete with the 16-sample ones
+    trainer.evals = [("fid", 16, 16, 50.0), ("kid", 16, 16, 0.5), ("fid", 24, 16, 55.0), ("kid", 24, 16, 0.4),
+                     ("fid", 32, 24, 40.0), ("kid", 32, 24, 0.3), ("kid", 40, 16, float("nan"))]
+    assert trainer.best_values() == {"fid": 50.0, "kid": 0.4}
+    trainer.evals = [("fid", 32, 24, 40.0)]  # no training evaluation: the final count is the only one
+    assert trainer.best_values() == {"fid": 40.0}

@@ -104,21 +104,23 @@ def _holm(p: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def test_significance_column_equals_welch_holm_from_search_runs(study):
-    """Every number of the variant table, recomputed from mlflow.search_runs with scipy and a hand-written Holm."""
+def _recompute_and_compare(uri: str, experiment: str, text: str) -> dict[str, float]:
+    """Every number of the variant table, recomputed from mlflow.search_runs with scipy and a hand-written Holm;
+    returns the Holm p of each tested variant."""
+    import mlflow
     from scipy import stats as sps
-    store, path, _ = study
-    _, children = search_runs(store)
-    assert (children["params.derived.primary_metric"] == "kid").all()  # 16 final samples: KID decides
-    rows = {v: cells for v, cells in table_rows(path.read_text(), RESULTS).items() if v != "variant"}
-    assert set(rows) == {"baseline", "maxpool", "hot"}
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    children = runs[runs["tags.study"] == "child"]
+    assert (children["params.derived.primary_metric"] == "kid").all()  # few final samples: KID decides
+    rows = {v: cells for v, cells in table_rows(text, RESULTS).items() if v != "variant"}
+    assert set(rows) == set(children["tags.variant"])
     ok = children["tags.outcome"].isin(["finished", "stopped"]) & children["metrics.kid/final"].notna()
     kid = {v: children[ok & (children["tags.variant"] == v)]["metrics.kid/final"].to_numpy() for v in rows}
     fid = {v: children[ok & (children["tags.variant"] == v)]["metrics.fid/final"].to_numpy() for v in rows}
     tested = [v for v in rows if v != "baseline" and len(kid[v]) > 1]
     welch = {v: sps.ttest_ind(kid[v], kid["baseline"], equal_var=False) for v in tested}
     holm = _holm({v: welch[v].pvalue for v in tested})
-    assert tested == ["maxpool"]  # hot diverged on both seeds: no metric to test
     for variant, cells in rows.items():
         mine = children[children["tags.variant"] == variant]
         counts = [int((mine["tags.outcome"] == o).sum()) for o in OUTCOMES]
@@ -133,10 +135,30 @@ def test_significance_column_equals_welch_holm_from_search_runs(study):
             assert cells[7] == f"{diff:+.3g} [{ci.low:+.3g}, {ci.high:+.3g}]"
             assert cells[8] == f"{holm[variant]:.3g}"
             assert cells[9].startswith("**yes**" if holm[variant] < 0.05 and diff < 0 else
-                                       "yes" if holm[variant] < 0.05 else "no")
-    assert rows["hot"][9] == "too few seeds" and rows["hot"][5] == "–"
-    verdict = path.read_text().split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
-    assert f"`maxpool`: 2 of 2 seeds finished" in verdict
+                                       "yes" if holm[variant] < 0.05 else "no"), (variant, cells[9])
+        elif variant != "baseline":
+            assert cells[9] == "too few seeds" and cells[8] == "–"
+    return holm
+
+
+def test_significance_column_equals_welch_holm_from_search_runs(study):
+    store, path, _ = study
+    holm = _recompute_and_compare(store.uri, NAME, path.read_text())
+    assert list(holm) == ["maxpool"]  # hot diverged on both seeds: no metric to test
+    assert "`maxpool`: 2 of 2 seeds finished" in path.read_text().split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_holm_decides_the_significance_column(store, tmp_path):
+    # `edge` alone would be significant (Welch p 0.036) but not after Holm over three variants (0.072)
+    _fake_study(store, "holm-study", {
+        "baseline": [("finished", x) for x in (0.30, 0.31, 0.29)],
+        "strong": [("finished", x) for x in (0.25, 0.26, 0.24)],
+        "edge": [("finished", x) for x in (0.285, 0.275, 0.27)],
+        "null": [("finished", x) for x in (0.31, 0.33, 0.30)]})
+    text = write_report(store, "holm-study", tmp_path / "reports").read_text()
+    holm = _recompute_and_compare(store.uri, "holm-study", text)
+    assert holm["strong"] < 0.05 < holm["edge"] < 2 * 0.036
+    assert table_rows(text, RESULTS)["edge"][9] == "no" and "★" in table_rows(text, RESULTS)["strong"][0]
 
 
 def _fake_study(store, name: str, seeds: dict[str, list[tuple[str, float]]]) -> None:
