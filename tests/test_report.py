@@ -223,7 +223,7 @@ def test_verdict_follows_the_numbers(values, says):
 
 
 def test_portable_paths():
-    from studies.report.build import portable
+    from studies.report.sections import portable
     cwd = Path.cwd()
     text = (f"sqlite:///{cwd}/.cache-quick/mlflow.db --data folder:/tmp/x/celeba-subset/img_align_celeba "
             "http://127.0.0.1:5000/#/experiments/1/runs?a=b kid/kid10k img/s /nonexistent-root/a/b")

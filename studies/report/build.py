@@ -5,15 +5,12 @@
 
 Every number, curve and image is read back from the tracking store (params, tags, metric histories,
 artifacts), so a report can be rebuilt or audited at any later time; reports/README.md, an index over every
-report in the folder, is rewritten alongside. Absolute paths of the machine the report is written on (the
-store, the data, the command line) are shown relative to the working directory, or by their last two parts.
+report in the folder, is rewritten alongside.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,12 +22,8 @@ from core.metrics import metric_name
 from core.tracking import Store
 from studies.report import plots, stats
 from studies.report.index import INDEX_MARK, write_index
-from studies.report.sections import (ablated_section, get, md, mlflow_section, run_params, setup_section,
-                                     variant_order)
-
-# an absolute path of two or more parts that is not inside a URL (sqlite:////abs/path is one)
-ABSOLUTE = re.compile(r"(?:(?<=sqlite:///)|(?<![\w.~/#?=&%-]))(/[\w.@+-]+(?:/[\w.@+-]+)+/?)")
-
+from studies.report.sections import (ablated_section, get, md, mlflow_section, portable, run_params,
+                                     setup_section, variant_order)
 
 def table_note(metric: str) -> str:
     name, other = stats.LABEL[metric], stats.LABEL["fid" if metric == "kid" else "kid"]
@@ -46,22 +39,6 @@ def table_note(metric: str) -> str:
         "missed. ★ marks the variant with the largest significant improvement that does not fail significantly more "
         "often than the baseline; with none, nothing is starred. img/s: training throughput at the last log, mean "
         "over runs.")
-
-
-def portable(text: str, cwd: Path | None = None) -> str:
-    """Absolute paths of this machine rewritten: relative to `cwd` when they share more than the root, else
-    '…/' and their last two parts. Paths whose first part does not exist here (URL paths) are left alone."""
-    cwd = (cwd or Path.cwd()).resolve()
-
-    def swap(match: re.Match) -> str:
-        path = match.group(1)
-        if not Path("/" + path.split("/")[1]).exists():
-            return path
-        if os.path.commonpath([cwd, path]) != "/":
-            return os.path.relpath(path, cwd)
-        return "…/" + "/".join(path.rstrip("/").split("/")[-2:])
-
-    return ABSOLUTE.sub(swap, text)
 
 
 def study_runs(store: Store, experiment: str, parent_id: str | None = None) -> tuple[pd.Series, pd.DataFrame]:
@@ -144,7 +121,8 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
     runs = stats.run_table(children, order)
     metric = primary_metric(children, runs, order)
     summary, _ = stats.variant_summary(runs, order, metric)
-    verdict = stats.verdict_lines(summary, metric)
+    final_samples = int(run_params(children, runs["run_id"].iloc[0]).get("eval.fid_final_samples", 0) or 0)
+    verdict = stats.verdict_lines(summary, metric, final_samples)
     ablation = get(parent, "tags.ablation", experiment.split("@")[0])
 
     reports_dir.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,15 @@
     python -m studies.report pooling     # "What was ablated and why", "Setup", "Open these runs in MLflow"
 
 All of it comes from the study's MLflow params and tags (the parent run's env.* provenance, each child's
-params), never from the machine the report is built on.
+params), never from the machine the report is built on. Absolute paths of the machine that writes the report
+(the store, the data, the command line) are shown relative to the working directory, or by their last parts.
 """
 
 from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -21,6 +26,8 @@ KEY_PARAMS = ("model.resolution", "model.width", "model.z_dim", "train.batch_siz
               "eval.primary_metric", "eval.g_mode")
 VARIANT_IGNORES = ("train.seed", "model.g_params", "model.d_params", "derived.", "dataset.")  # not knobs of a variant
 ENV_NOT_PACKAGES = ("git_commit", "git_dirty", "hostname", "platform", "cpu_count", "device", "cuda", "gpus", "command")
+# an absolute path of two or more parts that is not inside a URL (sqlite:////abs/path is one)
+ABSOLUTE = re.compile(r"(?:(?<=sqlite:///)|(?<![\w.~/#?=&%…-]))(/[\w.@+-]+(?:/[\w.@+-]+)+/?)")
 
 
 def get(row: pd.Series, key: str, default: str = "") -> str:
@@ -29,7 +36,25 @@ def get(row: pd.Series, key: str, default: str = "") -> str:
 
 
 def md(frame: pd.DataFrame) -> str:
-    return frame.to_markdown(index=False, disable_numparse=True)
+    """A markdown table, its cells made portable first (so the columns still line up)."""
+    cells = frame.map(lambda v: portable(v) if isinstance(v, str) else v)
+    return cells.to_markdown(index=False, disable_numparse=True)
+
+
+def portable(text: str, cwd: Path | None = None) -> str:
+    """Absolute paths of this machine rewritten: relative to `cwd` when they share more than the root, else
+    '…/' and their last two parts. Paths whose first part does not exist here (URL paths) are left alone."""
+    cwd = (cwd or Path.cwd()).resolve()
+
+    def swap(match: re.Match) -> str:
+        path = match.group(1)
+        if not Path("/" + path.split("/")[1]).exists():
+            return path
+        if os.path.commonpath([cwd, path]) != "/":
+            return os.path.relpath(path, cwd)
+        return "…/" + "/".join(path.rstrip("/").split("/")[-2:])
+
+    return ABSOLUTE.sub(swap, text)
 
 
 def variant_order(parent: pd.Series, children: pd.DataFrame) -> list[str]:

@@ -187,7 +187,7 @@ def _failures(r) -> str:
     return text
 
 
-def verdict_lines(summary: pd.DataFrame, metric: str) -> list[str]:
+def verdict_lines(summary: pd.DataFrame, metric: str, final_samples: int = 0) -> list[str]:
     """Failures first, then the primary metric's answer, then each variant's own sentence from studies.verdict."""
     name = LABEL[metric]
     failing = summary[summary[list(FAILURES)].sum(axis=1) > 0]
@@ -205,6 +205,10 @@ def verdict_lines(summary: pd.DataFrame, metric: str) -> list[str]:
     else:
         lines.append(f"**Final {name}**: no variant is shown better than the baseline.")
     lines += [f"`{r.variant}`: {r.text}." for r in summary.itertuples()]
+    if metric == "kid" and 0 < final_samples < 2048:
+        lines.append(f"FID, shown beside KID, is computed on only {final_samples} generated images: below 2,048 it "
+                     "is biased upwards, by an amount that depends on the generator, so it is not tested; compare "
+                     "it only with runs under the same protocol.")
     return lines
 
 
