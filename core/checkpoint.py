@@ -30,6 +30,8 @@ def trainer_state(t) -> dict:
         "history": {k: [[n, v] for n, v in pts] for k, pts in t.history.items()},
         "phase_steps": dict(t.phase_steps), "run_id": t.tracker.run_id or "",
         "failures": dict(t.failures), "saturated_logs": t._saturated_logs,
+        "saturation": {"episodes": [list(ep) for ep in t.saturation_episodes], "since": t._stuck_since},
+        "evals": [list(ev) for ev in t.evals],
         # the running sums since the last log: a resume between two log points logs the same means
         "stats": {"acc": dict(t._acc), "count": dict(t._count)},
     }
@@ -63,6 +65,9 @@ def load_trainer_state(t, state: dict) -> None:
     t.history = {k: [(int(n), float(v)) for n, v in pts] for k, pts in state["history"].items()}
     t.phase_steps = {k: int(v) for k, v in state["phase_steps"].items()}
     t.failures, t._saturated_logs = dict(state["failures"]), state["saturated_logs"]
+    t.saturation_episodes = [list(ep) for ep in state["saturation"]["episodes"]]
+    t._stuck_since = state["saturation"]["since"]
+    t.evals = [(str(f), int(n), int(k), float(v)) for f, n, k, v in state["evals"]]
     t._acc = {k: v.to(t.device) for k, v in state["stats"]["acc"].items()}
     t._count = dict(state["stats"]["count"])
 

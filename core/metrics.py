@@ -9,6 +9,10 @@ clean-fid's resizer to ~1e-4 of a grey level and frees the CPU, which is FID's b
 The resize is part of the protocol tags and of the reference-statistics key, so values never mix; so is a
 hash of the weights file. The pass runs in float32 with TF32 off on CUDA: FID must not depend on a matmul
 precision setting (stylegan's metrics do the same).
+
+KID comes from the same features of the same samples (no second pass): unbiased MMD^2 against the reference
+images' features, cached as float32 next to their statistics (core/kid.py), in subsets of at most 1,000 as
+clean-fid and stylegan draw them, with a standard error that counts the samples, not only the subsets.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
+from core.kid import estimate as kid_estimate
 from core.resize import BicubicResize
 
 PROTOCOL_VERSION = "clean-fid-clean-v1"  # resize: clean-fid PIL bicubic float; quantise: uint8 like PNG files
@@ -39,6 +45,7 @@ NVIDIA_WEIGHTS = Path("/tmp/inception-2015-12-05.pt")  # where clean-fid itself 
 # ~11 img/s, 16 at ~9.5, 32-64 at ~8.5 (the activations of a small batch stay in cache). GPUs take the whole batch.
 # Threads stay torch's default, one per core: one thread ran at ~5 img/s.
 CPU_NET_BATCH = 8
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0  # clean-fid's and stylegan's subsets; fixed draws
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> digest: each file is read once
@@ -197,9 +204,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def metric_name(family: str, num_samples: int) -> str:
+    """fid10k, kid50k, fid256: a value is named for what it measures and its sample count."""
+    return f"{family}{num_samples // 1000}k" if num_samples % 1000 == 0 else f"{family}{num_samples}"
+
+
 def fid_name(num_samples: int) -> str:
     """fid10k, fid50k, fid256: the metric is named for its sample count."""
-    return f"fid{num_samples // 1000}k" if num_samples % 1000 == 0 else f"fid{num_samples}"
+    return metric_name("fid", num_samples)
 
 
 @dataclass(frozen=True)
@@ -209,6 +221,7 @@ class ReferenceStats:
     num_images: int
     key: str  # hash of everything that produced them
     path: Path  # cached .npz, logged as an artifact
+    feats: np.ndarray  # (num_images, 2048) float32 features for KID, memory-mapped from path's .feats.npy
 
 
 def reference_path(cache_dir: Path, data_key: str, num_images: int, available: int, *,
@@ -225,23 +238,33 @@ def reference_path(cache_dir: Path, data_key: str, num_images: int, available: i
 
 def reference_stats(images: np.ndarray, data_key: str, num_images: int, extractor: InceptionFeatures,
                     cache_dir: Path, progress: bool = False) -> ReferenceStats:
-    """Statistics of the first `num_images` training images, computed once and cached by content key."""
+    """Statistics and features of the first `num_images` training images, computed once, cached by content key.
+
+    The features (float32, for KID) sit beside the statistics as fid-ref-KEY.feats.npy; a cache from before
+    they were kept, or with either file unreadable, is recomputed.
+    """
     path, key, n = reference_path(cache_dir, data_key, num_images, len(images), resize=extractor.resize_mode,
                                   weights=extractor.weights_hash)
-    if path.is_file():
+    feats_path = path.with_suffix(".feats.npy")
+    if path.is_file() and feats_path.is_file():
         try:
             with np.load(path) as z:
-                return ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, path)
+                ref = ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, path, np.load(feats_path, mmap_mode="r"))
+            if ref.feats.shape == (ref.num_images, len(ref.mu)):
+                return ref
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: recompute below
     chunks = (torch.from_numpy(np.array(images[i:min(i + 1000, n)])) for i in range(0, n, 1000))
     feats = extractor.stream(_bar(chunks, n, "FID reference statistics", progress))
     mu, sigma = statistics(feats)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".partial-{os.getpid()}.npy")
+    np.save(tmp, feats.astype(np.float32))  # features first: the statistics file marks a complete cache
+    os.replace(tmp, feats_path)
     tmp = path.with_suffix(f".partial-{os.getpid()}.npz")
     np.savez(tmp, mu=mu, sigma=sigma, n=n)
     os.replace(tmp, path)
-    return ReferenceStats(mu, sigma, n, key, path)
+    return ReferenceStats(mu, sigma, n, key, path, np.load(feats_path, mmap_mode="r"))
 
 
 @dataclass
@@ -294,15 +317,36 @@ def _generate_uint8(opts: MetricOptions) -> Iterator[torch.Tensor]:
 
 
 @dataclass(frozen=True)
+class Score:
+    """One value a metric measured: its family names the MLflow keys (fid/fid10k, fid/final, fid/best)."""
+    family: str  # fid | kid
+    name: str  # what is measured on how many samples: fid10k, kid256
+    value: float
+    std_error: float = math.nan  # NaN where the metric has none (FID)
+
+
+@dataclass(frozen=True)
 class MetricResult:
-    """What a metric returns: its values, keyed by their own names, and the protocol they were measured under."""
-    name: str  # the primary value's name: what is measured, on how many samples (fid10k, fid256)
-    values: dict[str, float]  # the primary value under `name`, plus any diagnostics (feature_spread)
+    """What a metric returns: its scores, diagnostics, and the protocol they were measured under."""
+    scores: tuple[Score, ...]  # the metric's own score first, then any computed from the same features (KID)
+    diagnostics: dict[str, float]  # not scores, logged under the metric's name (fid/feature_spread)
     protocol: dict[str, object]  # sample counts, G mode, quantisation, reference key: what makes values comparable
+    num_samples: int  # generated images behind every score: best values compare only equal counts
+
+    @property
+    def name(self) -> str:
+        return self.scores[0].name
 
     @property
     def value(self) -> float:
-        return self.values[self.name]
+        return self.scores[0].value
+
+    def score(self, family: str) -> Score:
+        """The score of one family (fid, kid); a UserError naming the families measured when it is absent."""
+        for s in self.scores:
+            if s.family == family:
+                return s
+        raise UserError(f"metric '{self.name}' measured no {family}; it measured {', '.join(s.family for s in self.scores)}")
 
 
 _METRICS: dict[str, Callable[[MetricOptions], MetricResult]] = {}
@@ -327,14 +371,19 @@ def calc_metric(name: str, opts: MetricOptions) -> MetricResult:
 
 @register_metric
 def fid(opts: MetricOptions) -> MetricResult:
-    """FID of `num_samples` generated images against the reference statistics, with its protocol."""
+    """FID and KID of `num_samples` generated images against the reference, from one Inception pass."""
     feats = opts.extractor.stream(generate_uint8(opts))
     mu, sigma = statistics(feats)
     value = frechet_distance(mu, sigma, opts.ref.mu, opts.ref.sigma, feats1=feats)
+    kid = kid_estimate(opts.ref.feats, feats, KID_SUBSETS, KID_SUBSET_SIZE, seed=KID_SEED)
     # Collapse shows as generated features with far less spread than real ones.
     spread = float(np.trace(sigma) / np.trace(opts.ref.sigma))
-    name = fid_name(opts.num_samples)
-    return MetricResult(name, {name: value, "feature_spread": spread}, protocol={
-        "num_gen": opts.num_samples, "num_ref": opts.ref.num_images, "ref_key": opts.ref.key, "g_mode": opts.g_mode,
+    n = opts.num_samples
+    return MetricResult((Score("fid", metric_name("fid", n), value),
+                         Score("kid", metric_name("kid", n), kid.value, kid.std_error)),
+                        {"feature_spread": spread}, protocol={
+        "num_gen": n, "num_ref": opts.ref.num_images, "ref_key": opts.ref.key, "g_mode": opts.g_mode,
         "quantise": "uint8", "resize": RESIZES[opts.extractor.resize_mode], "version": PROTOCOL_VERSION,
-        "g_source": opts.g_source, "standing_batches": opts.standing_batches})
+        "kid_subsets": f"{kid.num_subsets} x {kid.subset_size}",
+        "kid_std_error": "two-sample jackknife + subsets",
+        "g_source": opts.g_source, "standing_batches": opts.standing_batches}, num_samples=n)

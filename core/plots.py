@@ -1,14 +1,14 @@
-"""Per-run curves (losses, D outputs, FID against kimg) as one PNG, logged as an artifact."""
+"""Per-run curves (losses, D outputs, FID and KID against kimg) as one PNG, logged as an artifact."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PANELS = (("losses", ("loss/d", "loss/g")), ("D outputs", ("d/real", "d/fake")), ("FID", ("fid/",)))
+PANELS = (("losses", ("loss/d", "loss/g")), ("D outputs", ("d/real", "d/fake")), ("FID", ("fid/",)), ("KID", ("kid/",)))
 
 
 def plot_run_curves(history: dict[str, list[tuple[int, float]]], path: Path, title: str = "") -> Path:
-    """One row of panels; a FID panel plots every fid/fid* key (training and final sample counts)."""
+    """One row of panels; the FID and KID panels plot every fid/fid*, kid/kid* key (each sample count)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -16,7 +16,7 @@ def plot_run_curves(history: dict[str, list[tuple[int, float]]], path: Path, tit
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.2))
     for ax, (name, prefixes) in zip(axes, PANELS):
         keys = [k for k in history for p in prefixes if (k.startswith(p) if p.endswith("/") else k == p)]
-        keys = [k for k in keys if not k.endswith(("feature_spread", "final"))]
+        keys = [k for k in keys if not k.endswith(("feature_spread", "final", "final_std"))]
         for key in sorted(keys):
             pts = history[key]
             ax.plot([n / 1000 for n, _ in pts], [v for _, v in pts], marker="o" if len(pts) < 20 else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from core.models import count_params
 from core.plots import plot_run_curves
 from core.tracking import dump_json
 from core.trainer import RunResult
+
+SHOWN_EPISODES = 100  # saturation episodes in the run's tag (the last ones); MLflow caps a tag's length
 
 
 def run_params(cfg: RunConfig, images: ImageSet) -> dict[str, object]:
@@ -70,14 +73,17 @@ def _train_and_record(trainer, cfg: RunConfig, tracker, run_dir: Path, images: I
     curves = plot_run_curves(trainer.history, run_dir / "curves.png", title=run_dir.name)
     tracker.log_artifact(curves, "plots")
     summary = {"status": result.status, "step": result.step, "nimg": result.nimg, "final_fid": result.final_fid,
-               "best_fid": result.best_fid, "diverged_at_nimg": result.diverged_at,
-               "d_steps": trainer.d_steps, "g_steps": trainer.g_steps}
+               "best_fid": result.best_fid, "final": result.final, "best": result.best,
+               "primary_metric": trainer.derived.primary_metric, "diverged_at_nimg": result.diverged_at,
+               "saturation_episodes": result.saturation_episodes, "d_steps": trainer.d_steps, "g_steps": trainer.g_steps}
     tracker.log_text(dump_json(summary), "summary.json")
     tags = {"outcome": result.status, "kimg": result.nimg / 1000}
     if result.diverged_at is not None:
         tags["diverged_at_nimg"] = result.diverged_at
+    if result.saturation_episodes:  # every one, recovered or not; the full list is also in summary.json
+        tags["saturation_episodes"] = json.dumps(result.saturation_episodes[-SHOWN_EPISODES:], separators=(",", ":"))
     tags.update({f"{mode}_at_nimg": nimg for mode, nimg in trainer.failures.items()})
     tracker.set_tags(tags)
-    if result.best_fid is not None:
-        tracker.log_metrics({"fid/best": result.best_fid}, step=result.nimg)
+    if result.best:  # fid/best, kid/best: each over the evaluations on the training sample count
+        tracker.log_metrics({f"{family}/best": v for family, v in result.best.items()}, step=result.nimg)
     return result

@@ -23,6 +23,7 @@ from core.config import RunConfig
 from core.data import BatchSource
 from core.ema import ema_beta, make_ema, update_ema
 from core.hooks import Hooks
+from core.losses import min_d_loss
 from core.metrics import MetricResult
 from core.sampling import evaluated_g
 
@@ -53,6 +54,9 @@ class RunResult:
     fid: dict[int, float] = field(default_factory=dict)  # nimg -> FID (training and final)
     final_fid: float | None = None
     best_fid: float | None = None
+    final: dict[str, float] = field(default_factory=dict)  # family (fid, kid) -> final value
+    best: dict[str, float] = field(default_factory=dict)  # family -> lowest value at the training sample count
+    saturation_episodes: list[list[int]] = field(default_factory=list)  # [from_nimg, to_nimg] of each episode
     diverged_at: int | None = None  # nimg at which a non-finite loss was seen
     img_per_s: float | None = None
 
@@ -97,7 +101,13 @@ class Trainer:
         self.G_train = torch.compile(G) if cuda and cfg.train.compile else G
         self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
         self.failures: dict[str, int] = {}  # failure mode -> nimg where first seen
+        self.evals: list[tuple[str, int, int, float]] = []  # (family, nimg, samples, value) of every evaluation
+        # D's loss can fall no lower than the entropy of its targets (0.325 nats for real 0.9): saturation is
+        # measured from there, or smoothed variants could never saturate
+        self.d_loss_floor = min_d_loss(getattr(cfg.train, "loss", "bce"), cfg.train.real_label, cfg.train.fake_label)
+        self.saturation_episodes: list[list[int]] = []  # [from_nimg, to_nimg]: logs in a row with D saturated
         self._saturated_logs = 0
+        self._stuck_since: int | None = None  # nimg of the first log of the current saturated streak
         self._reset_stats()
         t = cfg.train
         self.phases = [Phase("D", interval=t.d_interval, repeats=t.n_dis), Phase("G")]
@@ -207,13 +217,13 @@ class Trainer:
                 stats["perf/img_per_s"] = (nimg - tick_nimg) / max(now - tick_time, 1e-9)
                 stats["progress/kimg"] = nimg / 1000
                 tick_time, tick_nimg = now, nimg
+                self._watch_saturation(stats)
                 self._record(stats)
                 self.progress(nimg, stats)
                 result.img_per_s = stats["perf/img_per_s"]
                 if not all(math.isfinite(v) for v in stats.values()):
                     result.status, result.diverged_at = "diverged", nimg
                     break
-                self._watch_saturation(stats)
             if crossed(nimg, self.batch, t.sample_every_kimg) or last:
                 self.save_grid()
             if e.fid_every_kimg > 0 and crossed(nimg, self.batch, e.fid_every_kimg) and not last:
@@ -225,36 +235,75 @@ class Trainer:
                 self.save_checkpoint()
         if result.status not in ("diverged", "stopped"):  # a stopped (pruned) run needs no final FID
             fid, _ = self._eval_fid(e.fid_final_samples, final=True)
-            result.final_fid = self.fid_history.get(self.nimg)
-            if fid is not None and fid.values["feature_spread"] < e.collapse_spread:
+            result.final = {s.family: s.value for s in fid.scores} if fid is not None else {}
+            result.final_fid = result.final.get("fid")
+            if fid is not None and fid.diagnostics["feature_spread"] < e.collapse_spread:
                 self.failures.setdefault("collapsed", self.nimg)
+            last = self.saturation_episodes[-1] if self.saturation_episodes else None
+            if last is not None and last[1] == self.nimg:  # saturated to the end: recovered episodes are history
+                self.failures.setdefault("d_saturated", last[0])
         if result.status == "finished" and self.failures:
             result.status = min(self.failures, key=self.failures.get)  # the first failure seen names the run
         result.step, result.nimg = self.step, self.nimg
-        finite = [v for v in self.fid_history.values() if math.isfinite(v)]
-        result.best_fid = min(finite) if finite else None
+        result.best = self.best_values()
+        result.best_fid = result.best.get("fid")
+        result.saturation_episodes = [list(ep) for ep in self.saturation_episodes]
         return result
 
+    def best_values(self) -> dict[str, float]:
+        """Per family, the lowest value among evaluations on the training sample count (selected after the fact).
+
+        Values on other sample counts are biased differently (FID), so the final 50k FID never competes with
+        the 10k ones; without a training evaluation the final one's count is used.
+        """
+        e, best = self.cfg.eval, {}
+        for family in dict.fromkeys(f for f, *_ in self.evals):
+            for samples in (e.fid_samples, e.fid_final_samples):
+                values = [v for f, _, n, v in self.evals if f == family and n == samples and math.isfinite(v)]
+                if values:
+                    best[family] = min(values)
+                    break
+        return best
+
     def _watch_saturation(self, stats: dict[str, float]) -> None:
-        """D wins outright (its loss ~0) while G's loss explodes, for several log intervals in a row."""
+        """D wins outright (its loss within eval.saturation_loss_d of its floor) while G's loss explodes.
+
+        eval.saturation_logs such logs in a row open an episode [from_nimg, to_nimg], extended while they last;
+        stats gains d/saturated (1 where this log meets the condition, else 0).
+        """
         e = self.cfg.eval
-        stuck = stats.get("loss/d", 1.0) < e.saturation_loss_d and stats.get("loss/g", 0.0) > e.saturation_loss_g
-        self._saturated_logs = self._saturated_logs + 1 if stuck else 0
-        if self._saturated_logs >= e.saturation_logs:
-            self.failures.setdefault("d_saturated", self.nimg)
+        stuck = (stats.get("loss/d", math.inf) - self.d_loss_floor < e.saturation_loss_d
+                 and stats.get("loss/g", 0.0) > e.saturation_loss_g)
+        stats["d/saturated"] = float(stuck)
+        if not stuck:
+            self._saturated_logs, self._stuck_since = 0, None
+            return
+        if self._saturated_logs == 0:
+            self._stuck_since = self.nimg
+        self._saturated_logs += 1
+        if self._saturated_logs == e.saturation_logs:
+            self.saturation_episodes.append([self._stuck_since, self.nimg])
+        elif self._saturated_logs > e.saturation_logs:
+            self.saturation_episodes[-1][1] = self.nimg
 
     def _eval_fid(self, num_samples: int, final: bool = False) -> tuple[MetricResult | None, bool]:
-        """Log FID; returns the metric's result (None without an evaluator) and whether a hook asks to stop."""
+        """Log FID and KID; returns the metric's result (None without an evaluator) and whether a hook asks to stop."""
         if self.evaluate is None:
             return None, False
-        fid = self.evaluate(evaluated_g(self.cfg, self.G, self.G_ema), num_samples)
-        self.fid_history[self.nimg] = fid.value
-        metrics = {f"fid/{k}": v for k, v in fid.values.items()}
-        if final:
-            metrics["fid/final"] = fid.value
+        result = self.evaluate(evaluated_g(self.cfg, self.G, self.G_ema), num_samples)
+        self.fid_history[self.nimg] = result.value
+        metrics = {}
+        for s in result.scores:  # fid/fid10k, kid/kid10k; at the end also fid/final, kid/final, kid/final_std
+            metrics[f"{s.family}/{s.name}"] = s.value
+            if final:
+                metrics[f"{s.family}/final"] = s.value
+                if math.isfinite(s.std_error):
+                    metrics[f"{s.family}/final_std"] = s.std_error
+            self.evals.append((s.family, self.nimg, result.num_samples, s.value))
+        metrics.update({f"{result.scores[0].family}/{k}": v for k, v in result.diagnostics.items()})
         self._record(metrics)
-        self.tracker.set_tags({f"fid_protocol.{k}": v for k, v in fid.protocol.items()})
-        return fid, self.hooks.on_eval(self.nimg / 1000, metrics)
+        self.tracker.set_tags({f"fid_protocol.{k}": v for k, v in result.protocol.items()})
+        return result, self.hooks.on_eval(self.nimg / 1000, metrics)
 
     def _record(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, step=self.nimg)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-COLUMNS = ("metrics.`fid/final`", "metrics.`fid/best`", "metrics.`progress/kimg`",
-           "tags.`variant`", "tags.`seed`", "tags.`outcome`")
+COLUMNS = ("metrics.`kid/final`", "metrics.`fid/final`", "metrics.`kid/best`", "metrics.`fid/best`",
+           "metrics.`progress/kimg`", "tags.`variant`", "tags.`seed`", "tags.`outcome`")
 UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves
 
 

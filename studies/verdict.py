@@ -215,12 +215,6 @@ def failure_vs_baseline(k_var: int, n_var: int, k_base: int, n_base: int) -> flo
     return float(stats.fisher_exact([[k_var, n_var - k_var], [k_base, n_base - k_base]]).pvalue)
 
 
-def saturation_floor(real_label: float, fake_label: float) -> float:
-    """Lowest D loss these targets allow, in nats: BCE(real) + BCE(fake) bottoms out at the targets' entropies."""
-    entropy = lambda q: float(special.entr(q) + special.entr(1 - q))  # noqa: E731
-    return entropy(real_label) + entropy(fake_label)
-
-
 # ---- the verdict -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class VariantRecord:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from core.config import DataConfig, ModelConfig
+from core.kid import estimate as kid_estimate
 from core.data import load_images
 from core.metrics import (InceptionFeatures, MetricOptions, calc_metric, find_weights, frechet_distance, list_metrics,
                           reference_stats, statistics)
@@ -36,8 +37,13 @@ def test_features_are_inception_pool3(extractor):
 def test_fid_small_for_real_halves_and_large_for_an_untrained_generator(real_celeba, tmp_path, extractor):
     images = load_images(DataConfig(root=str(real_celeba.parent), max_images=128, cache_dir=str(tmp_path)), 32)
     ref = reference_stats(images.images[:64], images.key, 64, extractor, tmp_path)
-    mu, sigma = statistics(extractor(torch.from_numpy(np.array(images.images[64:128]))))
+    feats = extractor(torch.from_numpy(np.array(images.images[64:128])))
+    mu, sigma = statistics(feats)
     real_vs_real = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+    # KID of two halves of real CelebA, from the cached reference features: 0 within 3 standard errors
+    assert ref.feats.dtype == np.float32 and ref.feats.shape == (64, 2048)
+    halves = kid_estimate(ref.feats, feats)
+    assert 0 < halves.std_error and abs(halves.value) < 3 * halves.std_error, halves
 
     torch.manual_seed(0)
     G = Generator(ModelConfig(resolution=32, width=0.125))
@@ -45,15 +51,31 @@ def test_fid_small_for_real_halves_and_large_for_an_untrained_generator(real_cel
     assert "fid" in list_metrics()
     out = calc_metric("fid", MetricOptions(G=G, z_dim=128, num_samples=64, ref=ref, extractor=extractor,
                                            device=torch.device("cpu"), batch=32))
-    untrained = out.values["fid64"]
-    assert out.name == "fid64" and out.value == untrained
+    untrained = out.score("fid").value
+    assert out.name == "fid64" and out.value == untrained and out.score("kid").name == "kid64"
     assert out.protocol["num_gen"] == 64 and out.protocol["g_mode"] == "eval"
     assert out.protocol["ref_key"] == ref.key
     # 64 vs 64 samples bias both values up; the gap is what matters
     assert real_vs_real < 0.5 * untrained, (real_vs_real, untrained)
+    untrained_kid = out.score("kid")
+    assert untrained_kid.value > 10 * untrained_kid.std_error and untrained_kid.value > 10 * abs(halves.value)
     assert ref.path.is_file()
     again = reference_stats(images.images[:64], images.key, 64, extractor, tmp_path)  # from the cache
     np.testing.assert_array_equal(again.sigma, ref.sigma)
+    np.testing.assert_array_equal(again.feats, ref.feats)
+
+
+def test_a_reference_cache_without_features_is_recomputed(tmp_path, extractor):
+    images = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    ref = reference_stats(images, "old-cache", 6, extractor, tmp_path)
+    feats_file = ref.path.with_suffix(".feats.npy")
+    assert feats_file.is_file() and ref.path.is_file()
+    saved = np.array(ref.feats)
+    del ref
+    feats_file.unlink()  # a cache written before features were kept: statistics only
+    again = reference_stats(images, "old-cache", 6, extractor, tmp_path)
+    assert feats_file.is_file() and again.feats.shape == (6, 2048)
+    np.testing.assert_allclose(again.feats, saved, rtol=1e-6)
 
 
 def test_fast_inception_gives_the_plain_features(extractor):

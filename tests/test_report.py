@@ -1,5 +1,6 @@
-"""Reports: numbers recomputed from mlflow.search_runs, the bootstrap on known inputs, every linked image
-present, diverged runs shown and excluded, and the MLflow UI checked through REST and a real browser.
+"""Reports: numbers recomputed from mlflow.search_runs (Welch + Holm by scipy), failures counted as results and
+never starred, every linked image present, no absolute path of this machine, and the MLflow UI checked through
+REST and a real browser.
 
 One small study (3 variants x 2 seeds, one variant diverging on purpose) is run once for the module.
 """
@@ -89,85 +90,152 @@ def table_rows(markdown: str, heading: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_variant_table_equals_recomputation_from_search_runs(study):
-    store, path, _ = study
-    _, children = search_runs(store)
-    rows = table_rows(path.read_text(), "Final FID per variant")
-    assert set(rows) >= {"baseline", "maxpool", "hot"}
-    ok = (children["tags.outcome"] == "finished") & children["metrics.fid/final"].notna()
-    base = children[ok & (children["tags.variant"] == "baseline")]["metrics.fid/final"]
-    means = {}
-    for variant in ("baseline", "maxpool", "hot"):
+RESULTS = "Results per variant"
+OUTCOMES = ("finished", "diverged", "collapsed", "d_saturated", "failed")
+
+
+def _holm(p: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni by hand: the k-th smallest of m p-values times (m - k + 1), kept monotone, capped at 1."""
+    order = sorted(p, key=p.get)
+    out, running = {}, 0.0
+    for k, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * p[name]))
+        out[name] = running
+    return out
+
+
+def _recompute_and_compare(uri: str, experiment: str, text: str) -> dict[str, float]:
+    """Every number of the variant table, recomputed from mlflow.search_runs with scipy and a hand-written Holm;
+    returns the Holm p of each tested variant."""
+    import mlflow
+    from scipy import stats as sps
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    children = runs[runs["tags.study"] == "child"]
+    assert (children["params.derived.primary_metric"] == "kid").all()  # few final samples: KID decides
+    rows = {v: cells for v, cells in table_rows(text, RESULTS).items() if v != "variant"}
+    assert set(rows) == set(children["tags.variant"])
+    ok = children["tags.outcome"].isin(["finished", "stopped"]) & children["metrics.kid/final"].notna()
+    kid = {v: children[ok & (children["tags.variant"] == v)]["metrics.kid/final"].to_numpy() for v in rows}
+    fid = {v: children[ok & (children["tags.variant"] == v)]["metrics.fid/final"].to_numpy() for v in rows}
+    tested = [v for v in rows if v != "baseline" and len(kid[v]) > 1]
+    welch = {v: sps.ttest_ind(kid[v], kid["baseline"], equal_var=False) for v in tested}
+    holm = _holm({v: welch[v].pvalue for v in tested})
+    for variant, cells in rows.items():
         mine = children[children["tags.variant"] == variant]
-        fids = children[ok & (children["tags.variant"] == variant)]["metrics.fid/final"]
-        cells = rows[variant]
-        assert cells[1] == str(len(mine)) and cells[2] == str(len(fids))
-        assert cells[3] == str(int((mine["tags.outcome"] == "diverged").sum()))
-        assert cells[9] == f"{mine['metrics.perf/img_per_s'].mean():.0f}"
-        if len(fids):
-            means[variant] = fids.mean()
-            assert cells[5] == f"{fids.mean():.2f} ± {fids.std(ddof=1):.2f}"
-            assert cells[6] == f"{fids.min():.2f}"
-        if variant != "baseline" and len(fids):
-            ci = stats.bootstrap_diff(base.to_numpy(), fids.to_numpy())
-            assert cells[7] == f"{fids.mean() - base.mean():+.2f} [{ci.lo:+.2f}, {ci.hi:+.2f}]"
-            assert ci.lo <= fids.mean() - base.mean() <= ci.hi
-            assert cells[8] == ("no (CI contains 0)" if ci.lo <= 0 <= ci.hi else
-                                "yes, but only 2 seeds (provisional)")  # 2 seeds per variant in this study
-    best = min(means, key=means.get)
-    assert "★" in rows[best][0] and all("★" not in rows[v][0] for v in rows if v != best)
-    verdict = path.read_text().split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
-    assert f"{means[best]:.2f}" in verdict
+        counts = [int((mine["tags.outcome"] == o).sum()) for o in OUTCOMES]
+        assert cells[1] == str(sum(counts)) and cells[2] == " / ".join(map(str, counts))
+        assert cells[11] == f"{mine['metrics.perf/img_per_s'].mean():.0f}"
+        if len(kid[variant]) > 1:
+            assert cells[5] == f"{kid[variant].mean():.4g} ± {kid[variant].std(ddof=1):.2g}"
+            assert cells[6] == f"{fid[variant].mean():.4g} ± {fid[variant].std(ddof=1):.2g}"
+        if variant in tested:
+            ci = welch[variant].confidence_interval(0.95)
+            diff = kid[variant].mean() - kid["baseline"].mean()
+            assert cells[7] == f"{diff:+.3g} [{ci.low:+.3g}, {ci.high:+.3g}]"
+            assert cells[8] == f"{holm[variant]:.3g}"
+            assert cells[9].startswith("**yes**" if holm[variant] < 0.05 and diff < 0 else
+                                       "yes" if holm[variant] < 0.05 else "no"), (variant, cells[9])
+        elif variant != "baseline":
+            assert cells[9] == "too few seeds" and cells[8] == "–"
+    return holm
 
 
-def test_bootstrap_interval_on_known_inputs():
-    same = stats.bootstrap_diff([10.0, 12.0, 11.0], [10.0, 12.0, 11.0])
-    assert same.diff == 0 and same.lo <= 0 <= same.hi and same.significant is False
-    apart = stats.bootstrap_diff([10.0, 11.0, 12.0], [20.0, 21.0, 22.0])
-    assert apart.diff == pytest.approx(10) and apart.lo > 0 and apart.significant is True
-    better = stats.bootstrap_diff([20.0, 21.0, 22.0], [10.0, 11.0, 12.0])
-    assert better.hi < 0 and better.significant is True
-    # other's resampled mean is 1, 2 or 3 (p = 1/4, 1/2, 1/4) and the baseline's is always 0: the 95% interval is [1, 3]
-    exact = stats.bootstrap_diff([0.0, 0.0], [1.0, 3.0])
-    assert (exact.diff, exact.lo, exact.hi) == (2.0, 1.0, 3.0)
-    noisy_a, noisy_b = [30.1, 10.7, 25.3, 12.9, 17.2], [28.4, 9.6, 20.8, 14.1, 19.5]
-    assert stats.bootstrap_diff(noisy_a, noisy_b, seed=3) == stats.bootstrap_diff(noisy_a, noisy_b, seed=3)
-    assert (stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=3)
-            != stats.bootstrap_diff(noisy_a, noisy_b, n_boot=500, seed=4))
-    one = stats.bootstrap_diff([10.0], [5.0, 6.0])  # one seed cannot show its own noise
-    assert one.diff == pytest.approx(-4.5) and math.isnan(one.lo) and one.significant is None
-    assert math.isnan(stats.bootstrap_diff([], [1.0, 2.0]).diff)
-    assert stats.bootstrap_diff([1.0, float("nan"), 3.0], [1.0, 3.0]).diff == 0  # NaN (no final FID) is dropped
+def test_significance_column_equals_welch_holm_from_search_runs(study):
+    store, path, _ = study
+    holm = _recompute_and_compare(store.uri, NAME, path.read_text())
+    assert list(holm) == ["maxpool"]  # hot diverged on both seeds: no metric to test
+    assert "`maxpool`: 2 of 2 seeds finished" in path.read_text().split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
 
 
-def _runs(fids: dict[str, list[float]], outcome: str = "finished") -> pd.DataFrame:
-    rows = [{"variant": v, "seed": i, "run": f"{v}-s{i}", "outcome": outcome, "final_fid": f, "best_fid": f,
-             "kimg": 1.0, "img_per_s": 100.0, "diverged_at_kimg": math.nan, "run_id": f"{v}{i}"}
-            for v, values in fids.items() for i, f in enumerate(values)]
+def test_holm_decides_the_significance_column(store, tmp_path):
+    # `edge` alone would be significant (Welch p 0.036) but not after Holm over three variants (0.072)
+    _fake_study(store, "holm-study", {
+        "baseline": [("finished", x) for x in (0.30, 0.31, 0.29)],
+        "strong": [("finished", x) for x in (0.25, 0.26, 0.24)],
+        "edge": [("finished", x) for x in (0.285, 0.275, 0.27)],
+        "null": [("finished", x) for x in (0.31, 0.33, 0.30)]})
+    text = write_report(store, "holm-study", tmp_path / "reports").read_text()
+    holm = _recompute_and_compare(store.uri, "holm-study", text)
+    assert holm["strong"] < 0.05 < holm["edge"] < 2 * 0.036
+    assert table_rows(text, RESULTS)["edge"][9] == "no" and "★" in table_rows(text, RESULTS)["strong"][0]
+
+
+def _fake_study(store, name: str, seeds: dict[str, list[tuple[str, float]]]) -> None:
+    """A study's runs written straight into a store, as the trainer would leave them: (outcome, final KID) per seed."""
+    parent = store.start_run(name, f"{name} study", {"study": "parent", "ablation": name, "preset": "quick",
+                                                    "base": "none", "variants": ",".join(seeds),
+                                                    "seeds": ",".join(map(str, range(3)))})
+    for variant, runs in seeds.items():
+        for seed, (outcome, kid) in enumerate(runs):
+            child = store.start_run(name, f"{variant}-s{seed}", {"study": "child", "ablation": name, "variant": variant,
+                                                                 "seed": seed, "preset": "quick"}, parent=parent)
+            child.log_params({"derived.primary_metric": "kid", "eval.fid_samples": 128, "eval.fid_final_samples": 256,
+                              "model.resolution": 32, "train.seed": seed})
+            child.log_metrics({"progress/kimg": 12.0 if outcome == "finished" else 5.0, "perf/img_per_s": 100.0},
+                              step=12000)
+            if outcome == "finished":
+                child.log_metrics({"kid/final": kid, "kid/final_std": kid / 20, "fid/final": 1000 * kid}, step=12000)
+            child.set_tags({"outcome": outcome, **({"diverged_at_nimg": 5000} if outcome == "diverged" else {})})
+            child.finish()
+    parent.finish()
+
+
+def test_a_variant_diverging_in_2_of_3_seeds_carries_its_failures_and_is_not_starred(store, tmp_path):
+    # `fragile` has by far the lowest KID on the one seed that finished: a mean over lucky seeds would crown it
+    _fake_study(store, "fragile-study", {
+        "baseline": [("finished", 0.30), ("finished", 0.31), ("finished", 0.29)],
+        "fragile": [("diverged", 0.0), ("finished", 0.05), ("diverged", 0.0)],
+        "steady": [("finished", 0.20), ("finished", 0.21), ("finished", 0.19)]})
+    text = write_report(store, "fragile-study", tmp_path / "reports").read_text()
+    rows = table_rows(text, RESULTS)
+    fragile = rows["fragile"]
+    assert fragile[1] == "3" and fragile[2] == "1 / 2 / 0 / 0 / 0"  # failed seeds are in n
+    assert fragile[3] == "0.67 [0.09, 0.99]" and fragile[4] == "0.4"  # Clopper-Pearson; Fisher vs 0 of 3
+    assert fragile[5] == "0.05 (1 seed)" and fragile[9] == "too few seeds" and "★" not in fragile[0]
+    assert "★" in rows["steady"][0] and rows["steady"][9] == "**yes**: better"
+    verdict = text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
+    assert verdict.index("**Failures**: `fragile` failed in 2 of 3 seeds (diverged 2), rate 0.67 (95% CI 0.09-0.99)") \
+        < verdict.index("**Final KID**: `steady` is better than the baseline")
+    assert "`fragile`: diverged in 2 of 3 seeds (rate 0.67, 95% CI 0.09-0.99)" in verdict
+    assert "_no sample grid logged_" in text and "/tmp/" not in text
+
+
+def _runs(values: dict[str, list[float]], outcome: str = "finished") -> pd.DataFrame:
+    rows = [{"variant": v, "seed": i, "run": f"{v}-s{i}", "outcome": outcome, "final_kid": x, "final_fid": 100 * x,
+             "kid_std": 0.01, "best_kid": x, "best_fid": 100 * x, "kimg": 1.0, "img_per_s": 100.0,
+             "diverged_at_kimg": math.nan, "saturation": "", "run_id": f"{v}{i}"}
+            for v, xs in values.items() for i, x in enumerate(xs)]
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("fids,says", [
-    ({"baseline": [50.0], "trick": [40.0]}, "too few seeds"),
-    ({"baseline": [50.0, 51.0, 52.0, 50.5], "trick": [40.0, 41.0, 39.5, 40.5]}, "the data supports the improvement"),
-    ({"baseline": [50.0, 52.0], "trick": [40.0, 41.0]}, "suggests an improvement without establishing it"),
-    ({"baseline": [50.0, 30.0, 45.0], "trick": [44.0, 33.0, 45.0]}, "does not support a winner"),
-    ({"baseline": [40.0, 41.0, 39.0], "trick": [50.0, 52.0, 51.0]}, "No variant beats the baseline"),
+@pytest.mark.parametrize("values,says", [
+    ({"baseline": [0.50], "trick": [0.40]}, "KID not tested: too few finished seeds"),
+    ({"baseline": [0.50, 0.51, 0.52, 0.505], "trick": [0.40, 0.41, 0.395, 0.405]}, "`trick` is better than the baseline"),
+    ({"baseline": [0.50, 0.30, 0.45], "trick": [0.44, 0.33, 0.45]}, "a difference smaller than"),
+    ({"baseline": [0.40, 0.41, 0.39], "trick": [0.50, 0.52, 0.51]}, "KID significantly worse"),
 ])
-def test_verdict_follows_the_numbers(fids, says):
-    summary = stats.variant_summary(_runs(fids), list(fids))
-    text = " ".join(stats.verdict(summary))
+def test_verdict_follows_the_numbers(values, says):
+    summary, _ = stats.variant_summary(_runs(values), list(values), "kid")
+    text = " ".join(stats.verdict_lines(summary, "kid"))
     assert says in text, text
-    if "trick" in text.split(".")[0]:  # a winner is named with its effect, as the table computes it
-        row = summary.set_index("variant").loc["trick"]
-        assert f"{-row['delta']:.2f} lower" in text
+    assert ("`trick` is better" in text) == bool(summary.set_index("variant").loc["trick", "best"])
+
+
+def test_portable_paths():
+    from studies.report.sections import portable
+    cwd = Path.cwd()
+    text = (f"sqlite:///{cwd}/.cache-quick/mlflow.db --data folder:/tmp/x/celeba-subset/img_align_celeba "
+            "http://127.0.0.1:5000/#/experiments/1/runs?a=b kid/kid10k img/s /nonexistent-root/a/b")
+    assert portable(text, cwd) == ("sqlite:///.cache-quick/mlflow.db --data folder:…/celeba-subset/img_align_celeba "
+                                   "http://127.0.0.1:5000/#/experiments/1/runs?a=b kid/kid10k img/s /nonexistent-root/a/b")
 
 
 def test_markdown_links_only_images_that_exist(study):
     _, path, _ = study
     text = path.read_text()
     links = LINK.findall(text)
-    expected = {f"{NAME}/{n}" for n in ("fid.png", "losses.png", "d_outputs.png", "timelapse.gif",
+    expected = {f"{NAME}/{n}" for n in ("metrics.png", "losses.png", "d_outputs.png", "timelapse.gif",
                                          "samples-baseline.png", "samples-maxpool.png")}
     assert expected <= set(links), set(links)
     # the diverged variant stopped before its first grid: said so, not linked to a missing file
@@ -191,25 +259,26 @@ def test_diverged_runs_are_listed_and_left_out_of_the_mean(study):
     for _, run in hot.iterrows():
         cells = every[run["tags.mlflow.runName"]]
         assert cells[3] == "diverged" and cells[4] == "no" and f"`{run['run_id']}`" in cells[-1]
-    row = table_rows(text, "Final FID per variant")["hot"]
-    assert row[2] == "0" and row[3] == "2" and row[5] == "–"
-    assert "2 diverged" in text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
+    row = table_rows(text, RESULTS)["hot"]
+    assert row[1] == "2" and row[2] == "0 / 2 / 0 / 0 / 0" and row[5] == "–"
+    assert "`hot` failed in 2 of 2 seeds (diverged 2)" in text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
 
 
-def test_a_diverged_run_with_a_final_fid_still_stays_out_of_the_mean(study):
-    """Even if a diverged run had logged a final FID, the mean must not include it (outcome decides, not NaN)."""
+def test_a_diverged_run_with_a_final_metric_still_stays_out_of_the_mean(study):
+    """Even if a diverged run had logged a final KID, the test must not include it (outcome decides, not NaN)."""
     store, _, _ = study
     from studies.report.build import study_runs
     _, children = study_runs(store, NAME)
-    runs = stats.run_table(children, ["baseline", "maxpool", "hot"])
+    order = ["baseline", "maxpool", "hot"]
+    runs = stats.run_table(children, order)
     first = runs.index[runs["variant"] == "baseline"][0]
-    before = stats.variant_summary(runs, ["baseline", "maxpool", "hot"]).set_index("variant")
+    before = stats.variant_summary(runs, order, "kid")[0].set_index("variant")
     runs.loc[first, "outcome"] = "diverged"
-    after = stats.variant_summary(runs, ["baseline", "maxpool", "hot"]).set_index("variant")
-    others = runs[(runs["variant"] == "baseline") & (runs.index != first)]["final_fid"]
+    after = stats.variant_summary(runs, order, "kid")[0].set_index("variant")
+    others = runs[(runs["variant"] == "baseline") & (runs.index != first)]["final_kid"]
     assert after.loc["baseline", "counted"] == before.loc["baseline", "counted"] - 1
-    assert after.loc["baseline", "fid_mean"] == pytest.approx(others.mean())
-    assert after.loc["baseline", "diverged"] == 1
+    assert after.loc["baseline", "mean"] == pytest.approx(others.mean())
+    assert after.loc["baseline", "diverged"] == 1 and after.loc["baseline", "seeds"] == before.loc["baseline", "seeds"]
 
 
 def test_provenance_and_ui_view_are_recorded_at_run_time(study):

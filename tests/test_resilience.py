@@ -115,7 +115,9 @@ def test_d_saturation_and_collapse_are_tagged(tiny_cfg):
     saturated = build_run(tiny_cfg(eval__saturation_loss_d=10.0, eval__saturation_loss_g=0.0,
                                    eval__saturation_logs=2), with_fid=False)
     result = saturated.run()
-    assert result.status == "d_saturated" and saturated.failures["d_saturated"] == 16  # 2nd log interval
+    # saturated from the first log (8 images) to the end: one episode, confirmed at the 2nd log interval
+    assert result.status == "d_saturated" and saturated.failures["d_saturated"] == 8
+    assert result.saturation_episodes == [[8, 32]]
 
     healthy = build_run(tiny_cfg(), with_fid=False)
     assert healthy.run().status == "finished" and not healthy.failures

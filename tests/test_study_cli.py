@@ -35,8 +35,9 @@ def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba):
     assert "fid_reference" in {a.path for a in store.client.list_artifacts(parents["run_id"].iloc[0])}
 
     report = (tmp_path / "reports/pooling.md").read_text()
-    for _, row in children.iterrows():  # every run's final FID, as MLflow holds it, is in the report
-        assert f"{row['metrics.fid/final']:.2f}" in report and row["run_id"] in report
+    for _, row in children.iterrows():  # every run's final FID and KID, as MLflow holds them, are in the report
+        assert f"{row['metrics.fid/final']:.4g}" in report and row["run_id"] in report
+        assert f"{row['metrics.kid/final']:.4g} ± {row['metrics.kid/final_std']:.2g}" in report
     for variant in ("baseline", "maxpool", "avgpool"):
         assert (tmp_path / f"reports/pooling/samples-{variant}.png").is_file()
         assert f"(pooling/samples-{variant}.png)" in report

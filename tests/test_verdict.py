@@ -9,8 +9,9 @@ import pytest
 from scipy import stats
 from scipy.optimize import brentq
 
+from core.losses import min_d_loss
 from studies.verdict import (VariantRecord, best, clopper_pearson, compare, failure_vs_baseline, holm,
-                             min_detectable_diff, pooled_sd, saturation_floor, seeds_needed, verdict, welch,
+                             min_detectable_diff, pooled_sd, seeds_needed, verdict, welch,
                              welch_power)
 
 REPLICATES = 4000  # binomial sd of a 5% rate: 0.35 points
@@ -117,10 +118,11 @@ def test_exact_failure_statistics():
 
 
 def test_saturation_floor_of_smoothed_targets():
-    assert saturation_floor(1.0, 0.0) == 0.0
-    assert saturation_floor(0.9, 0.0) == pytest.approx(0.325, abs=5e-4)  # one-sided smoothing, real_0.9
-    assert saturation_floor(0.9, 0.1) == pytest.approx(0.650, abs=5e-4)  # two-sided
-    assert saturation_floor(0.9, 0.0) == pytest.approx(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))
+    # the floor the trainer's saturation watch measures from (core.losses, with BCE as the trainer's loss)
+    assert min_d_loss("bce", 1.0, 0.0) == 0.0
+    assert min_d_loss("bce", 0.9, 0.0) == pytest.approx(0.325, abs=5e-4)  # one-sided smoothing, real_0.9
+    assert min_d_loss("bce", 0.9, 0.1) == pytest.approx(0.650, abs=5e-4)  # two-sided
+    assert min_d_loss("bce", 0.9, 0.0) == pytest.approx(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))
 
 
 # ---- the verdict -----------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""`python -m studies.report`: a study's report rebuilt from the tracking store alone (build, stats, plots, index).
+"""`python -m studies.report`: a study's report rebuilt from the tracking store alone (build, stats, sections,
+plots, index).
 
 Other commands use it only through `write_report` (studies.run writes the report at the end of a study).
 What it may import is a test's rule (tests/test_architecture.py): from core only the tracking store, errors,
-the config's defaults and the metric's name; the ablation registry for rationales; never a trainer or Optuna.
+the config's defaults and the metric names; the ablation registry for rationales; studies.verdict for the
+statistics; never a trainer or Optuna.
 """
 
 from studies.report.build import write_report

@@ -37,15 +37,18 @@ def write_index(reports_dir: Path) -> Path:
             continue
         rows.append({"study": f"[{head['experiment']}]({path.name})", "started": head.get("started", "?"),
                      "preset": head.get("preset", "?"), "variants": ", ".join(head.get("variants", [])),
-                     "seeds": head.get("seeds", "?"), "runs in mean / total": f"{head.get('counted', '?')} / "
-                     f"{head.get('runs', '?')}", "best variant": head.get("best") or "–",
-                     "effect vs baseline (final FID)": head.get("effect", "–"), "verdict": head.get("verdict", "")})
+                     "seeds": head.get("seeds", "?"), "primary metric": head.get("metric", "fid").upper(),
+                     "runs in test / total": f"{head.get('counted', '?')} / {head.get('runs', '?')}",
+                     "best variant": head.get("best") or "–", "effect vs baseline": head.get("effect", "–"),
+                     "verdict": head.get("verdict", "")})
     table = pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else "_No reports yet._"
     text = "\n".join([
         "# Ablation reports", "",
         "One row per study reported so far; each report is regenerated from MLflow with "
-        "`python -m studies.report NAME`, which also rewrites this index. Effect: best variant's mean final FID "
-        "minus the baseline's, with its 95% bootstrap interval over seeds (negative is better).", "", table, ""])
+        "`python -m studies.report NAME`, which also rewrites this index. Best variant: the one with the largest "
+        "improvement in the study's primary metric that is significant (Welch's t-test over seeds, Holm-adjusted "
+        "across the variants) and that does not fail significantly more often than the baseline; effect: its mean "
+        "final value minus the baseline's, with the 95% Welch interval (negative is better).", "", table, ""])
     path = reports_dir / "README.md"
     path.write_text(text, encoding="utf-8")
     return path

@@ -1,6 +1,6 @@
 """The pictures of a report, all rebuilt from MLflow: curves over seeds, sample grids, a training timelapse.
 
-    python -m studies.report pooling     # reports/pooling/fid.png, losses.png, d_outputs.png, samples-*.png, timelapse.gif
+    python -m studies.report pooling     # reports/pooling/metrics.png, losses.png, d_outputs.png, samples-*.png, timelapse.gif
 
 Curves come from metric histories (step = images seen), so variants with different batch sizes share an
 x-axis. Sample grids come from each run's `samples/` artifacts, which every run draws from the same fixed z.
@@ -75,24 +75,28 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_fid(hist: History, groups: dict[str, list[str]], train_key: str, final: pd.DataFrame, path: Path) -> Path:
-    """FID during training per variant (mean line, min-max band over seeds), final FID as mean ± sd markers."""
+def plot_metrics(hist: History, groups: dict[str, list[str]], panels: list[tuple[str, str]], final: pd.DataFrame,
+                 path: Path) -> Path:
+    """One panel per (training key, family), primary first: each variant's curve during training (mean line,
+    min-max band over seeds) and its final value as mean ± sd markers (final[f"final_{family}"])."""
     plt, colors = _plt(), _colors(list(groups))
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), squeeze=False)
     span = final["kimg"].max() if len(final) else 1.0
-    for i, (variant, run_ids) in enumerate(groups.items()):
-        drawn = _band(ax, seed_frame(hist, run_ids, train_key), colors[variant], variant)
-        done = final[final["variant"] == variant]
-        if len(done):
-            sd = done["final_fid"].std(ddof=1) if len(done) > 1 else 0.0
-            nudge = (i - (len(groups) - 1) / 2) * 0.012 * span  # side by side, so the error bars do not overlap
-            ax.errorbar([done["kimg"].mean() + nudge], [done["final_fid"].mean()], yerr=[sd], fmt="D", color=colors[variant],
-                        capsize=3, markersize=5, label=None if drawn else f"{variant} (n={len(done)})")
-    ax.set_xlabel("images seen (kimg)")
-    ax.set_ylabel("FID (lower is better)")
-    ax.set_title(f"{train_key} during training (band: min-max over seeds); ◆ final FID, mean ± sd", fontsize=9)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    for ax, (train_key, family) in zip(axes[0], panels):
+        for i, (variant, run_ids) in enumerate(groups.items()):
+            drawn = _band(ax, seed_frame(hist, run_ids, train_key), colors[variant], variant)
+            done = final[final["variant"] == variant]
+            values = done[f"final_{family}"].astype(float)
+            if values.notna().any():
+                sd = values.std(ddof=1) if values.notna().sum() > 1 else 0.0
+                nudge = (i - (len(groups) - 1) / 2) * 0.012 * span  # side by side, so the error bars do not overlap
+                ax.errorbar([done["kimg"].mean() + nudge], [values.mean()], yerr=[sd], fmt="D", color=colors[variant],
+                            capsize=3, markersize=5, label=None if drawn else f"{variant} (n={values.notna().sum()})")
+        ax.set_xlabel("images seen (kimg)")
+        ax.set_ylabel(f"{family.upper()} (lower is better)")
+        ax.set_title(f"{train_key} during training (band: min-max over seeds); ◆ final, mean ± sd", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 
