@@ -19,19 +19,36 @@ CASES = [(name, variant) for name in list_ablations() for variant in get_ablatio
 
 
 def observe(trainer, steps: int = 4) -> dict:
-    """What a run really does: layers, optimizers, loss targets, optimizer steps, batches, images seen."""
-    targets, batches, opt_steps = [], [], {"D": 0, "G": 0}
+    """What a run really does: layers, optimizers, loss targets, optimizer steps, batches, images seen.
+
+    Loss targets are told apart by the logits they come with: D's outputs on the real batches drawn are
+    'real', every other D output is 'fake'. So each D step gives a (real, fake) target pair, whatever order
+    the loss terms are written in, and each G step its target for the fake logits.
+    """
+    batches, opt_steps, outputs, pending = [], {"D": 0, "G": 0}, [], {}
+    targets = {"D": [], "G": []}
     real_bce = trainer_mod.F.binary_cross_entropy_with_logits
 
     def spy_bce(logits, target, *a, **k):
-        targets.append(round(float(target.flatten()[0]), 6))
+        seen = logits.detach().float()
+        (kind,) = {kind for kind, out in outputs if out.shape == seen.shape and torch.equal(out.detach().float(), seen)}
+        pending[kind] = round(float(target.flatten()[0]), 6)
         return real_bce(logits, target, *a, **k)
 
     for name, opt in (("D", trainer.opt_d), ("G", trainer.opt_g)):
-        step = opt.step
-        opt.step = lambda *a, _s=step, _n=name, **k: (opt_steps.__setitem__(_n, opt_steps[_n] + 1), _s(*a, **k))[1]
+        def stepped(*a, _s=opt.step, _n=name, **k):
+            opt_steps[_n] += 1
+            targets[_n].append((pending.pop("real", None), pending.pop("fake", None)) if _n == "D" else
+                               pending.pop("fake", None))
+            pending.clear()
+            outputs.clear()
+            return _s(*a, **k)
+        opt.step = stepped
     draw = trainer.batches.next
-    trainer.batches.next = lambda n: (batches.append(n), draw(n))[1]
+    trainer.batches.next = lambda n: (batches.append(draw(n)), batches[-1])[1]
+    D = trainer.D_train
+    trainer.D_train = lambda x: (outputs.append(("real" if any(x is b for b in batches) else "fake",
+                                                 D(x))), outputs[-1][1])[1]
     trainer_mod.F.binary_cross_entropy_with_logits = spy_bce
     try:
         for _ in range(steps):
@@ -47,8 +64,9 @@ def observe(trainer, steps: int = 4) -> dict:
         return [(type(opt).__name__, g["lr"], g["weight_decay"]) for g in opt.param_groups]
 
     return {"G layers": layers(trainer.G), "D layers": layers(trainer.D), "opt_g": groups(trainer.opt_g),
-            "opt_d": groups(trainer.opt_d), "targets": sorted(set(targets)), "opt steps": opt_steps,
-            "batches": batches, "nimg": trainer.nimg}
+            "opt_d": groups(trainer.opt_d), "d targets": sorted(set(targets["D"])),
+            "g targets": sorted(set(targets["G"])), "opt steps": opt_steps, "batches": [len(b) for b in batches],
+            "nimg": trainer.nimg}
 
 
 @pytest.fixture
@@ -121,10 +139,14 @@ def test_ttur_learning_rates_in_param_groups(build):
 
 
 def test_label_smoothing_targets_reach_the_loss(build):
-    assert observe(build("label_smoothing", "baseline"))["targets"] == [0.0, 1.0]
-    assert observe(build("label_smoothing", "real_0.9"))["targets"] == [0.0, 0.9, 1.0]  # G's target stays 1
-    assert observe(build("label_smoothing", "real_0.8"))["targets"] == [0.0, 0.8, 1.0]
-    assert observe(build("label_smoothing", "two_sided"))["targets"] == [0.1, 0.9, 1.0]
+    """(real, fake) target pairs of every D step, matched to D's outputs on real and generated images."""
+    def seen(variant):
+        run = observe(build("label_smoothing", variant))
+        return run["d targets"], run["g targets"]
+    assert seen("baseline") == ([(1.0, 0.0)], [1.0])
+    assert seen("real_0.9") == ([(0.9, 0.0)], [1.0])  # G's target for its fakes stays 1
+    assert seen("real_0.8") == ([(0.8, 0.0)], [1.0])
+    assert seen("two_sided") == ([(0.9, 0.1)], [1.0])
 
 
 @pytest.mark.parametrize("variant,d_steps", [("baseline", 4), ("n_dis_2", 8), ("n_dis_5", 20), ("d_every_2", 2)])
@@ -156,7 +178,14 @@ def test_lr_scaling_rule_for_batch_size(tiny_cfg):
         cfg = tiny_cfg(train__batch_size=64, optim__lr_ref_batch=8, optim__lr_scaling=rule)
         trainer = build_run(cfg, with_fid=False)
         assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)
+        assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)  # what D's updates use
         assert config_mod.derive(cfg).lr_d == pytest.approx(2e-4 * factor)
+    # TTUR's two rates, each scaled: the optimizers, not only the derived values
+    cfg = config_mod.apply_overrides(tiny_cfg(train__batch_size=64, optim__lr_ref_batch=8, optim__lr_scaling="linear"),
+                                     get_ablation("ttur").overrides("ttur"))
+    trainer = build_run(cfg, with_fid=False)
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(4e-4 * 8)
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(1e-4 * 8)
 
 
 def test_base_variant_is_applied_and_clashes_are_refused(monkeypatch):
