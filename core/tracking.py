@@ -160,8 +160,17 @@ class Store:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             raise UserError(f"no MLflow experiment '{experiment}' in {self.uri}; run the study first")
+        # search_runs reads MLflow's global URI, and set_tracking_uri also exports it as MLFLOW_TRACKING_URI,
+        # which the next Store() of this process (or a child process) would take for the user's choice
+        env = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
-        return mlflow.search_runs([exp.experiment_id], filter_string, max_results=10000)
+        try:
+            return mlflow.search_runs([exp.experiment_id], filter_string, max_results=10000)
+        finally:
+            if env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = env
 
     def save_view(self, experiment: str, key: str, state: dict[str, object]) -> str | None:
         """Store a runs-table view (filter, sort, columns, grouping) that the MLflow UI opens by `key`.

@@ -75,3 +75,19 @@ def _quiet_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def _migrated_mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema made once: a fresh store spends seconds in migrations."""
+    from core.tracking import Store
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    Store(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def empty_store_db(_migrated_mlflow_db, tmp_path) -> Path:
+    """tmp_path/mlflow.db: an empty, already migrated MLflow store (the commands' default store in tmp_path)."""
+    import shutil
+    return Path(shutil.copy(_migrated_mlflow_db, tmp_path / "mlflow.db"))

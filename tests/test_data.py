@@ -1,5 +1,6 @@
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,17 +22,46 @@ def test_real_jpegs_are_center_cropped_and_resized(real_celeba, tmp_path):
     np.testing.assert_array_equal(images.images[0].transpose(1, 2, 0), expected)
 
 
-def test_corrupt_file_is_skipped_and_counted(real_celeba, tmp_path):
+def test_corrupt_file_is_skipped_and_counted(synthetic_root, tmp_path):
+    """A garbage file and a truncated JPEG are both skipped (PIL would decode the truncated one as grey fill if
+    allowed to): exactly 2 skipped, and the set holds exactly the 3 good images, in order."""
     folder = tmp_path / "celeba" / "img_align_celeba"
     folder.mkdir(parents=True)
-    for src in sorted(real_celeba.iterdir())[:3]:
+    good = sorted((synthetic_root / "img_align_celeba").iterdir())[:4]
+    for src in good[:3]:
         shutil.copy(src, folder / src.name)
     (folder / "999999.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    good = sorted(real_celeba.iterdir())[3].read_bytes()
-    (folder / "999998.jpg").write_bytes(good[: len(good) // 3])  # truncated file
+    data = good[3].read_bytes()
+    (folder / "999998.jpg").write_bytes(data[: len(data) // 3])  # truncated file
     images = load_images(DataConfig(root=str(tmp_path / "celeba"), cache_dir=str(tmp_path / "cache")), 32)
-    assert len(images.images) + images.skipped == 5
-    assert images.skipped >= 1 and len(images.images) >= 3
+    assert (len(images.images), images.skipped) == (3, 2)
+    expected = []
+    for src in good[:3]:
+        with Image.open(src) as img:
+            expected.append(np.asarray(img.convert("RGB").crop((0, 20, 178, 198)).resize((32, 32), Image.BICUBIC)))
+    np.testing.assert_array_equal(images.images.transpose(0, 2, 3, 1), np.stack(expected))
+
+
+def test_default_data_places_come_in_order_and_celeba_root_first(synthetic_root, tmp_path, monkeypatch):
+    """No --data: $CELEBA_ROOT, ./data/celeba, data/celeba in the checkout, ../shared/data/celeba-subset; the
+    first place that holds images wins, so an empty CELEBA_ROOT falls through to the next."""
+    from studies.cli import REPO, data_roots
+    from tests.conftest import write_synthetic_celeba
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CELEBA_ROOT", raising=False)
+    rest = [Path("data/celeba"), REPO / "data/celeba", REPO.parent / "shared/data/celeba-subset"]
+    assert data_roots() == rest
+    monkeypatch.setenv("CELEBA_ROOT", str(synthetic_root))
+    assert data_roots() == [synthetic_root, *rest]
+    cfg = DataConfig(root="", cache_dir=str(tmp_path / "cache"), max_images=4)
+    write_synthetic_celeba(tmp_path / "data" / "celeba", 2)
+    assert find_source(cfg, data_roots()).path == synthetic_root / "img_align_celeba"
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("CELEBA_ROOT", str(tmp_path / "empty"))
+    source = find_source(cfg, data_roots())
+    assert source.path.resolve() == tmp_path / "data" / "celeba" / "img_align_celeba" and len(source.names) == 2
+    with pytest.raises(UserError, match="looked in nowhere"):  # the library alone looks nowhere by itself
+        find_source(cfg)
 
 
 def test_zip_is_read_in_place_and_matches_the_folder(synthetic_root, tmp_path):

@@ -15,6 +15,42 @@ def extractor():
     return InceptionFeatures(find_weights(), torch.device("cpu"), batch=32)
 
 
+def sqrtm_reference(mu1, s1, mu2, s2) -> float:
+    """clean-fid's formula written out: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), SciPy's general sqrtm.
+
+    Nothing here can skip: no clean-fid call (whose `disp` argument SciPy 1.18 removed), only scipy.linalg.
+    """
+    from scipy import linalg
+    covmean = np.real(linalg.sqrtm(s1 @ s2))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("n1,n2", [(300, 300), (40, 300), (300, 40), (40, 30)],
+                         ids=["full-rank", "rank-deficient-1", "rank-deficient-2", "both-deficient"])
+def test_frechet_distance_equals_the_sqrtm_formula(n1, n2):
+    """Our two symmetric eigensolves (and the n x n shortcut given the feature rows) against scipy's sqrtm,
+    on full-rank and rank-deficient (n < d = 64) statistics: the small-sample FIDs every CPU test computes."""
+    rng = np.random.default_rng(n1 * 1000 + n2)
+    a, b = rng.normal(size=(n1, 64)), rng.normal(0.3, 1.2, size=(n2, 64))
+    mu1, s1 = statistics(a)
+    mu2, s2 = statistics(b)
+    expected = sqrtm_reference(mu1, s1, mu2, s2)
+    assert expected > 1  # far from 0: a relative tolerance means something
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu1, s1, mu2, s2, feats1=a) == pytest.approx(expected, rel=1e-6)  # the metric's call
+    assert frechet_distance(mu2, s2, mu1, s1, feats1=b) == pytest.approx(expected, rel=1e-6)  # symmetric
+    assert frechet_distance(mu1, s1, mu1, s1, feats1=a) == pytest.approx(0, abs=1e-6)
+
+
+def test_frechet_distance_of_diagonal_gaussians_in_closed_form():
+    """Commuting (diagonal) covariances: FID = ||mu1 - mu2||^2 + sum((sqrt(a_i) - sqrt(b_i))^2), exactly."""
+    va, vb = np.array([1.0, 4.0, 9.0, 0.0]), np.array([4.0, 1.0, 9.0, 16.0])  # one zero variance: rank 3
+    mu1, mu2 = np.array([0.0, 1.0, 2.0, 3.0]), np.array([1.0, 1.0, 0.0, 3.0])
+    expected = 1 + 4 + (1 + 1 + 0 + 16)
+    assert frechet_distance(mu1, np.diag(va), mu2, np.diag(vb)) == pytest.approx(expected, rel=1e-12)
+
+
 def test_frechet_distance_equals_clean_fid():
     cleanfid_fid = pytest.importorskip("cleanfid.fid")
     rng = np.random.default_rng(0)
@@ -32,6 +68,117 @@ def test_frechet_distance_equals_clean_fid():
 def test_features_are_inception_pool3(extractor):
     feats = extractor(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8))
     assert feats.shape == (3, 2048) and np.isfinite(feats).all() and (feats >= 0).all()  # post-ReLU avg pool
+
+
+def test_features_equal_clean_fids_own_pipeline(extractor):
+    """clean-fid's resizer and its InceptionV3W forward, which scales the resized image as (x - 128) / 128,
+    on the same uint8 images and the same network: the reference for our input scaling and layout."""
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+    net = torch.jit.load(str(find_weights()), map_location="cpu")
+    theirs = InceptionV3W.__new__(InceptionV3W)  # its __init__ would download NVIDIA's file; same layers, no base
+    torch.nn.Module.__init__(theirs)
+    theirs.layers, theirs.resize_inside = (net.layers if hasattr(net, "layers") else net.net.layers).eval(), False
+    images = np.random.default_rng(1).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    resize = build_resizer("clean")
+    resized = np.stack([resize(img.transpose(1, 2, 0)) for img in images])  # HWC float, 299 x 299
+    with torch.no_grad():
+        expected = theirs(torch.from_numpy(resized).permute(0, 3, 1, 2)).double().numpy()
+    ours = extractor(torch.from_numpy(images))
+    assert ours.shape == (3, 2048) and ours.dtype == np.float64
+    assert np.abs(ours - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+class Recorder(torch.nn.Module):
+    """A 'generator' that outputs fixed values and remembers the mode (train/eval) of every call."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values, dtype=torch.float32)
+        self.modes = []
+
+    def forward(self, z):
+        self.modes.append(self.training)
+        return self.values.view(1, 1, 1, -1).expand(len(z), 3, 2, -1).clone()
+
+
+class FeatureSpy:
+    """Stands in for InceptionFeatures: keeps what it is fed, returns seeded random features."""
+    resize_mode, weights_hash = "clean", "spy"
+
+    def __init__(self, fail=False):
+        self.fed, self.fail = [], fail
+
+    def stream(self, batches):
+        if self.fail:
+            raise AssertionError("features computed: the cached statistics were not read")
+        fed = [b.clone() for b in batches]
+        self.fed += fed
+        n = sum(len(b) for b in fed)
+        return np.random.default_rng(n).normal(size=(n, 2048))
+
+
+def spy_options(G, extractor, **kw) -> MetricOptions:
+    from core.metrics import ReferenceStats
+    ref = ReferenceStats(np.zeros(2048), np.eye(2048), 8, "refkey", None)
+    return MetricOptions(G=G, z_dim=4, num_samples=6, ref=ref, extractor=extractor, device=torch.device("cpu"),
+                         batch=4, **kw)
+
+
+def test_generated_images_reach_inception_as_rounded_uint8():
+    """G's [-1, 1] output becomes uint8 exactly as a saved PNG would: (x + 1) * 127.5, rounded, clamped."""
+    x = [-1.5, -1.0, 100.6 / 127.5 - 1, 0.002, 1.0, 1.2]  # 100.6 rounds up; 127.755 rounds up (truncation: 127)
+    spy = FeatureSpy()
+    out = calc_metric("fid", spy_options(Recorder(x), spy))
+    fed = torch.cat(spy.fed)
+    assert fed.dtype == torch.uint8 and fed.shape == (6, 3, 2, 6)
+    assert fed[0, 0, 0].tolist() == [0, 0, 101, 128, 255, 255]
+    assert (fed == fed[:1]).all()
+    assert out.protocol["quantise"] == "uint8" and out.protocol["num_gen"] == 6 == len(fed)
+
+
+@pytest.mark.parametrize("g_mode,before", [("eval", True), ("train", False)])
+def test_fid_samples_g_in_its_protocol_mode_with_fixed_latents_and_restores_the_mode(g_mode, before):
+    G = Recorder([0.0])
+    G.train(before)  # the trainer leaves G in train mode; a caller may have it in eval mode
+    zs = []
+    forward = G.forward
+    G.forward = lambda z: (zs.append(z.clone()), forward(z))[1]
+    opts = spy_options(G, FeatureSpy(), g_mode=g_mode, seed=7)
+    out = calc_metric("fid", opts)
+    assert set(G.modes) == {g_mode == "train"} and out.protocol["g_mode"] == g_mode
+    assert G.training is before  # put back as it was
+    first = torch.cat(zs)
+    zs.clear()
+    calc_metric("fid", opts)
+    assert torch.equal(torch.cat(zs), first)  # every evaluation sees the same z
+
+
+def test_trainers_fid_uses_the_configured_g_mode_and_seed(tiny_cfg, monkeypatch):
+    import core.build as build
+    from core.trainer import FID_SEED
+    seen = []
+    monkeypatch.setattr(build, "InceptionFeatures", lambda *a, **k: FeatureSpy())
+    monkeypatch.setattr(build, "reference_stats", lambda *a, **k: spy_options(None, None).ref)
+    monkeypatch.setattr(build, "calc_metric", lambda name, opts: seen.append(opts))
+    cfg = tiny_cfg(eval__g_mode="train")
+    evaluate = build.FidEvaluator(cfg, load_images(cfg.data, 32), torch.device("cpu"))
+    evaluate(Recorder([0.0]), 16)
+    (opts,) = seen
+    assert (opts.g_mode, opts.seed, opts.num_samples, opts.z_dim) == ("train", FID_SEED, 16, cfg.model.z_dim)
+
+
+def test_cached_reference_statistics_are_read_back_not_recomputed(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    first = reference_stats(images, "cache-test", 8, FeatureSpy(), tmp_path)
+    assert first.path.is_file()
+    again = reference_stats(images, "cache-test", 8, FeatureSpy(fail=True), tmp_path)  # must not compute features
+    np.testing.assert_array_equal(again.mu, first.mu)
+    np.testing.assert_array_equal(again.sigma, first.sigma)
+    assert (again.key, again.num_images) == (first.key, 8)
+    recomputed = FeatureSpy()
+    other = reference_stats(images, "cache-test", 4, recomputed, tmp_path)  # another count: another key
+    assert other.key != first.key and sum(len(b) for b in recomputed.fed) == 4
 
 
 def test_fid_small_for_real_halves_and_large_for_an_untrained_generator(real_celeba, tmp_path, extractor):

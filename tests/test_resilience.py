@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import pytest
 import torch
 
 from core.build import build_run
+from core.hooks import Hooks
 from core.tracking import Store
+from tests.helpers import md_table
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "quick", "--seeds", "1", "--variants", "maxpool", "--no-progress",
@@ -89,7 +93,12 @@ def test_a_diverging_run_is_tagged_and_the_study_goes_on(tmp_path, synthetic_roo
     assert by_variant == {"baseline": {"finished"}, "maxpool": {"diverged"}}
     assert runs[runs["tags.variant"] == "maxpool"]["tags.diverged_at_nimg"].astype(int).min() > 0
     report = (tmp_path / "reports" / "pooling.md").read_text()
-    assert report.count("diverged") >= 2
+    every = md_table(report, "Every run")
+    for name in ("maxpool-s0", "maxpool-s1"):  # listed with their outcome, out of the mean
+        assert (every[name]["outcome"], every[name]["in mean"], every[name]["final FID"]) == ("diverged", "no", "–")
+    assert {every[f"baseline-s{s}"]["outcome"] for s in (0, 1)} == {"finished"}
+    row = md_table(report, "Final FID per variant")["maxpool"]
+    assert (row["runs"], row["diverged"], row["in mean"]) == ("2", "2", "0")
 
 
 def test_d_saturation_and_collapse_are_tagged(tiny_cfg):
@@ -156,19 +165,134 @@ def test_corrupt_data_and_bad_cache_files(tmp_path, synthetic_root):
     assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("*.npy"))
 
 
-def test_two_concurrent_studies_on_one_store(tmp_path, synthetic_root):
-    args = [a if a != "train.kimg=2.4" else "train.kimg=0.4" for a in SMALL]
+RACE = """
+import os, sys, time
+from pathlib import Path
+import mlflow
+
+barrier, create = Path(sys.argv[1]), mlflow.MlflowClient.create_experiment
+
+
+def create_together(self, name, *args, **kwargs):
+    # Both studies found no experiment '{name}': create it at the same moment, so one of them loses the race.
+    (barrier / f"ready-{os.getpid()}").touch()
+    deadline = time.time() + 120
+    while len(list(barrier.glob("ready-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.01)
+    try:
+        return create(self, name, *args, **kwargs)
+    except Exception:
+        (barrier / f"lost-{os.getpid()}").touch()
+        raise
+
+
+mlflow.MlflowClient.create_experiment = create_together
+from studies.run.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_studies_started_at_once_on_one_experiment_of_one_store(tmp_path, synthetic_root, empty_store_db):
+    """Two pooling studies (other variants, so two studies) in one SQLite file, both creating experiment
+    'pooling' at the same moment: the loser of that race takes the winner's experiment, and every write lands."""
+    args = [a if a != "train.kimg=2.4" else "train.kimg=0.4" for a in SMALL if a not in ("--variants", "maxpool")]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "studies.run", name, "--data", str(synthetic_root),
-                               *[a for a in args if a != "maxpool" and a != "--variants"]],
-                              cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-             for name in ("pooling", "ttur")]
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(barrier), "pooling", "--variants", variant, "--data",
+                               str(synthetic_root), *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+             for variant in ("maxpool", "avgpool")]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
-    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for name, n_variants in (("pooling", 3), ("ttur", 3)):
-        runs = store.runs_frame(name)
-        kids = runs[runs["tags.study"] == "child"]
-        assert len(kids) == n_variants and (kids["status"] == "FINISHED").all()
+    assert len(list(barrier.glob("ready-*"))) == 2 and len(list(barrier.glob("lost-*"))) == 1  # the race happened
+    store = Store(f"sqlite:///{empty_store_db}")
+    assert [e.name for e in store.client.search_experiments() if e.name != "Default"] == ["pooling"]
+    runs = store.runs_frame("pooling")
+    parents = runs[runs["tags.study"] == "parent"]
+    assert len(parents) == 2 and (parents["status"] == "FINISHED").all()
+    for variant in ("maxpool", "avgpool"):
+        (parent,) = parents[parents["tags.variants"] == f"baseline,{variant}"]["run_id"]
+        kids = runs[runs["tags.mlflow.parentRunId"] == parent]
+        assert sorted(kids["tags.variant"]) == sorted(["baseline", variant]) and (kids["status"] == "FINISHED").all()
         for run_id in kids["run_id"]:  # every log interval of every run arrived: 0.4 kimg / 0.04 kimg
             assert [s for s, _ in store.metric_history(run_id, "loss/d")] == list(range(40, 401, 40))
+
+
+class HoldTheLock(Hooks):
+    """At its step, holds an exclusive transaction on the SQLite store from another connection for hold_s."""
+
+    def __init__(self, db: Path, at_step: int, hold_s: float):
+        self.db, self.at_step, self.hold_s, self.held = db, at_step, hold_s, threading.Event()
+
+    def d_targets(self, step, real, fake):
+        if step == self.at_step and not self.held.is_set():
+            locked = threading.Event()
+
+            def hold():
+                con = sqlite3.connect(self.db, timeout=30, isolation_level=None)
+                con.execute("BEGIN EXCLUSIVE")
+                locked.set()
+                threading.Event().wait(self.hold_s)
+                con.execute("COMMIT")
+                con.close()
+                self.held.set()
+
+            threading.Thread(target=hold, daemon=True).start()
+            assert locked.wait(30)
+        return real, fake
+
+
+def test_a_study_writing_through_a_locked_sqlite_store_retries_and_loses_nothing(tmp_path, monkeypatch, request,
+                                                                                synthetic_root, empty_store_db):
+    """Another connection holds the database for longer than the busy timeout while the study logs: MLflow's
+    calls fail with 'database is locked', core.tracking retries them, and every metric still arrives.
+
+    MLflow sets SQLite's busy timeout to 20 s in every session (PRAGMA busy_timeout = 20000); this test cuts it
+    to 0.2 s by rewriting that statement, so that a 1 s lock outlasts it.
+    """
+    import re
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    import ablations.pooling as pooling
+    import core.tracking as tracking
+    from studies.run.__main__ import main
+
+    rewritten = []
+
+    def short_busy_timeout(conn, cursor, statement, parameters, context, executemany):
+        shorter = re.sub(r"busy_timeout\s*=\s*\d+", "busy_timeout = 200", statement)
+        rewritten.append(shorter != statement)
+        return shorter, parameters
+
+    event.listen(Engine, "before_cursor_execute", short_busy_timeout, retval=True)
+    request.addfinalizer(lambda: event.remove(Engine, "before_cursor_execute", short_busy_timeout))
+    errors = []
+    retry = tracking._retry
+
+    def recording_retry(fn, *args, **kwargs):
+        def call(*a, **k):
+            try:
+                return fn(*a, **k)
+            except Exception as exc:
+                errors.append(str(exc))
+                raise
+        return retry(call, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "_retry", recording_retry)
+    hook = HoldTheLock(empty_store_db, at_step=1, hold_s=1.0)
+    monkeypatch.setattr(pooling.Pooling, "hooks", lambda self, variant: [hook], raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = [a for a in SMALL if a not in ("--variants", "maxpool")]
+    args = [{"train.kimg=2.4": "train.kimg=0.032", "train.log_every_kimg=0.04": "train.log_every_kimg=0.008"}.get(a, a)
+            for a in args]
+    assert main(["pooling", "--variants", "baseline", "--data", str(synthetic_root), *args]) == 0
+    assert any(rewritten) and hook.held.is_set() and any("database is locked" in e for e in errors), errors
+    store = Store(f"sqlite:///{empty_store_db}")
+    runs = store.runs_frame("pooling")
+    (run_id,) = runs[runs["tags.study"] == "child"]["run_id"]
+    assert runs.set_index("run_id").loc[run_id, "tags.outcome"] == "finished"
+    for key in ("loss/d", "loss/g", "d/real", "d/fake"):
+        assert [s for s, _ in store.metric_history(run_id, key)] == [8, 16, 24, 32], key

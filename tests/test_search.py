@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pwd
 import shlex
@@ -28,6 +29,7 @@ from studies.search.orchestrate import run_search
 from studies.search.storage import Heartbeat, open_storage
 from studies.search.trial import SearchSpec, make_pruner
 from tests.conftest import TINY
+from tests.helpers import g_fid, install_fake_fid
 
 REPO = Path(__file__).resolve().parents[1]
 TRIAL_KIMG = 0.048  # 6 steps of 8 images; with evals=2, FID at 16 and 32 images (reported) and 48 (final)
@@ -71,7 +73,8 @@ def test_tiny_search_records_each_trial_and_a_diverged_trial_never_wins(searched
     trials = sorted(study.trials, key=lambda t: t.number)
     S = optuna.trial.TrialState
     assert [t.state for t in trials] == [S.FAIL, S.PRUNED, S.COMPLETE, S.COMPLETE]
-    assert trials[0].params["lr_d"] == 1e20 and study.best_trial.number in (2, 3)
+    assert trials[0].params["lr_d"] == 1e20
+    assert study.best_trial.number == min(trials[2:], key=lambda t: t.value).number
     assert study.best_value == min(t.value for t in trials[2:])
     for t in trials[2:]:  # two reports each, at the same images seen for every trial
         assert sorted(t.intermediate_values) == [16, 32]
@@ -89,6 +92,9 @@ def test_tiny_search_records_each_trial_and_a_diverged_trial_never_wins(searched
         assert float(row["params.trial.lr_d"]) == trials[number].params["lr_d"]
         assert float(row["params.optim.lr_g"]) == trials[number].params["lr_g"]  # the config the run trained with
     assert by_number[0]["tags.outcome"] == "diverged" and "non-finite losses" in by_number[0]["tags.error"]
+    # pruned at its first report (16 images): it stopped there and spent no final FID
+    assert by_number[1]["tags.outcome"] == "stopped" and not math.isfinite(by_number[1]["metrics.fid/final"])
+    assert [step for step, _ in store.metric_history(by_number[1]["run_id"], "fid/fid16")] == [16]
     curve = store.metric_history(by_number[2]["run_id"], "fid/fid16")  # execute_run logs the FID curve
     assert [step for step, _ in curve] == [16, 32, 48]
     assert by_number[2]["metrics.search/objective"] == trials[2].value
@@ -102,8 +108,8 @@ def test_tiny_search_records_each_trial_and_a_diverged_trial_never_wins(searched
     assert {"optuna_plots/optimization_history.png", "optuna_plots/intermediate_values.png"} <= plots
     summary = json.loads(store.download(searched.parent_id, "summary.json", searched.tmp / "dl").read_text())
     assert summary["best"]["number"] == study.best_trial.number and summary["states"]["failed"] == 1
-    # param importances need >= 2 complete trials: drawn here, or skipped with its reason, never a crash
-    assert "optuna_plots/param_importances.png" in plots or "param_importances" in summary["plots_skipped"]
+    # param importances need >= 2 complete trials, which this study has: drawn, not skipped
+    assert "optuna_plots/param_importances.png" in plots and summary["plots_skipped"] == {}, summary["plots_skipped"]
 
 
 @pytest.mark.slow
@@ -147,6 +153,62 @@ def test_lr_from_feeds_the_best_pair_to_a_study_and_records_where_it_came_from(s
         assert int(parent[f"{source}.lr_from.trial"]) == best.number
         assert float(parent[f"{source}.lr_from.fid"]) == best.value
     assert str(best.params["lr_g"]) in parent["params.study.overrides"]
+
+
+def test_a_pruned_trial_skips_its_final_fid_and_a_nan_final_fid_fails_the_trial(tmp_path, monkeypatch, synthetic_root,
+                                                                              cache_dir, empty_store_db):
+    """With a stand-in FID: trial 0 is pruned at its first report, trial 1 trains with finite losses to a NaN final
+    FID, trial 2 completes. Only trial 2 can win; trial 0 never computes its final FID (24 samples)."""
+    calls = install_fake_fid(monkeypatch, lambda cfg, G, n: math.nan if cfg.optim.lr_g == 1e-4 and n == 24 else g_fid(G))
+    monkeypatch.chdir(tmp_path)
+    spec = SearchSpec(study="nan", storage=f"sqlite:///{tmp_path / 'optuna.db'}", trials=3, evals=2,
+                      trial_kimg=TRIAL_KIMG, workdir=tmp_path / "runs",
+                      overrides={**tiny_overrides(synthetic_root, cache_dir), "eval.fid_final_samples": 24})
+    study = optuna.create_study(study_name=spec.name, storage=spec.storage, direction="minimize")
+    for lr_g in (2e-4, 1e-4, 3e-4):
+        study.enqueue_trial({"lr_g": lr_g, "lr_d": 2e-4})
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: self.number == 0)
+    store = Store(f"sqlite:///{empty_store_db}")
+    parent_id = run_search(spec, store)
+    S = optuna.trial.TrialState
+    study = optuna.load_study(study_name=spec.name, storage=spec.storage)
+    assert [t.state for t in study.trials] == [S.PRUNED, S.FAIL, S.COMPLETE] and study.best_trial.number == 2
+    # (seed, samples) of every FID: trial 0 one report and no final; trials 1 and 2 two reports and a final each
+    assert calls == [(0, 16)] + [(0, 16), (0, 16), (0, 24)] * 2
+    by_number = {int(r["tags.trial"]): r for _, r in child_runs(store, spec.experiment, parent_id).iterrows()}
+    assert not math.isfinite(by_number[0]["metrics.fid/final"]) and by_number[0]["tags.state"] == "pruned"
+    nan_trial = by_number[1]
+    assert (nan_trial["tags.state"], nan_trial["status"], nan_trial["tags.error"]) == ("failed", "FAILED",
+                                                                                      "final FID is nan")
+    assert all(math.isfinite(nan_trial[f"metrics.{k}"]) for k in ("loss/d", "loss/g"))
+    assert math.isnan(nan_trial["metrics.fid/final"]) and math.isnan(nan_trial.get("metrics.search/objective", math.nan))
+    assert (by_number[2]["tags.state"], by_number[2]["metrics.search/objective"]) == ("complete", study.best_value)
+
+
+def test_search_lr_searches_then_runs_the_study_on_the_best_pair(tmp_path, monkeypatch, synthetic_root, cache_dir,
+                                                                 empty_store_db):
+    """`studies.run --search-lr` for real (a one-trial search, stand-in FID), with data found through CELEBA_ROOT."""
+    from studies.run import __main__ as run
+    install_fake_fid(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CELEBA_ROOT", str(synthetic_root))
+    overrides = {**TINY, "data.cache_dir": str(cache_dir), "data.max_images": 48}
+    assert run.main(["pooling", "--variants", "baseline", "--seeds", "1", "--search-lr", "--search-trials", "1",
+                     "--no-progress", *set_flags(overrides)]) == 0
+    study = optuna.load_study(study_name="lr-default", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    store = Store(f"sqlite:///{empty_store_db}")
+    search = store.runs_frame("search-lr-default")
+    assert sorted(search["tags.search"]) == ["parent", "trial"]
+    runs = store.runs_frame("pooling")
+    (child,) = [r for _, r in runs.iterrows() if r["tags.study"] == "child"]
+    assert float(child["params.optim.lr_g"]) == trial.params["lr_g"]
+    assert float(child["params.optim.lr_d"]) == trial.params["lr_d"]
+    assert (child["tags.lr_from.study"], child["tags.lr_from.trial"], child["tags.lr_from.searched_now"]) == (
+        "lr-default", "0", "True")
+    assert child["params.dataset.source"].startswith(f"folder:{synthetic_root}")
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------

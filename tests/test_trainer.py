@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,4 +138,36 @@ def test_resume_hands_only_cpu_byte_tensors_to_set_state(tiny_cfg, tmp_path, mon
     assert len(handed) == 5  # z, batches, augmentation, torch, one CUDA device
     assert all(s.device.type == "cpu" and s.dtype == torch.uint8 for s in handed)
     for a, b in zip(first.G.state_dict().values(), second.G.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_whole(tiny_cfg, tmp_path, monkeypatch):
+    """The process dies halfway through writing the second checkpoint: the first is still there, whole, and the
+    run resumes from it to the same weights as a run never interrupted."""
+    import core.trainer as trainer_mod
+    cfg = tiny_cfg(train__checkpoint_every_kimg=0.008)  # a checkpoint after every step
+    straight = build_run(cfg, with_fid=False)
+    straight.run()
+
+    save = torch.save
+    saves = []
+
+    def die_halfway(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        saves.append(f)
+        if len(saves) == 2:
+            data = Path(f).read_bytes()
+            Path(f).write_bytes(data[: len(data) // 2])  # the kill hits in the middle of the write
+            raise Killed
+
+    monkeypatch.setattr(trainer_mod.torch, "save", die_halfway)
+    first = build_run(cfg, with_fid=False, run_dir=tmp_path)
+    with pytest.raises(Killed):
+        first.run()
+    monkeypatch.setattr(trainer_mod.torch, "save", save)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
+    second = build_run(cfg, with_fid=False, run_dir=tmp_path)
+    assert second.try_resume() and second.step == 1
+    second.run()
+    for a, b in zip(straight.G.state_dict().values(), second.G.state_dict().values()):
         assert torch.equal(a, b)

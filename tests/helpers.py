@@ -1,0 +1,69 @@
+"""Test helpers: a stand-in FID for tests about what happens around it (studies, resume, searches), and a
+reader for the report's markdown tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from core.metrics import MetricResult, fid_name
+
+
+def g_fid(G: torch.nn.Module) -> float:
+    """A 'FID' that follows G's weights: equal values mean equal generators, to float64 rounding."""
+    total = sum(p.detach().double().abs().sum() for p in G.parameters())
+    count = sum(p.numel() for p in G.parameters())
+    return float(100 + 1e4 * total / count)
+
+
+def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int], float] | None = None,
+                     spread: float = 1.0) -> list[tuple[int, int]]:
+    """Replace core.build.FidEvaluator (Inception, seconds per call) by a function of the run's config and G.
+
+    value(cfg, G, num_samples) -> FID (default: g_fid(G)); returns the (seed, num_samples) of every evaluation.
+    """
+    import core.build as build
+    calls: list[tuple[int, int]] = []
+
+    class FakeFid:
+        def __init__(self, cfg, images, device, progress=False):
+            self.cfg = cfg
+            path = Path(cfg.data.cache_dir).expanduser() / "fake-fid-reference.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"fake")
+            self.ref = SimpleNamespace(path=path, key="fake")
+
+        def __call__(self, G, num_samples):
+            calls.append((self.cfg.train.seed, num_samples))
+            fid = value(self.cfg, G, num_samples) if value else g_fid(G)
+            name = fid_name(num_samples)
+            return MetricResult(name, {name: fid, "feature_spread": spread}, protocol={
+                "num_gen": num_samples, "num_ref": 0, "ref_key": "fake", "g_mode": self.cfg.eval.g_mode,
+                "quantise": "uint8", "resize": "fake", "version": "fake"})
+
+    monkeypatch.setattr(build, "FidEvaluator", FakeFid)
+    return calls
+
+
+def md_table(markdown: str, heading: str) -> dict[str, dict[str, str]]:
+    """The table under `## heading`, as first cell (markup and the best-variant star stripped) -> {header: cell}."""
+    import re
+    section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    head, rows = cells[0], [row for row in cells[1:] if not set("".join(row)) <= set(":- ")]
+    return {re.sub(r"[*★]|best", "", row[0]).strip(): dict(zip(head, row)) for row in rows}
+
+
+def git_head() -> str:
+    """HEAD of this checkout: what env.git_commit must say ('unknown' only where git cannot tell)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=30)
+    except OSError:  # no git on this machine
+        return "unknown"
+    return head.stdout.strip() if head.returncode == 0 else "unknown"
