@@ -182,7 +182,14 @@ def test_lr_scaling_rule_for_batch_size(tiny_cfg):
         cfg = tiny_cfg(train__batch_size=64, optim__lr_ref_batch=8, optim__lr_scaling=rule)
         trainer = build_run(cfg, with_fid=False)
         assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)
+        assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)  # what D's updates use
         assert config_mod.derive(cfg).lr_d == pytest.approx(2e-4 * factor)
+    # TTUR's two rates, each scaled: the optimizers, not only the derived values
+    cfg = config_mod.apply_overrides(tiny_cfg(train__batch_size=64, optim__lr_ref_batch=8, optim__lr_scaling="linear"),
+                                     get_ablation("ttur").overrides("ttur"))
+    trainer = build_run(cfg, with_fid=False)
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(4e-4 * 8)
+    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(1e-4 * 8)
 
 
 def test_base_variant_is_applied_and_clashes_are_refused(monkeypatch):
