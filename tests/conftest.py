@@ -37,6 +37,16 @@ def write_synthetic_celeba(folder: Path, n: int, seed: int = 0) -> Path:
     return folder
 
 
+def step_losses(trainer, steps: int) -> list[tuple[float, float]]:
+    """(loss/d, loss/g) of each of `steps` training steps, read one step at a time."""
+    out = []
+    for _ in range(steps):
+        trainer.train_step()
+        stats = trainer.read_stats()
+        out.append((stats["loss/d"], stats["loss/g"]))
+    return out
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     return write_synthetic_celeba(tmp_path_factory.mktemp("celeba"), 48)

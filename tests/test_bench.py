@@ -16,18 +16,13 @@ from core.errors import UserError
 from core.metrics import RESIZES, MetricOptions, ReferenceStats, calc_metric, reference_path
 from core.resize import BicubicResize, pil_bicubic_weights
 from studies.bench.plain import plain_losses
+from tests.conftest import step_losses
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def trainer_losses(cfg, steps: int) -> list[tuple[float, float]]:
-    trainer = build_run(cfg, with_fid=False)
-    out = []
-    for _ in range(steps):
-        trainer.train_step()
-        stats = trainer.read_stats()
-        out.append((stats["loss/d"], stats["loss/g"]))
-    return out
+    return step_losses(build_run(cfg, with_fid=False), steps)
 
 
 def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):

@@ -16,6 +16,7 @@ from core.build import build_run, share_images
 from core.data import BatchSource, DeviceImages, ImageSet, load_images
 from core.errors import UserError
 from core.trainer import PHASE_STEPS
+from tests.conftest import step_losses
 
 
 @pytest.mark.parametrize("native,want", [(True, ("bf16", True)), (False, ("fp32", False))])
@@ -45,15 +46,6 @@ def test_what_auto_chose_is_a_run_param(tiny_cfg):
     derived = config_mod.derive(cfg)
     assert params["derived.amp"] == derived.amp and params["derived.channels_last"] == derived.channels_last
     assert params["train.amp"] == "auto"
-
-
-def step_losses(trainer, steps: int) -> list[tuple[float, float]]:
-    out = []
-    for _ in range(steps):
-        trainer.train_step()
-        stats = trainer.read_stats()
-        out.append((stats["loss/d"], stats["loss/g"]))
-    return out
 
 
 def test_bf16_channels_last_on_the_cpu_tracks_fp32(tiny_cfg):
