@@ -125,7 +125,7 @@ def test_fid_protocol_is_the_same_except_the_resize_and_keys_never_mix(tmp_path)
     protocols = {}
     for mode in RESIZES:
         path, key, n = reference_path(tmp_path, "data", 64, 100, resize=mode)
-        ref = ReferenceStats(np.zeros(8), np.eye(8), n, key, path)
+        ref = ReferenceStats(np.zeros(8), np.eye(8), n, key, path, np.random.default_rng(0).normal(size=(n, 8)))
         opts = MetricOptions(G=G, z_dim=128, num_samples=6, ref=ref, extractor=FakeExtractor(mode),
                              device=torch.device("cpu"), batch=4)
         protocols[mode] = calc_metric("fid", opts).protocol

@@ -120,7 +120,7 @@ class FeatureSpy:
 
 def spy_options(G, extractor, **kw) -> MetricOptions:
     from core.metrics import ReferenceStats
-    ref = ReferenceStats(np.zeros(2048), np.eye(2048), 8, "refkey", None)
+    ref = ReferenceStats(np.zeros(2048), np.eye(2048), 8, "refkey", None, np.random.default_rng(0).normal(size=(8, 2048)))
     return MetricOptions(G=G, z_dim=4, num_samples=6, ref=ref, extractor=extractor, device=torch.device("cpu"),
                          batch=4, **kw)
 
