@@ -136,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         return smoke(specs, configs, images)
     shared = share_images(first, images)  # on the device once for every study and run of this process
-    specs = with_eta(specs, configs, shared, args.yes)
-    store = Store(args.tracking_uri)
+    specs, eta_line = with_eta(specs, configs, shared, args.yes)
+    store = Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
+    print(eta_line, file=sys.stderr)
     for spec in specs:
         parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh)
         report = write_report(store, spec.experiment, args.reports, parent_id)
@@ -145,8 +146,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool) -> list[StudySpec]:
-    """Measure, print and record the ETA of the whole invocation; refuse one over 12 hours without --yes."""
+def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool) -> tuple[list[StudySpec], str]:
+    """Measure the ETA of the whole invocation (specs carry it for the parent run, and its line to print);
+    refuse one over 12 hours without --yes."""
     from studies import eta
     estimates = []
     for spec in specs:
@@ -162,8 +164,7 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
     if total > eta.LONG_ETA_S and not yes:
         raise UserError(f"{line}: over 12 hours on this machine; pass --yes to run it anyway, "
                         "or --preset auto for the preset that fits this hardware")
-    print(line, file=sys.stderr)
-    return [dataclasses.replace(s, notes={**s.notes, **e.tags()}) for s, e in zip(specs, estimates)]
+    return [dataclasses.replace(s, notes={**s.notes, **e.tags()}) for s, e in zip(specs, estimates)], line
 
 
 def smoke(specs: list[StudySpec], configs: dict[str, dict], images) -> int:
