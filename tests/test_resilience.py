@@ -196,7 +196,7 @@ sys.exit(main(sys.argv[2:]))
 def test_two_studies_started_at_once_on_one_experiment_of_one_store(tmp_path, synthetic_root, empty_store_db):
     """Two pooling studies (other variants, so two studies) in one SQLite file, both creating experiment
     'pooling' at the same moment: the loser of that race takes the winner's experiment, and every write lands."""
-    args = [a if a != "train.kimg=2.4" else "train.kimg=0.4" for a in SMALL if a not in ("--variants", "maxpool")]
+    args = [a if a != "train.kimg=2.4" else "train.kimg=0.16" for a in SMALL if a not in ("--variants", "maxpool")]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     barrier = tmp_path / "barrier"
     barrier.mkdir()
@@ -215,8 +215,8 @@ def test_two_studies_started_at_once_on_one_experiment_of_one_store(tmp_path, sy
         (parent,) = parents[parents["tags.variants"] == f"baseline,{variant}"]["run_id"]
         kids = runs[runs["tags.mlflow.parentRunId"] == parent]
         assert sorted(kids["tags.variant"]) == sorted(["baseline", variant]) and (kids["status"] == "FINISHED").all()
-        for run_id in kids["run_id"]:  # every log interval of every run arrived: 0.4 kimg / 0.04 kimg
-            assert [s for s, _ in store.metric_history(run_id, "loss/d")] == list(range(40, 401, 40))
+        for run_id in kids["run_id"]:  # every log interval of every run arrived: 0.16 kimg / 0.04 kimg
+            assert [s for s, _ in store.metric_history(run_id, "loss/d")] == [40, 80, 120, 160]
 
 
 class HoldTheLock(Hooks):

@@ -171,8 +171,12 @@ def assert_same_runs(straight: Path, killed: Path, experiment: str, keys) -> Non
             for k in sa[net]:
                 assert torch.equal(sa[net][k], sb[net][k]), (name, net, k)
         assert sb["fid_history"] == sa["fid_history"]
-        timeless = lambda h: {k: v for k, v in h.items() if not k.startswith("perf/")}  # noqa: E731 (wall-clock rates)
-        assert timeless(sb["history"]) == timeless(sa["history"])
+        assert without_timing(sb["history"]) == without_timing(sa["history"])
+
+
+def without_timing(history: dict) -> dict:
+    """A checkpoint's metric history without the wall-clock rates (perf/*), which no two runs share."""
+    return {k: v for k, v in history.items() if not k.startswith("perf/")}
 
 
 def test_a_kill_before_the_first_checkpoint_restarts_that_run_in_the_same_mlflow_run(in_dir, monkeypatch,
