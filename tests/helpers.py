@@ -3,6 +3,7 @@ reader for the report's markdown tables."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,8 @@ def g_fid(G: torch.nn.Module) -> float:
 
 def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int], float] | None = None,
                      spread: float = 1.0) -> list[tuple[int, int]]:
-    """Replace core.build.FidEvaluator (Inception, seconds per call) by a function of the run's config and G.
+    """Replace core.build.FidEvaluator (Inception, seconds per call) by a function of the run's config and G
+    (and the Inception batch a study's ETA times by nothing).
 
     value(cfg, G, num_samples) -> FID (default: g_fid(G)); returns the (seed, num_samples) of every evaluation.
     """
@@ -45,6 +47,8 @@ def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int]
                 "quantise": "uint8", "resize": "fake", "version": "fake"})
 
     monkeypatch.setattr(build, "FidEvaluator", FakeFid)
+    import studies.eta as eta  # the ETA of a study times an Inception batch: this FID costs nothing
+    monkeypatch.setattr(eta, "_inception_img_per_s", lambda cfg, images: math.inf)
     return calls
 
 
