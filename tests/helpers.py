@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from core.metrics import MetricResult, fid_name
+from core.metrics import MetricResult, Score, metric_name
 
 
 def g_fid(G: torch.nn.Module) -> float:
@@ -25,7 +25,8 @@ def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int]
     """Replace core.build.FidEvaluator (Inception, seconds per call) by a function of the run's config and G
     (and the Inception batch a study's ETA times by nothing).
 
-    value(cfg, G, num_samples) -> FID (default: g_fid(G)); returns the (seed, num_samples) of every evaluation.
+    value(cfg, G, num_samples) -> FID (default: g_fid(G)), and KID = FID / 1000; returns the (seed, num_samples)
+    of every evaluation.
     """
     import core.build as build
     calls: list[tuple[int, int]] = []
@@ -41,10 +42,12 @@ def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int]
         def __call__(self, G, num_samples):
             calls.append((self.cfg.train.seed, num_samples))
             fid = value(self.cfg, G, num_samples) if value else g_fid(G)
-            name = fid_name(num_samples)
-            return MetricResult(name, {name: fid, "feature_spread": spread}, protocol={
+            kid = fid / 1000  # KID follows FID (NaN included), so either can be a study's primary metric
+            return MetricResult((Score("fid", metric_name("fid", num_samples), fid),
+                                 Score("kid", metric_name("kid", num_samples), kid, kid / 10)),
+                                {"feature_spread": spread}, protocol={
                 "num_gen": num_samples, "num_ref": 0, "ref_key": "fake", "g_mode": self.cfg.eval.g_mode,
-                "quantise": "uint8", "resize": "fake", "version": "fake"})
+                "quantise": "uint8", "resize": "fake", "version": "fake"}, num_samples=num_samples)
 
     monkeypatch.setattr(build, "FidEvaluator", FakeFid)
     import studies.eta as eta  # the ETA of a study times an Inception batch: this FID costs nothing

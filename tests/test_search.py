@@ -194,20 +194,20 @@ def test_search_lr_searches_then_runs_the_study_on_the_best_pair(tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("CELEBA_ROOT", str(synthetic_root))
     overrides = {**TINY, "data.cache_dir": str(cache_dir), "data.max_images": 48}
-    assert run.main(["pooling", "--variants", "baseline", "--seeds", "1", "--search-lr", "--search-trials", "1",
-                     "--no-progress", *set_flags(overrides)]) == 0
-    study = optuna.load_study(study_name="lr-default", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert run.main(["pooling", "--preset", "quick", "--variants", "baseline", "--seeds", "1", "--search-lr",
+                     "--search-trials", "1", "--no-progress", *set_flags(overrides)]) == 0
+    study = optuna.load_study(study_name="lr-quick", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.COMPLETE
     store = Store(f"sqlite:///{empty_store_db}")
-    search = store.runs_frame("search-lr-default")
+    search = store.runs_frame("search-lr-quick")
     assert sorted(search["tags.search"]) == ["parent", "trial"]
     runs = store.runs_frame("pooling")
     (child,) = [r for _, r in runs.iterrows() if r["tags.study"] == "child"]
     assert float(child["params.optim.lr_g"]) == trial.params["lr_g"]
     assert float(child["params.optim.lr_d"]) == trial.params["lr_d"]
     assert (child["tags.lr_from.study"], child["tags.lr_from.trial"], child["tags.lr_from.searched_now"]) == (
-        "lr-default", "0", "True")
+        "lr-quick", "0", "True")
     assert child["params.dataset.source"].startswith(f"folder:{synthetic_root}")
 
 
