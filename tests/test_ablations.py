@@ -23,14 +23,34 @@ CASES = [(name, variant) for name in list_ablations() for variant in get_ablatio
 
 def observe(trainer, steps: int = 4) -> dict:
     """What a run really does: layers, optimizers, loss kind and targets, optimizer and phase steps, batches,
-    augmentation and R1 calls, spectral norm on D, G_ema, images seen."""
-    targets, batches, opt_steps, calls, kinds = [], [], {"D": 0, "G": 0}, {}, set()
+    augmentation and R1 calls, spectral norm on D, G_ema, images seen.
+
+    BCE targets are told apart by the logits they come with: D's outputs on what G generated are 'fake', on
+    anything else 'real'. So each D step gives its (real, fake) target pair, whatever order the loss terms are
+    written in, and each G step its target for the fake logits.
+    """
+    batches, opt_steps, calls, kinds = [], {"D": 0, "G": 0}, {}, set()
+    targets, pending, fakes, views, outputs = {"D": [], "G": []}, {}, [], {}, []
 
     def spy_bce(real_fn):
         def spy(logits, target, *a, **k):
-            targets.append(round(float(target.flatten()[0]), 6))
+            seen = logits.detach().float()
+            (kind,) = {kind for kind, out in outputs
+                       if out.shape == seen.shape and torch.equal(out.detach().float(), seen)}
+            pending[kind] = round(float(target.flatten()[0]), 6)
             return real_fn(logits, target, *a, **k)
         return spy
+
+    G, D, d_view = trainer.G_train, trainer.D_train, trainer._d_view
+    trainer.G_train = lambda z: (fakes.append(G(z)), fakes[-1])[1]
+
+    def view(x):  # what D is shown (augmented or not), and whether it came from G
+        out = d_view(x)
+        views[id(out)] = ("fake" if any(x is f for f in fakes) else "real", out)
+        return out
+
+    trainer._d_view = view
+    trainer.D_train = lambda x: (outputs.append((views.get(id(x), ("other",))[0], D(x))), outputs[-1][1])[1]
 
     def spy_loss(real_fn):
         def spy(kind, *a, **k):
@@ -49,8 +69,13 @@ def observe(trainer, steps: int = 4) -> dict:
              (augment_mod, "diff_augment", lambda f: counted("diff_augment", f)),
              (regularizers_mod, "r1_penalty", lambda f: counted("r1_penalty", f))]
     for name, opt in (("D", trainer.opt_d), ("G", trainer.opt_g)):
-        step = opt.step
-        opt.step = lambda *a, _s=step, _n=name, **k: (opt_steps.__setitem__(_n, opt_steps[_n] + 1), _s(*a, **k))[1]
+        def stepped(*a, _s=opt.step, _n=name, **k):
+            opt_steps[_n] += 1
+            targets[_n].append((pending.get("real"), pending.get("fake")) if _n == "D" else pending.get("fake"))
+            for seen in (pending, views, fakes, outputs):
+                seen.clear()
+            return _s(*a, **k)
+        opt.step = stepped
     draw = trainer.batches.next
     trainer.batches.next = lambda n: (batches.append(n), draw(n))[1]
     saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in spies]
@@ -71,7 +96,8 @@ def observe(trainer, steps: int = 4) -> dict:
         return [(type(opt).__name__, g["lr"], g["weight_decay"], g["betas"]) for g in opt.param_groups]
 
     return {"G layers": layers(trainer.G), "D layers": layers(trainer.D), "opt_g": groups(trainer.opt_g),
-            "opt_d": groups(trainer.opt_d), "targets": sorted(set(targets)), "losses": sorted(kinds),
+            "opt_d": groups(trainer.opt_d), "d targets": sorted(set(targets["D"]), key=str),
+            "g targets": sorted(set(targets["G"]), key=str), "losses": sorted(kinds),
             "opt steps": opt_steps, "phase steps": dict(trainer.phase_steps), "batches": batches, "calls": calls,
             "D spectral norm": sum(parametrize.is_parametrized(m, "weight") for m in trainer.D.modules()),
             "G_ema": trainer.G_ema is not None, "nimg": trainer.nimg}
@@ -147,10 +173,14 @@ def test_ttur_learning_rates_in_param_groups(build):
 
 
 def test_label_smoothing_targets_reach_the_loss(build):
-    assert observe(build("label_smoothing", "baseline"))["targets"] == [0.0, 1.0]
-    assert observe(build("label_smoothing", "real_0.9"))["targets"] == [0.0, 0.9, 1.0]  # G's target stays 1
-    assert observe(build("label_smoothing", "real_0.8"))["targets"] == [0.0, 0.8, 1.0]
-    assert observe(build("label_smoothing", "two_sided"))["targets"] == [0.1, 0.9, 1.0]
+    """(real, fake) target pairs of every D step, matched to D's outputs on real and on generated images."""
+    def seen(variant):
+        run = observe(build("label_smoothing", variant))
+        return run["d targets"], run["g targets"]
+    assert seen("baseline") == ([(1.0, 0.0)], [1.0])
+    assert seen("real_0.9") == ([(0.9, 0.0)], [1.0])  # G's target for its fakes stays 1
+    assert seen("real_0.8") == ([(0.8, 0.0)], [1.0])
+    assert seen("two_sided") == ([(0.9, 0.1)], [1.0])
 
 
 @pytest.mark.parametrize("variant,d_steps", [("baseline", 4), ("n_dis_2", 8), ("n_dis_5", 20), ("d_every_2", 2)])
