@@ -13,7 +13,7 @@ import core.augment as augment_mod
 import core.regularizers as regularizers_mod
 from core.build import build_run
 from core.errors import UserError
-from core.metrics import MetricResult
+from core.metrics import MetricResult, Score
 from core.sampling import STANDING_SEED
 from core.standing import standing_copy
 
@@ -55,7 +55,7 @@ def test_g_ema_is_off_by_default_and_evaluated_when_on(tiny_cfg):
     trainer = build_run(tiny_cfg(train__ema_kimg=0.02), with_fid=False)
     trainer.train_step()
     handed = []
-    trainer.evaluate = lambda G, n: (handed.append(G), MetricResult("fid16", {"fid16": 1.0}, {}))[1]
+    trainer.evaluate = lambda G, n: (handed.append(G), MetricResult((Score("fid", "fid16", 1.0),), {}, {}, num_samples=n))[1]
     trainer._eval_fid(16)
     assert handed == [trainer.G_ema]
     z = torch.randn(4, 128, generator=torch.Generator().manual_seed(2024))
@@ -100,7 +100,7 @@ def test_standing_statistics_change_the_evaluated_copy_only(tiny_cfg, ema):
     before = {k: v.clone() for k, v in source.state_dict().items()}
     mode = source.training
     handed = []
-    trainer.evaluate = lambda G, n: (handed.append(G), MetricResult("fid16", {"fid16": 1.0}, {}))[1]
+    trainer.evaluate = lambda G, n: (handed.append(G), MetricResult((Score("fid", "fid16", 1.0),), {}, {}, num_samples=n))[1]
     trainer._eval_fid(16)  # the trainer's evaluation path
     (evaluated,) = handed
     assert evaluated is not source and not evaluated.training
