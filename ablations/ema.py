@@ -15,7 +15,7 @@ class EMA(Ablation):
     name = "ema"
     summary = "G_ema off vs half-life 10 / 100 kimg at 2000 kimg (0.5% / 5% of images seen, via ramp-up)"
     variants = {
-        "baseline": {},
+        "baseline": {"train.ema_kimg": 0.0},  # off even where the preset samples G_ema (the cpu preset does)
         "ema_10": {"train.ema_kimg": 10.0, "train.ema_rampup": 0.005},
         "ema_100": {"train.ema_kimg": 100.0, "train.ema_rampup": 0.05},
     }

@@ -45,10 +45,24 @@ def register_ablation(cls: type[Ablation]) -> type[Ablation]:
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"ablation name '{cls.name}' is registered twice ({_REGISTRY[cls.name].__module__} "
                          f"and {cls.__module__})")
-    if next(iter(cls.variants)) != "baseline" or cls.variants["baseline"]:
-        raise ValueError(f"ablation '{cls.name}' must list an empty 'baseline' variant first")
+    if next(iter(cls.variants)) != "baseline":
+        raise ValueError(f"ablation '{cls.name}' must list its 'baseline' variant first")
+    _check_baseline(cls)
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def _check_baseline(cls: type[Ablation]) -> None:
+    """The baseline is the preset unchanged. It may pin only what the other variants vary, and only to the
+    default values, so that a preset which changes that key (the cpu preset turns G_ema on) still has its
+    'off' in the study; under the default preset the baseline is then exactly the preset."""
+    from core.config import RunConfig, flatten
+    defaults = flatten(RunConfig())
+    varied = {k for name, overrides in cls.variants.items() if name != "baseline" for k in overrides}
+    for key, value in cls.variants["baseline"].items():
+        if key not in varied or defaults.get(key) != value:
+            raise ValueError(f"ablation '{cls.name}': its baseline may pin only keys its variants vary, to their "
+                             f"default values; {key}={value!r} is not one")
 
 
 def _load_entry_points() -> None:

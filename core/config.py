@@ -135,16 +135,24 @@ PRESETS: dict[str, dict[str, object]] = {
     },
     # What a machine without a GPU runs by default (--preset auto): a 3-variant x 3-seed study in about an hour
     # on 2 CPU cores with the bf16 + NHWC fast path. Evidence about tricks at 32 px on a small model, not about
-    # the 128 px GPU result. Every value is there for time or for quality:
+    # the 128 px GPU result. Every value is there for time or for quality, chosen from KID-against-kimg curves of
+    # single runs on this machine (python -m studies.bench.kid_curve; KID on 500 samples vs 1,000 real images,
+    # where an untrained G scores 0.50-0.52 and held-out real images 0.0005):
     "cpu": {
         "model.resolution": 32,  # 16x fewer pixels than 128; faces are still recognisable at 32 px
-        "model.width": 0.25,  # G 256..32 and D 64..256 channels x 0.25: ~1,200 img/s here in bf16 vs ~500 at 0.5
+        "model.width": 1.0,  # at 32 px G is 256..32 channels, D 64..256 (DCGAN's sizes). Width 0.25 (G ends in 8
+                             # channels) stayed at KID 0.34-0.43 from 50 to 300 kimg; width 0.5 swung between 0.23
+                             # and 0.32 from 50 to 150 kimg; width 1.0 reached 0.19 at 40 kimg, at ~1/4 of 0.25's speed
         "data.max_images": 0,  # all images: decoding 20,000 at 32 px takes seconds and avoids memorising 2,000
-        "train.batch_size": 64,  # fills two cores; BatchNorm statistics stable
-        "train.kimg": 300.0,  # ~15 epochs of the subset; 200 kimg gave faces with partial collapse in a trial
-                              # here (KID 0.34 vs 0.51 untrained); not yet validated against the 3x KID target
-        "optim.lr_ref_batch": 64,  # the DCGAN learning rates (2e-4) hold at this batch
-        "train.log_every_kimg": 5.0, "train.sample_every_kimg": 50.0, "train.checkpoint_every_kimg": 25.0,
+        "train.batch_size": 64,  # fills two cores; at width 0.5 batch 32 scored alike at 50 kimg (0.26 vs 0.23)
+        "optim.lr_ref_batch": 64,  # DCGAN's learning rates (2e-4) at this batch; 1e-4 was worse (0.37 at 50 kimg)
+        "train.kimg": 60.0,  # what fits: 9 runs of 60 kimg at width 1.0 plus the evaluations take about 45 min here.
+                             # Longer is not safely better at this size (width 0.5 with G_ema: 0.23, 0.32, 0.32 at
+                             # 50/100/150 kimg)
+        "train.ema_kimg": 10.0,  # sample G_ema (half-life 10 kimg): one width-0.5 run scored 0.23 with it, 0.33
+                                 # without, at 50 kimg. The ema ablation's baseline turns it off
+        "eval.g_mode": "standing",  # G_ema's BatchNorm buffers are G's: re-estimate them before each evaluation
+        "train.log_every_kimg": 1.0, "train.sample_every_kimg": 10.0, "train.checkpoint_every_kimg": 5.0,
         "eval.fid_every_kimg": 0.0,  # no intermediate evaluations: the CPU's Inception pass (~10 img/s) is
                                      # better spent on training; one final score per run
         "eval.fid_final_samples": 500,  # < 2,048: KID is the primary metric (unbiased at any sample count)

@@ -103,14 +103,47 @@ class RunTracker(NullTracker):
         _retry(self.client.set_terminated, self.run_id, status)
 
 
+def store_uri(uri: str | None = None) -> str:
+    """The tracking URI a Store opens: the given one, else MLFLOW_TRACKING_URI, else ./mlflow.db, with a SQLite
+    path made absolute (MLflow caches stores by URI, so a relative path would keep pointing at the first cwd)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+DB_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_store_uri(uri: str | None = None) -> None:
+    """What can be checked in milliseconds, without creating anything: a SQLite store's folder exists, a database
+    server accepts connections. Commands call it before minutes of work; MLflow itself retries an unreachable
+    server for about a minute and a half before it gives up."""
+    import socket
+    from urllib.parse import urlsplit
+    uri = store_uri(uri)
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir():
+            raise UserError(f"cannot open MLflow tracking store '{uri}': folder {folder} does not exist")
+        return
+    parts = urlsplit(uri)
+    port = DB_PORTS.get(parts.scheme.split("+")[0])
+    if port is None or not parts.hostname:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port or port), timeout=10).close()
+    except OSError as exc:
+        raise UserError(f"cannot open MLflow tracking store '{uri}': {parts.hostname}:{parts.port or port} "
+                        f"does not answer ({exc.strerror or exc}); pass --tracking-uri or set MLFLOW_TRACKING_URI") from None
+
+
 class Store:
     """An MLflow tracking store, opened and checked once, so a bad URI fails before any training."""
 
     def __init__(self, uri: str | None = None):
-        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-        if self.uri.startswith("sqlite:///") and not self.uri.startswith("sqlite:////"):
-            # absolute: MLflow caches stores by URI, so a relative path would keep pointing at the first cwd
-            self.uri = "sqlite:///" + str(Path(self.uri[len("sqlite:///"):]).resolve())
+        self.uri = store_uri(uri)
+        check_store_uri(self.uri)
         from mlflow import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # table-creation chatter on first use
@@ -208,8 +241,6 @@ def _init_lock(uri: str):
         yield
         return
     db = Path(uri[len("sqlite:///"):])
-    if not db.parent.is_dir():
-        raise UserError(f"cannot open MLflow tracking store '{uri}': folder {db.parent} does not exist")
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:

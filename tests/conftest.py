@@ -17,6 +17,9 @@ _CANDIDATES = [os.environ.get("CELEBA_SUBSET", ""), str(REPO.parent / "shared/da
                "/work/shared/data/celeba-subset"]
 REAL_CELEBA = next((Path(c) / "img_align_celeba" for c in _CANDIDATES if c and (Path(c) / "img_align_celeba").is_dir()),
                    REPO.parent / "shared/data/celeba-subset/img_align_celeba")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores: more threads than cores only spin
+    import torch
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 TINY = {  # 32x32, narrow, a handful of steps: seconds on two CPU cores
     "model.resolution": 32, "model.width": 0.125, "train.device": "cpu",
     "train.batch_size": 8, "train.kimg": 0.032, "train.log_every_kimg": 0.008, "train.sample_every_kimg": 0.016,

@@ -16,6 +16,7 @@ from ablations import Ablation, get_ablation, list_ablations, register_ablation
 from ablations import registry
 from core.build import build_run
 from core.errors import UserError
+from core.config import flatten, resolve
 from studies.run.study import StudySpec, resolve_configs
 
 CASES = [(name, variant) for name in list_ablations() for variant in get_ablation(name).variants]
@@ -123,7 +124,12 @@ def test_every_variant_really_changes_the_run(build, name, variant):
 @pytest.mark.parametrize("name", list_ablations())
 def test_plugin_shape(name):
     ablation = get_ablation(name)
-    assert list(ablation.variants)[0] == "baseline" and ablation.variants["baseline"] == {}
+    assert list(ablation.variants)[0] == "baseline"
+    # the baseline is the preset unchanged; it may pin what its own variants vary (ema pins G_ema off, which the
+    # cpu preset turns on), and only to the default preset's values
+    pinned = ablation.variants["baseline"]
+    assert set(pinned) <= {k for v, o in ablation.variants.items() if v != "baseline" for k in o}
+    assert all(flatten(resolve("default"))[k] == value for k, value in pinned.items())
     assert ablation.summary and len((type(ablation).__doc__ or "").split()) >= 25  # a real rationale
     for variant in ablation.variants:  # every variant resolves under both presets
         for preset in ("quick", "default"):
@@ -253,6 +259,11 @@ def test_registry_refuses_duplicates_and_lists_names_for_unknown():
             variants = {"baseline": {}}
     with pytest.raises(UserError, match="unknown ablation 'nope'; known: .*weight_decay"):
         get_ablation("nope")
+    for baseline in ({"model.width": 1.0}, {"train.ema_kimg": 5.0}):  # a key no variant varies; not the default
+        with pytest.raises(ValueError, match="its baseline may pin only keys its variants vary"):
+            register_ablation(type("Pinned", (Ablation,), {"__doc__": "pins", "name": "pinned", "variants": {
+                "baseline": baseline, "on": {"train.ema_kimg": 10.0}}}))
+    assert "pinned" not in list_ablations()
 
 
 def test_plugins_from_other_installed_packages_register_through_entry_points(tmp_path, monkeypatch):

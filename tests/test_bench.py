@@ -32,7 +32,7 @@ def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
             "--set", "data.max_images=32", "--set", "eval.fid_ref_images=4", "--set", "eval.fid_batch=4",
             "--set", f"data.cache_dir={tmp_path / 'cache'}",
             "--set", "train.amp=fp32", "--set", "train.channels_last=off"]  # auto is bf16 on a bf16 CPU
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "studies.bench", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

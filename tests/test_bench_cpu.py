@@ -25,3 +25,28 @@ def test_bench_cpu_smoke_writes_json(tmp_path, monkeypatch, capsys):
 def test_bench_cpu_bad_input_is_one_line_and_exit_2(capsys):
     assert main(["--rounds", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --rounds must be >= 1"
+
+
+def test_kid_curve_scores_an_untrained_and_a_trained_g_against_held_out_real_images(tmp_path, monkeypatch,
+                                                                                    synthetic_root, cache_dir):
+    """The curve the cpu preset was chosen from: points at the asked kimg, anchors, one grid; one run, no restarts."""
+    from studies.bench.kid_curve import main as curve
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = tmp_path / "curve.json"
+    assert curve(["--preset", "quick", "--data", str(synthetic_root), "--at", "0,0.064", "--modes", "train",
+                  "--no-progress", "--out", str(out), *[a for kv in (
+                      "data.max_images=48", f"data.cache_dir={cache_dir}", "eval.fid_final_samples=8",
+                      "eval.fid_ref_images=16", "eval.fid_batch=8", "eval.grid_size=4") for a in ("--set", kv)]]) == 0
+    result = json.loads(out.read_text())
+    assert [round(p["kimg"], 3) for p in result["points"]] == [0.0, 0.064]  # two batches of 32
+    assert result["points"][0]["train_s"] < 1e-3 < result["points"][1]["train_s"]  # kimg 0 trained nothing
+    untrained, trained = (p["kid"] for p in result["points"])
+    assert untrained != trained and result["untrained_over_last_kid"] == untrained / trained
+    assert result["held_out_real"]["kid"] < untrained  # the last 8 of 48 real images, outside the reference
+    assert set(result["last_by_mode"]) == {"train"} and (tmp_path / result["grid"]).is_file()
+
+
+def test_kid_curve_bad_points_are_one_line_and_exit_2(capsys):
+    from studies.bench.kid_curve import main as curve
+    assert curve(["--at", "50,20"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --at must be ascending kimg values >= 0, got '50,20'"

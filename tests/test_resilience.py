@@ -100,7 +100,8 @@ def test_a_diverging_run_is_tagged_and_the_study_goes_on(tmp_path, synthetic_roo
     row = md_table(report, "Results per variant")["maxpool"]
     assert (row["seeds (n)"], row["finished / diverged / collapsed / d_saturated / failed"]) == ("2", "0 / 2 / 0 / 0 / 0")
     verdict = report.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
-    assert "`maxpool` failed in 2 of 2 seeds (diverged 2)" in verdict
+    assert "`maxpool` failed in 2 of 2 seeds (diverged 2), rate 1.00 " in verdict  # failed seeds are results
+    assert row["failure rate [95% CI]"].startswith("1.00 [")
 
 
 def test_d_saturation_and_collapse_are_tagged(tiny_cfg):

@@ -393,6 +393,10 @@ def test_two_workers_share_one_study_with_unique_trials_and_the_asked_total(kind
     store = Store(tracking_uri)
     runs = store.runs_frame(f"search-shared-{kind}")
     parent = runs[runs["tags.search"] == "parent"]
+    (line,) = [line for line in proc.stderr.splitlines() if "; ETA " in line]  # printed, then kept on the parent
+    reason = parent["tags.preset_reason"].iloc[0]
+    assert line.startswith(f"preset {parent['tags.preset'].iloc[0]} ({reason}); ETA ") and reason
+    assert float(parent["tags.eta.total_s"].iloc[0]) >= 0 and parent["tags.eta.runs"].iloc[0] == str(trials)
     children = child_runs(store, f"search-shared-{kind}", parent["run_id"].iloc[0])
     assert sorted(children["tags.trial"].astype(int)) == list(range(trials))
     assert set(children["tags.worker"]) == {"0", "1"}  # both workers took trials

@@ -157,10 +157,12 @@ def _metric_line(params: dict[str, str], children: pd.DataFrame, metric: str) ->
                 for c in children if c.startswith("tags.fid_protocol.")}
     train, final = int(params.get("eval.fid_samples", 0) or 0), params.get("eval.fid_final_samples", "?")
     how = params.get("eval.primary_metric", "auto (recorded before the setting existed)")
+    every = params.get("eval.fid_every_kimg", "?")
+    during = ("no evaluations during training" if every in ("0", "0.0") else
+              f"`fid/{metric_name('fid', train)}` and `kid/{metric_name('kid', train)}` during training on "
+              f"{params.get('eval.fid_samples', '?')} samples every {every} kimg, from one Inception pass")
     return (f"- **Metric protocol**: primary metric **{metric.upper()}** (`eval.primary_metric={how}`: KID below "
-            f"2,048 final samples, else FID). `fid/{metric_name('fid', train)}` and `kid/{metric_name('kid', train)}` "
-            f"during training on {params.get('eval.fid_samples', '?')} samples every "
-            f"{params.get('eval.fid_every_kimg', '?')} kimg, from one Inception pass; final values (`fid/final`, "
+            f"2,048 final samples, else FID). {during[0].upper()}{during[1:]}; final values (`fid/final`, "
             f"`kid/final`, `kid/final_std`) on {final} samples; "
             + ", ".join(f"{k}={'/'.join(v)}" for k, v in sorted(protocol.items())) + ".")
 

@@ -127,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({name: {v: flatten(c) for v, c in cfgs.items()} for name, cfgs in configs.items()}, indent=2))
         return 0
     from core.data import load_images
-    from core.tracking import Store
+    from core.tracking import Store, check_store_uri
     from studies.report import write_report
 
+    check_store_uri(args.tracking_uri)  # an unreachable store fails in milliseconds, before the ETA's minute
     # data first: a missing or corrupt dataset must fail before the tracking store is touched
     first = next(iter(configs[specs[0].experiment].values()))
     images = load_images(first.data, first.model.resolution, progress=not args.no_progress, roots=data_roots())

@@ -24,7 +24,7 @@ from pathlib import Path
 from core.config import RunConfig, apply_overrides, to_json
 from core.device import choose_preset
 from core.errors import UserError
-from core.tracking import Store
+from core.tracking import Store, check_store_uri
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.search.handoff import best_choice
 from studies.search.orchestrate import run_search
@@ -85,8 +85,9 @@ def search(args: argparse.Namespace) -> int:
         return smoke(spec, validate_spec(spec), not args.no_progress)
     validate_spec(spec)  # bad input found before the MLflow store is created
     open_storage(spec.storage, spec.heartbeat)
-    print_eta(spec, validate_spec(spec), args.preset_reason)
-    parent_id = run_search(spec, Store(args.tracking_uri), progress=not args.no_progress)
+    check_store_uri(args.tracking_uri)  # an unreachable MLflow store fails before the ETA is measured
+    notes = {"preset_reason": args.preset_reason, **print_eta(spec, validate_spec(spec), args.preset_reason)}
+    parent_id = run_search(spec, Store(args.tracking_uri), progress=not args.no_progress, notes=notes)
     print(f"search {spec.name}: parent run {parent_id} in MLflow experiment {spec.experiment}")
     try:
         best = best_choice(spec.name, spec.storage)
@@ -99,8 +100,9 @@ def search(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_eta(spec: SearchSpec, cfg: RunConfig, preset_reason: str) -> None:
-    """The search's ETA, measured here: every trial run to its end (pruning can only shorten it)."""
+def print_eta(spec: SearchSpec, cfg: RunConfig, preset_reason: str) -> dict[str, object]:
+    """Print the search's ETA, measured here: every trial run to its end (pruning can only shorten it); returns
+    it as the parent run's tags."""
     from core.build import share_images
     from core.data import load_images
     from studies import eta
@@ -110,6 +112,7 @@ def print_eta(spec: SearchSpec, cfg: RunConfig, preset_reason: str) -> None:
     per_worker = estimate.total_s / min(spec.workers, spec.trials)
     print(f"preset {spec.preset} ({preset_reason}); {estimate.line(f'search {spec.name}')}; about {eta.format_duration(per_worker)} over "
           f"{min(spec.workers, spec.trials)} worker(s) at most, less with pruning", file=sys.stderr)
+    return {**estimate.tags(), "eta.per_worker_s": round(per_worker)}
 
 
 def smoke(spec: SearchSpec, cfg: RunConfig, show_progress: bool) -> int:

@@ -86,14 +86,16 @@ def open_search(spec: SearchSpec, progress: bool = False):
     return cfg, storage, study, images
 
 
-def run_search(spec: SearchSpec, store: Store, progress: bool = False) -> str:
-    """Add spec.trials trials to the study (resuming it if it exists); returns the MLflow parent run id."""
+def run_search(spec: SearchSpec, store: Store, progress: bool = False, notes: dict[str, object] | None = None) -> str:
+    """Add spec.trials trials to the study (resuming it if it exists); returns the MLflow parent run id.
+
+    notes: tags for the parent run only (the preset's choice, the measured ETA)."""
     cfg, storage, study, images = open_search(spec, progress)
     n_before = len(study.trials)
     parent = store.start_run(spec.experiment, f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}", {
         "search": "parent", "study": spec.name, "storage": describe(spec.storage), "preset": spec.preset,
         "ablation": spec.ablation or "none", "variant": spec.variant,
-        "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "trials_before": n_before})
+        "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "trials_before": n_before, **(notes or {})})
     parent.log_params({"search.study": spec.name, "search.storage": describe(spec.storage),
                        "search.trials": spec.trials, "search.workers": spec.workers, "search.preset": spec.preset,
                        "search.ablation": spec.ablation or "none", "search.variant": spec.variant,
