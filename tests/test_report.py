@@ -417,7 +417,7 @@ def mlflow_server(study):
         log.close()
 
 
-def browse(steps: list[tuple[str, list[str]]], screenshot: Path, timeout_s: float = 90) -> str:
+def browse(steps: list[tuple[str, list[str]]], screenshot: Path, timeout_s: float = 180) -> str:
     """Open each url in turn in headless Chromium, waiting until all its strings are in the page text; then
     close MLflow's assistant side panel (it hides a third of the table) and screenshot the last page."""
     import tempfile
