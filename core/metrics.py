@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from core.errors import UserError
-from core.kid import estimate as kid_estimate
+from core.kid import KidEstimate, estimate as kid_estimate
 from core.resize import BicubicResize
 
 PROTOCOL_VERSION = "clean-fid-clean-v1"  # resize: clean-fid PIL bicubic float; quantise: uint8 like PNG files
@@ -369,15 +369,20 @@ def calc_metric(name: str, opts: MetricOptions) -> MetricResult:
     return _METRICS[name](opts)
 
 
+def against_reference(feats: np.ndarray, ref: ReferenceStats) -> tuple[float, KidEstimate, float]:
+    """FID, the KID estimate and the feature spread (trace ratio) of any images' features against the reference.
+
+    Collapse shows as generated features with far less spread than real ones."""
+    mu, sigma = statistics(feats)
+    value = frechet_distance(mu, sigma, ref.mu, ref.sigma, feats1=feats)
+    kid = kid_estimate(ref.feats, feats, KID_SUBSETS, KID_SUBSET_SIZE, seed=KID_SEED)
+    return value, kid, float(np.trace(sigma) / np.trace(ref.sigma))
+
+
 @register_metric
 def fid(opts: MetricOptions) -> MetricResult:
     """FID and KID of `num_samples` generated images against the reference, from one Inception pass."""
-    feats = opts.extractor.stream(generate_uint8(opts))
-    mu, sigma = statistics(feats)
-    value = frechet_distance(mu, sigma, opts.ref.mu, opts.ref.sigma, feats1=feats)
-    kid = kid_estimate(opts.ref.feats, feats, KID_SUBSETS, KID_SUBSET_SIZE, seed=KID_SEED)
-    # Collapse shows as generated features with far less spread than real ones.
-    spread = float(np.trace(sigma) / np.trace(opts.ref.sigma))
+    value, kid, spread = against_reference(opts.extractor.stream(generate_uint8(opts)), opts.ref)
     n = opts.num_samples
     return MetricResult((Score("fid", metric_name("fid", n), value),
                          Score("kid", metric_name("kid", n), kid.value, kid.std_error)),

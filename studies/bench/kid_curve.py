@@ -29,8 +29,7 @@ from core import config as config_mod
 from core.build import build_run
 from core.data import load_images
 from core.errors import UserError
-from core.kid import estimate as kid_estimate
-from core.metrics import KID_SEED, KID_SUBSET_SIZE, KID_SUBSETS, frechet_distance, statistics
+from core.metrics import against_reference
 from core.sampling import evaluated_g
 from studies.cli import add_flags, command, data_roots, overrides_from
 
@@ -68,12 +67,9 @@ def score(evaluator, G, n: int) -> dict[str, float]:
 
 def held_out_real(evaluator, images: np.ndarray, n: int) -> dict[str, float]:
     """Real images outside the reference, through the same Inception pass and KID/FID."""
-    feats = evaluator.extractor.stream([torch.from_numpy(np.array(images[-n:]))])
-    mu, sigma = statistics(feats)
-    kid = kid_estimate(evaluator.ref.feats, feats, KID_SUBSETS, KID_SUBSET_SIZE, seed=KID_SEED)
-    return {"kid": kid.value, "kid_se": kid.std_error,
-            "fid": frechet_distance(mu, sigma, evaluator.ref.mu, evaluator.ref.sigma, feats1=feats),
-            "spread": float(np.trace(sigma) / np.trace(evaluator.ref.sigma))}
+    fid, kid, spread = against_reference(evaluator.extractor.stream([torch.from_numpy(np.array(images[-n:]))]),
+                                         evaluator.ref)
+    return {"kid": kid.value, "kid_se": kid.std_error, "fid": fid, "spread": spread}
 
 
 def measure(args: argparse.Namespace) -> dict:
