@@ -13,7 +13,7 @@ from core.data import BatchSource, DeviceImages, ImageSet, load_images
 from core.device import pick_device
 from core.hooks import Hooks
 from core.metrics import (InceptionFeatures, MetricOptions, MetricResult, ReferenceStats, calc_metric, find_weights,
-                          reference_stats)
+                          reference_path, reference_stats, weights_digest)
 from core.models import Discriminator, Generator, init_weights
 from core.regularizers import lazy_adam
 from core.sampling import g_source
@@ -57,6 +57,22 @@ class FidEvaluator:
 
     def _standing_batches(self) -> int:
         return self.cfg.eval.standing_batches if self.cfg.eval.g_mode == "standing" else 0
+
+
+def reference_location(cfg: RunConfig, images: ImageSet) -> tuple[Path, str, int]:
+    """Where cfg's FID reference statistics of these images are cached, their key, and how many images they cover."""
+    e = cfg.eval
+    return reference_path(Path(cfg.data.cache_dir).expanduser(), images.key, e.fid_ref_images, len(images.images),
+                          resize=e.fid_resize, weights=weights_digest(find_weights(e.weights)))
+
+
+def ensure_reference(cfg: RunConfig, images: ImageSet, progress: bool = False) -> None:
+    """Compute and cache the reference statistics now, with their own bar, when they are not cached yet.
+
+    A study or search calls this before its first run, so no run's time (or parallel worker) pays for them.
+    """
+    if cfg.eval.fid_final_samples > 0 and not reference_location(cfg, images)[0].is_file():
+        FidEvaluator(cfg, images, pick_device(cfg.train.device), progress=progress)
 
 
 def share_images(cfg: RunConfig, images: ImageSet) -> DeviceImages:

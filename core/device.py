@@ -34,7 +34,7 @@ def choose_preset(name: str) -> tuple[str, str]:
         return name, "asked for with --preset"
     if torch.cuda.is_available():
         return "default", f"CUDA device {torch.cuda.get_device_name()} found: the 128 px GPU preset"
-    return "cpu", "no CUDA device: the 32 px CPU preset (pass --preset default for the 128 px GPU preset)"
+    return "cpu", "no CUDA device, so the 32 px CPU preset; --preset default is the 128 px GPU one"
 
 
 def device_type(name: str) -> str:

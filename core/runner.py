@@ -34,14 +34,15 @@ def run_params(cfg: RunConfig, images: ImageSet) -> dict[str, object]:
 
 def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet | DeviceImages,
                 hooks: Hooks | None = None, on_log: Callable[[int, dict[str, float]], None] | None = None,
-                with_fid: bool = True) -> RunResult:
+                with_fid: bool = True, show_progress: bool = False) -> RunResult:
     """Train (or resume) one run and record everything about it through `tracker`; on_log(nimg, stats) at each log.
 
     Given DeviceImages (core.build.share_images), runs of one process share one device copy of the images.
     Whatever happens, the run's models, optimizers and batches are freed before this returns.
+    show_progress: a bar over each FID/KID pass (and the reference statistics, if not cached yet).
     """
     trainer = build_run(cfg, hooks=hooks, tracker=tracker, run_dir=run_dir, images=images, with_fid=with_fid,
-                        on_log=on_log)
+                        on_log=on_log, show_progress=show_progress)
     device = trainer.device
     try:
         return _train_and_record(trainer, cfg, tracker, run_dir,

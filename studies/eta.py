@@ -13,17 +13,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from core import config as config_mod
-from core.build import build_run
+from core.build import build_run, reference_location
 from core.config import RunConfig
 from core.data import DeviceImages
 from core.device import release_memory
-from core.metrics import InceptionFeatures, find_weights, reference_path, weights_digest
+from core.metrics import InceptionFeatures, find_weights
 
 TIMED_STEPS = 3  # training steps timed per variant, after one warm-up step
 LONG_ETA_S = 12 * 3600  # beyond this, a study asks for --yes
@@ -130,8 +129,5 @@ def reference_images_to_compute(cfg: RunConfig, images: DeviceImages) -> int:
     """Real images the study must still send through Inception for its reference statistics (0 when cached)."""
     if cfg.eval.fid_final_samples == 0:
         return 0
-    image_set = images.image_set
-    path, _, n = reference_path(Path(cfg.data.cache_dir).expanduser(), image_set.key, cfg.eval.fid_ref_images,
-                                len(image_set.images), resize=cfg.eval.fid_resize,
-                                weights=weights_digest(find_weights(cfg.eval.weights)))
+    path, _, n = reference_location(cfg, images.image_set)
     return 0 if path.is_file() else n

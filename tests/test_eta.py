@@ -60,7 +60,7 @@ def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path,
     printed: list[str] = []
     real_train = eta._train_img_per_s
     monkeypatch.setattr(eta, "_train_img_per_s", lambda cfg, images: (printed.append("timed"), real_train(cfg, images))[1])
-    code = run_main(["pooling", "--preset", "cpu", "--seeds", "1", "--data", str(synthetic_root), "--no-progress",
+    code = run_main(["pooling", "--preset", "cpu", "--seeds", "1", "--data", str(synthetic_root),  # bars on
                      "--set", "train.kimg=0.256", "--set", "eval.fid_final_samples=8", "--set", "eval.fid_ref_images=16",
                      "--set", "eval.fid_batch=8", "--set", "eval.grid_size=4", "--set", "train.device=cpu",
                      "--set", "eval.collapse_spread=0",  # 4 steps have not left the collapsed start
@@ -68,8 +68,11 @@ def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path,
                      "--set", f"data.cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err
     assert code == 0, err
-    eta_line = err.splitlines()[0]  # before anything trains
-    assert eta_line.startswith("preset cpu (asked for with --preset); ETA ")
+    eta_at, ref_at = err.find("preset cpu (asked for with --preset); ETA "), err.find("FID reference statistics")
+    run_at = err.find("baseline-s0")
+    assert 0 <= eta_at < ref_at < run_at  # the ETA, then the (cold) reference with a bar of its own, then training
+    eta_line = err[eta_at:].splitlines()[0]
+    assert "FID on 8 samples" in err[run_at:]  # each run's final FID/KID pass has its bar too
     assert "study pooling (3 runs" in eta_line and printed == ["timed"] * 3  # every variant's model was timed
     runs = Store(f"sqlite:///{tmp_path / 'mlflow.db'}").runs_frame("pooling")
     parent = runs[runs["tags.study"] == "parent"].iloc[0]

@@ -21,11 +21,10 @@ from pathlib import Path
 from ablations import get_ablation
 from core import config as config_mod
 from core.config import RunConfig
-from core.build import share_images
+from core.build import ensure_reference, reference_location, share_images
 from core.data import DeviceImages, ImageSet
 from core.errors import UserError
 from core.hooks import HookList
-from core.metrics import find_weights, reference_path, weights_digest
 from core.runner import execute_run
 from core.tracking import RunTracker, Store
 from studies.lr_handoff import LrChoice
@@ -126,6 +125,7 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet | DeviceImages, pr
     if not isinstance(images, DeviceImages):  # on the device once; every run of the study reads this copy
         images = share_images(next(iter(configs.values())), images)
     with parent.finishing():
+        ensure_reference(next(iter(configs.values())), images.image_set, progress)
         for variant, cfg in configs.items():
             for seed in spec.seeds:
                 earlier = done.get((variant, seed))
@@ -160,7 +160,7 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
     try:
         hooks = get_ablation(spec.ablation).hooks(variant)
         execute_run(cfg, child, run_dir, images=images, hooks=HookList(hooks) if hooks else None,
-                    on_log=bar and (lambda nimg, stats: _advance(bar, nimg, stats)))
+                    on_log=bar and (lambda nimg, stats: _advance(bar, nimg, stats)), show_progress=progress)
         child.finish("FINISHED")
     except UserError:
         child.finish("FAILED")
@@ -181,9 +181,7 @@ def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: DeviceImages
     images = images.image_set
     if cfg.eval.fid_final_samples == 0:
         return
-    path, key, _ = reference_path(Path(cfg.data.cache_dir).expanduser(), images.key, cfg.eval.fid_ref_images,
-                                  len(images.images), resize=cfg.eval.fid_resize,
-                                  weights=weights_digest(find_weights(cfg.eval.weights)))
+    path, key, _ = reference_location(cfg, images)
     if path.is_file() and key not in logged:
         parent.log_artifact(path, "fid_reference")
         logged.add(key)

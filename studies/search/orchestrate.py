@@ -16,7 +16,7 @@ import time
 
 import optuna
 
-from core.build import share_images
+from core.build import ensure_reference, share_images
 from core.data import ImageSet, load_images
 from core.errors import UserError
 from core.tracking import RunTracker, Store
@@ -83,6 +83,7 @@ def open_search(spec: SearchSpec, progress: bool = False):
         differ = sorted(k for k in ours.keys() | stored.keys() if ours.get(k) != stored.get(k))
         shown = ", ".join(f"{k}={stored.get(k)!r} (now {ours.get(k)!r})" for k in differ[:4])
         raise UserError(f"study '{spec.name}' was started with {shown}; rerun with those settings or pick a new --study")
+    ensure_reference(cfg, images, progress)  # once, here: not by every worker at the same time
     return cfg, storage, study, images
 
 
