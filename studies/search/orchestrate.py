@@ -83,7 +83,6 @@ def open_search(spec: SearchSpec, progress: bool = False):
         differ = sorted(k for k in ours.keys() | stored.keys() if ours.get(k) != stored.get(k))
         shown = ", ".join(f"{k}={stored.get(k)!r} (now {ours.get(k)!r})" for k in differ[:4])
         raise UserError(f"study '{spec.name}' was started with {shown}; rerun with those settings or pick a new --study")
-    ensure_reference(cfg, images, progress)  # once, here: not by every worker at the same time
     return cfg, storage, study, images
 
 
@@ -92,6 +91,7 @@ def run_search(spec: SearchSpec, store: Store, progress: bool = False, notes: di
 
     notes: tags for the parent run only (the preset's choice, the measured ETA)."""
     cfg, storage, study, images = open_search(spec, progress)
+    ensure_reference(cfg, images, progress)  # once, here: not by every worker at the same time
     n_before = len(study.trials)
     parent = store.start_run(spec.experiment, f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}", {
         "search": "parent", "study": spec.name, "storage": describe(spec.storage), "preset": spec.preset,
