@@ -13,10 +13,9 @@ import math
 import typing
 from dataclasses import dataclass, field
 
-from core.device import device_type, resolve_precision
 from core.errors import UserError
-from core.losses import LOSSES, check_loss_labels
 
+LOSSES = ("bce", "hinge", "lsgan")  # train.loss: core/losses.py computes each
 ACTIVATIONS = ("relu", "leaky")
 NORMS = ("none", "after_conv", "after_act")
 DOWNSAMPLES = ("stride", "maxpool", "avgpool")
@@ -233,13 +232,14 @@ def resolve(preset: str = "default", *layers: dict[str, object]) -> RunConfig:
 
 @dataclass(frozen=True)
 class Derived:
-    """Values computed from the config by one rule, logged next to it."""
+    """Values computed from the config alone by one rule, logged next to it (the same on every machine).
+
+    What depends on the machine (train.amp and train.channels_last resolved for a device) is decided where the
+    run is built (core.device.run_precision) and logged beside these as derived.amp / derived.channels_last."""
     steps: int  # G steps = ceil(kimg * 1000 / batch_size)
     lr_g: float  # after lr_scaling
     lr_d: float
     d_steps_per_step: float  # average D updates per G step = n_dis / d_interval
-    amp: str  # bf16 | fp32: the autocast the trainer runs on this device (train.amp=auto resolved)
-    channels_last: bool  # NHWC models and images on this device (train.channels_last=auto resolved)
     primary_metric: str  # fid | kid: eval.primary_metric=auto resolved from the final sample count
 
 
@@ -252,18 +252,31 @@ def primary_metric(e: EvalConfig) -> str:
 
 
 def derive(cfg: RunConfig) -> Derived:
-    """Steps from images seen and batch size, the learning-rate scaling rule, precision on this machine."""
+    """Steps from images seen and batch size, the learning-rate scaling rule, the primary metric."""
     t, o = cfg.train, cfg.optim
     ratio = t.batch_size / o.lr_ref_batch
     scale = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[o.lr_scaling]
     steps = math.ceil(t.kimg * 1000 / t.batch_size)
-    amp, channels_last = resolve_precision(t.amp, t.channels_last, device_type(t.device))
     return Derived(steps=steps, lr_g=o.lr_g * scale, lr_d=o.lr_d * scale, d_steps_per_step=t.n_dis / t.d_interval,
-                   amp=amp, channels_last=channels_last, primary_metric=primary_metric(cfg.eval))
+                   primary_metric=primary_metric(cfg.eval))
+
+
+def check_loss_labels(kind: str, real_label: float, fake_label: float) -> None:
+    """Refuse an unknown loss, or labels the loss gives no meaning to (smoothing with hinge)."""
+    if kind not in LOSSES:
+        raise UserError(f"train.loss='{kind}' is not one of: {', '.join(LOSSES)}")
+    if kind == "hinge" and (real_label, fake_label) != (1.0, 0.0):
+        raise UserError(f"train.loss=hinge has margins, not targets: label smoothing (train.real_label={real_label}, "
+                        f"train.fake_label={fake_label}) means nothing there; use 1.0 and 0.0, or loss bce/lsgan")
+    if kind == "bce" and not (0.0 <= fake_label <= 1.0 and 0.0 <= real_label <= 1.0):
+        raise UserError(f"train.loss=bce needs labels in [0, 1], got real {real_label}, fake {fake_label}")
 
 
 def validate(cfg: RunConfig) -> None:
-    """Every impossible setting, found before anything runs; each message says how to fix it."""
+    """Every impossible setting, found before anything runs; each message says how to fix it.
+
+    Pure: it reads the config only (no torch, no probe of the machine), so it answers alike everywhere; whether
+    train.device exists here is checked where the run is built (core.device.pick_device)."""
     m, d, o, t, e = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.eval
     res = m.resolution
     if res < 16 or res > 256 or res & (res - 1):

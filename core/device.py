@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import gc
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from core.config import TrainConfig
 from core.errors import UserError
 
 
@@ -68,6 +70,22 @@ def resolve_precision(amp: str, channels_last: str, kind: str) -> tuple[str, boo
     fast = kind == "cuda" or cpu_has_native_bf16()
     return (("bf16" if fast else "fp32") if amp == "auto" else amp,
             fast if channels_last == "auto" else channels_last == "on")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a run computes in on its device: train.amp and train.channels_last with `auto` resolved."""
+    amp: str  # bf16 | fp32: the autocast dtype of G and D
+    channels_last: bool  # NHWC models and images
+
+    def params(self) -> dict[str, object]:
+        """As the run's MLflow params, beside the config's derived values."""
+        return {"derived.amp": self.amp, "derived.channels_last": self.channels_last}
+
+
+def run_precision(train: TrainConfig, device: torch.device) -> Precision:
+    """The precision a run of `train` uses on `device` (the machine is asked here, never by the config)."""
+    return Precision(*resolve_precision(train.amp, train.channels_last, device.type))
 
 
 def release_memory(device: torch.device | str | None = None) -> None:

@@ -14,7 +14,7 @@ What the label settings (train.real_label / train.fake_label, and the targets ho
   smoothing carries over naturally (b=0.9 asks D to regress reals onto 0.9). G's target c stays 1, as G's
   BCE target stays 1 under smoothing.
 - `hinge`: has no targets, only the margins +-1; a smoothed label has no meaning there, so
-  `check_loss_labels` refuses anything but real 1 / fake 0 (and `d_loss` ignores t_real / t_fake).
+  `core.config.check_loss_labels` refuses anything but real 1 / fake 0 (and `d_loss` ignores t_real / t_fake).
 """
 
 from __future__ import annotations
@@ -24,23 +24,12 @@ import math
 import torch
 import torch.nn.functional as F
 
+from core.config import LOSSES, check_loss_labels  # noqa: F401  (re-exported: the label rules sit with the config)
 from core.errors import UserError
 
-LOSSES = ("bce", "hinge", "lsgan")
 LSGAN_C = 1.0  # G's least-squares target for fake logits (Mao et al.'s c)
 
 Target = torch.Tensor | float
-
-
-def check_loss_labels(kind: str, real_label: float, fake_label: float) -> None:
-    """Refuse an unknown loss, or labels the loss gives no meaning to (smoothing with hinge)."""
-    if kind not in LOSSES:
-        raise UserError(f"train.loss='{kind}' is not one of: {', '.join(LOSSES)}")
-    if kind == "hinge" and (real_label, fake_label) != (1.0, 0.0):
-        raise UserError(f"train.loss=hinge has margins, not targets: label smoothing (train.real_label={real_label}, "
-                        f"train.fake_label={fake_label}) means nothing there; use 1.0 and 0.0, or loss bce/lsgan")
-    if kind == "bce" and not (0.0 <= fake_label <= 1.0 and 0.0 <= real_label <= 1.0):
-        raise UserError(f"train.loss=bce needs labels in [0, 1], got real {real_label}, fake {fake_label}")
 
 
 def d_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor,

@@ -10,34 +10,42 @@ from pathlib import Path
 import torch
 
 from core import config as config_mod
+from core import records as rec
 from core.build import build_run
-from core.config import RunConfig
+from core.config import Derived, RunConfig
 from core.data import DeviceImages, ImageSet
-from core.device import release_memory
+from core.device import Precision, pick_device, release_memory, run_precision
 from core.hooks import Hooks
 from core.models import count_params
 from core.plots import plot_run_curves
 from core.tracking import dump_json
-from core.trainer import RunResult
+from core.trainer import RunResult, Trainer
 
 SHOWN_EPISODES = 100  # saturation episodes in the run's tag (the last ones); MLflow caps a tag's length
 
 
-def run_params(cfg: RunConfig, images: ImageSet) -> dict[str, object]:
-    """The whole resolved config, the derived values and the data actually used, as flat params."""
+def run_params(cfg: RunConfig, images: ImageSet, *, derived: Derived | None = None,
+               precision: Precision | None = None) -> dict[str, object]:
+    """The whole resolved config, the derived values, the precision and the data actually used, as flat params.
+
+    derived and precision default to what cfg gives on cfg's device; execute_run passes the trainer's own.
+    """
+    derived = derived or config_mod.derive(cfg)
+    precision = precision or run_precision(cfg.train, pick_device(cfg.train.device))
     params = dict(config_mod.flatten(cfg))
-    params.update({f"derived.{k}": v for k, v in dataclasses.asdict(config_mod.derive(cfg)).items()})
+    params.update({f"derived.{k}": v for k, v in dataclasses.asdict(derived).items()})
+    params.update(precision.params())
     params.update({"dataset.source": images.source, "dataset.images": len(images.images),
                    "dataset.skipped": images.skipped, "dataset.key": images.key})
     return params
 
 
-def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet | DeviceImages,
-                hooks: Hooks | None = None, on_log: Callable[[int, dict[str, float]], None] | None = None,
-                with_fid: bool = True, show_progress: bool = False) -> RunResult:
+def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: DeviceImages, hooks: Hooks | None = None,
+                on_log: Callable[[int, dict[str, float]], None] | None = None, with_fid: bool = True,
+                show_progress: bool = False) -> RunResult:
     """Train (or resume) one run and record everything about it through `tracker`; on_log(nimg, stats) at each log.
 
-    Given DeviceImages (core.build.share_images), runs of one process share one device copy of the images.
+    The DeviceImages (core.build.share_images) are shared: runs of one process use one device copy of the images.
     Whatever happens, the run's models, optimizers and batches are freed before this returns.
     show_progress: a bar over each FID/KID pass (and the reference statistics, if not cached yet).
     """
@@ -45,46 +53,44 @@ def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: ImageSet | De
                         on_log=on_log, show_progress=show_progress)
     device = trainer.device
     try:
-        return _train_and_record(trainer, cfg, tracker, run_dir,
-                                 images.image_set if isinstance(images, DeviceImages) else images)
+        return _train_and_record(trainer, cfg, tracker, run_dir, images.image_set)
     finally:
         trainer.close()  # also when an exception's traceback still holds the trainer
         del trainer
         release_memory(device)
 
 
-def _train_and_record(trainer, cfg: RunConfig, tracker, run_dir: Path, images: ImageSet) -> RunResult:
+def _train_and_record(trainer: Trainer, cfg: RunConfig, tracker, run_dir: Path, images: ImageSet) -> RunResult:
     if not trainer.try_resume():
         run_dir.mkdir(parents=True, exist_ok=True)
-        params = run_params(cfg, images)
+        params = run_params(cfg, images, derived=trainer.derived, precision=trainer.precision)
         params.update({"model.g_params": count_params(trainer.G), "model.d_params": count_params(trainer.D)})
         tracker.log_params(params)
         (run_dir / "config.json").write_text(config_mod.to_json(cfg))
         tracker.log_artifact(run_dir / "config.json")
-        # The FID reference statistics (32 MB, the same for every child of a parent run) are logged by a
-        # run of its own; a child run leaves them to whoever owns its parent.
-        if trainer.evaluate is not None and tracker.parent_id is None:
-            tracker.log_artifact(trainer.evaluate.ref.path, "fid_reference")
-    tracker.set_tags({"outcome": "running", "device": str(trainer.device),
-                      "device_name": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"})
+    device = trainer.device
+    tracker.set_tags({rec.OUTCOME: rec.Outcome.RUNNING, rec.DEVICE: str(device),
+                      rec.DEVICE_NAME: torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
     result = trainer.run()
 
     checkpoint = trainer.save_checkpoint()
     tracker.log_artifact(checkpoint, "checkpoints")
-    curves = plot_run_curves(trainer.history, run_dir / "curves.png", title=run_dir.name)
+    e = cfg.eval
+    curves = plot_run_curves(trainer.metric_log, run_dir / "curves.png", (e.fid_samples, e.fid_final_samples),
+                             title=run_dir.name)
     tracker.log_artifact(curves, "plots")
-    summary = {"status": result.status, "step": result.step, "nimg": result.nimg, "final_fid": result.final_fid,
-               "best_fid": result.best_fid, "final": result.final, "best": result.best,
-               "primary_metric": trainer.derived.primary_metric, "diverged_at_nimg": result.diverged_at,
-               "saturation_episodes": result.saturation_episodes, "d_steps": trainer.d_steps, "g_steps": trainer.g_steps}
+    summary = {"status": result.status, "step": result.step, "nimg": result.nimg, "final": result.final,
+               "best": result.best, "primary_metric": trainer.derived.primary_metric,
+               rec.DIVERGED_AT: result.diverged_at, rec.SATURATION_EPISODES: result.saturation_episodes,
+               "d_steps": trainer.d_steps, "g_steps": trainer.g_steps}
     tracker.log_text(dump_json(summary), "summary.json")
-    tags = {"outcome": result.status, "kimg": result.nimg / 1000}
+    tags = {rec.OUTCOME: result.status, rec.KIMG_TAG: result.nimg / 1000}
     if result.diverged_at is not None:
-        tags["diverged_at_nimg"] = result.diverged_at
+        tags[rec.DIVERGED_AT] = result.diverged_at
     if result.saturation_episodes:  # every one, recovered or not; the full list is also in summary.json
-        tags["saturation_episodes"] = json.dumps(result.saturation_episodes[-SHOWN_EPISODES:], separators=(",", ":"))
-    tags.update({f"{mode}_at_nimg": nimg for mode, nimg in trainer.failures.items()})
+        tags[rec.SATURATION_EPISODES] = json.dumps(result.saturation_episodes[-SHOWN_EPISODES:], separators=(",", ":"))
+    tags.update({rec.failure_at(mode): nimg for mode, nimg in trainer.failures.items()})
     tracker.set_tags(tags)
     if result.best:  # fid/best, kid/best: each over the evaluations on the training sample count
-        tracker.log_metrics({f"{family}/best": v for family, v in result.best.items()}, step=result.nimg)
+        tracker.log_metrics({rec.best_key(family): v for family, v in result.best.items()}, step=result.nimg)
     return result

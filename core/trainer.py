@@ -4,6 +4,8 @@ A step is one G update; before it, D is updated `n_dis` times on fresh real batc
 `d_interval`-th step, and with R1 on, a lazy `Dreg` phase follows every `r1_interval`-th D update. After the G
 update, G_ema (when on) takes its moving-average step. Images seen (nimg) count G's batches, so kimg = step *
 batch / 1000. Scalars stay on the device inside the step and are reduced only at log intervals (the one sync point).
+The trainer owns its state through small parts (core/bookkeeping.py) and composes their state dicts into a
+checkpoint's; core/checkpoint.py only writes and reads the file.
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ from torch import nn
 
 from core import augment, checkpoint, losses, regularizers
 from core import config as config_mod
+from core import records as rec
+from core.bookkeeping import MetricLog, SaturationWatch, StepStats
 from core.config import RunConfig
 from core.data import BatchSource
+from core.device import Precision, run_precision
 from core.ema import ema_beta, make_ema, update_ema
+from core.errors import UserError
 from core.hooks import Hooks
 from core.losses import min_d_loss
 from core.metrics import MetricResult
 from core.sampling import evaluated_g
 
-GRID_SEED = 2024  # every run's sample grids use the same z, so variants compare image by image
-FID_SEED = 123  # and every FID evaluation the same latents
+GRID_SEED = 2024  # every run's sample grids use the same z, so variants compare image by image (FID: core.metrics)
+CHECKPOINT_FORMAT = 2  # the layout of Trainer.state_dict; raised when it changes, so an older file is refused
 
 
 @dataclass(frozen=True)
@@ -48,20 +54,14 @@ class Phase:
 
 @dataclass
 class RunResult:
-    status: str  # finished | diverged | stopped | collapsed | d_saturated (the seeds' failure modes)
+    status: rec.Outcome  # finished | diverged | stopped | collapsed | d_saturated (the seeds' failure modes)
     step: int
     nimg: int
-    fid: dict[int, float] = field(default_factory=dict)  # nimg -> FID (training and final)
-    final_fid: float | None = None
-    best_fid: float | None = None
     final: dict[str, float] = field(default_factory=dict)  # family (fid, kid) -> final value
     best: dict[str, float] = field(default_factory=dict)  # family -> lowest value at the training sample count
     saturation_episodes: list[list[int]] = field(default_factory=list)  # [from_nimg, to_nimg] of each episode
     diverged_at: int | None = None  # nimg at which a non-finite loss was seen
     img_per_s: float | None = None
-
-
-STAT_PHASE = {"loss/d": "D", "d/real": "D", "d/fake": "D", "loss/r1": "Dreg", "loss/g": "G"}  # stat -> its phase
 
 
 def crossed(nimg: int, batch: int, every_kimg: float) -> bool:
@@ -76,7 +76,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer,
                  opt_d: torch.optim.Optimizer, batches: BatchSource, device: torch.device, *,
                  hooks: Hooks | None = None, tracker=None, evaluate: Callable[[nn.Module, int], MetricResult] | None = None,
-                 run_dir: Path | None = None, progress: Callable[[int, dict], None] | None = None):
+                 run_dir: Path | None = None, progress: Callable[[int, dict], None] | None = None,
+                 precision: Precision | None = None):
         from core.tracking import NullTracker
 
         self.cfg, self.G, self.D, self.opt_g, self.opt_d = cfg, G, D, opt_g, opt_d
@@ -86,29 +87,26 @@ class Trainer:
         self.evaluate = evaluate
         self.run_dir = run_dir
         self.progress = progress or (lambda nimg, stats: None)
-        self.derived = config_mod.derive(cfg)
+        self.derived = config_mod.derive(cfg)  # steps, LRs, primary metric: one rule, logged beside the config
+        self.precision = precision or run_precision(cfg.train, device)
         self.batch = cfg.train.batch_size
         self.step = 0
         self.nimg = 0
-        self.fid_history: dict[int, float] = {}
-        self.history: dict[str, list[tuple[int, float]]] = {}  # every logged metric, for the run's plot
         self.zgen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
         self.augment_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 3)  # x-flip, DiffAugment
         self.G_ema = make_ema(G) if cfg.train.ema_kimg > 0 else None
         cuda = device.type == "cuda"
         # train.amp=auto resolved for this device (core.device); bf16 autocast runs on CPUs too
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.derived.amp == "bf16")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision.amp == "bf16")
         self.G_train = torch.compile(G) if cuda and cfg.train.compile else G
         self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
-        self.failures: dict[str, int] = {}  # failure mode -> nimg where first seen
-        self.evals: list[tuple[str, int, int, float]] = []  # (family, nimg, samples, value) of every evaluation
+        self.failures: dict[rec.Outcome, int] = {}  # failure mode -> nimg where first seen
+        self.stats = StepStats(device)  # the step's scalars since the last log point
         # D's loss can fall no lower than the entropy of its targets (0.325 nats for real 0.9): saturation is
         # measured from there, or smoothed variants could never saturate
-        self.d_loss_floor = min_d_loss(getattr(cfg.train, "loss", "bce"), cfg.train.real_label, cfg.train.fake_label)
-        self.saturation_episodes: list[list[int]] = []  # [from_nimg, to_nimg]: logs in a row with D saturated
-        self._saturated_logs = 0
-        self._stuck_since: int | None = None  # nimg of the first log of the current saturated streak
-        self._reset_stats()
+        self.saturation = SaturationWatch(min_d_loss(cfg.train.loss, cfg.train.real_label, cfg.train.fake_label),
+                                          cfg.eval)
+        self.metric_log = MetricLog()  # every logged metric against nimg: the run's curves and its best values
         t = cfg.train
         self.phases = [Phase("D", interval=t.d_interval, repeats=t.n_dis), Phase("G")]
         if t.r1_gamma > 0:
@@ -149,10 +147,8 @@ class Trainer:
         self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
-        self._acc["loss/d"] += loss.detach()
-        self._acc["d/real"] += torch.sigmoid(logits_real.detach()).mean()
-        self._acc["d/fake"] += torch.sigmoid(logits_fake.detach()).mean()
-        self._count["D"] += 1
+        self.stats.add("D", {rec.LOSS_D: loss.detach(), rec.D_REAL: torch.sigmoid(logits_real.detach()).mean(),
+                             rec.D_FAKE: torch.sigmoid(logits_fake.detach()).mean()})
 
     def _dreg_step(self, step: int) -> None:
         """Lazy R1 on a fresh real batch: gamma/2 * r1_interval * E||grad_x D(x)||^2, one step of D's optimizer.
@@ -166,8 +162,7 @@ class Trainer:
         self.opt_d.zero_grad(set_to_none=True)
         (penalty * regularizers.lazy_reg_scale(t.r1_gamma, t.r1_interval)).backward()
         self.opt_d.step()
-        self._acc["loss/r1"] += penalty.detach()  # the raw penalty E||grad||^2, before gamma and the interval
-        self._count["Dreg"] += 1
+        self.stats.add("Dreg", {rec.LOSS_R1: penalty.detach()})  # the raw E||grad||^2, before gamma and the interval
 
     def _g_step(self, step: int) -> None:
         # D's parameters get no gradients here: backward still flows through D to G, but skips D's weight
@@ -180,8 +175,7 @@ class Trainer:
         loss.backward()
         self.D.requires_grad_(True)
         self.opt_g.step()
-        self._acc["loss/g"] += loss.detach()
-        self._count["G"] += 1
+        self.stats.add("G", {rec.LOSS_G: loss.detach()})
 
     def train_step(self) -> None:
         # D phase(s), lazy R1, G phase: each as often as its interval says
@@ -206,48 +200,46 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         t, e = self.cfg.train, self.cfg.eval
-        result = RunResult("finished", self.step, self.nimg, self.fid_history)
+        result = RunResult(rec.Outcome.FINISHED, self.step, self.nimg)
         tick_time, tick_nimg = time.perf_counter(), self.nimg
         while self.step < self.derived.steps:
             self.train_step()
             nimg, last = self.nimg, self.step == self.derived.steps
             if crossed(nimg, self.batch, t.log_every_kimg) or last:
-                stats = self._reduce_stats()  # sync point
+                stats = self.stats.reduce()  # sync point
                 now = time.perf_counter()
-                stats["perf/img_per_s"] = (nimg - tick_nimg) / max(now - tick_time, 1e-9)
-                stats["progress/kimg"] = nimg / 1000
+                stats[rec.IMG_PER_S] = (nimg - tick_nimg) / max(now - tick_time, 1e-9)
+                stats[rec.KIMG] = nimg / 1000
                 tick_time, tick_nimg = now, nimg
-                self._watch_saturation(stats)
+                self.saturation.observe(stats, nimg)
                 self._record(stats)
                 self.progress(nimg, stats)
-                result.img_per_s = stats["perf/img_per_s"]
+                result.img_per_s = stats[rec.IMG_PER_S]
                 if not all(math.isfinite(v) for v in stats.values()):
-                    result.status, result.diverged_at = "diverged", nimg
+                    result.status, result.diverged_at = rec.Outcome.DIVERGED, nimg
                     break
             if crossed(nimg, self.batch, t.sample_every_kimg) or last:
                 self.save_grid()
             if e.fid_every_kimg > 0 and crossed(nimg, self.batch, e.fid_every_kimg) and not last:
                 _, stop = self._eval_fid(e.fid_samples)
                 if stop:
-                    result.status = "stopped"
+                    result.status = rec.Outcome.STOPPED
                     break
             if crossed(nimg, self.batch, t.checkpoint_every_kimg) and not last:
                 self.save_checkpoint()
-        if result.status not in ("diverged", "stopped"):  # a stopped (pruned) run needs no final FID
-            fid, _ = self._eval_fid(e.fid_final_samples, final=True)
-            result.final = {s.family: s.value for s in fid.scores} if fid is not None else {}
-            result.final_fid = result.final.get("fid")
-            if fid is not None and fid.diagnostics["feature_spread"] < e.collapse_spread:
-                self.failures.setdefault("collapsed", self.nimg)
-            last = self.saturation_episodes[-1] if self.saturation_episodes else None
-            if last is not None and last[1] == self.nimg:  # saturated to the end: recovered episodes are history
-                self.failures.setdefault("d_saturated", last[0])
-        if result.status == "finished" and self.failures:
-            result.status = min(self.failures, key=self.failures.get)  # the first failure seen names the run
+        if result.status == rec.Outcome.FINISHED:  # a stopped (pruned) or diverged run needs no final evaluation
+            metric, _ = self._eval_fid(e.fid_final_samples, final=True)
+            result.final = {s.family: s.value for s in metric.scores} if metric is not None else {}
+            if metric is not None and metric.diagnostics[rec.FEATURE_SPREAD] < e.collapse_spread:
+                self.failures.setdefault(rec.Outcome.COLLAPSED, self.nimg)
+            since = self.saturation.saturated_to(self.nimg)  # saturated to the end: recovered episodes are history
+            if since is not None:
+                self.failures.setdefault(rec.Outcome.D_SATURATED, since)
+            if self.failures:
+                result.status = min(self.failures, key=self.failures.get)  # the first failure seen names the run
         result.step, result.nimg = self.step, self.nimg
         result.best = self.best_values()
-        result.best_fid = result.best.get("fid")
-        result.saturation_episodes = [list(ep) for ep in self.saturation_episodes]
+        result.saturation_episodes = [list(ep) for ep in self.saturation.episodes]
         return result
 
     def best_values(self) -> dict[str, float]:
@@ -257,74 +249,39 @@ class Trainer:
         the 10k ones; without a training evaluation the final one's count is used.
         """
         e, best = self.cfg.eval, {}
-        for family in dict.fromkeys(f for f, *_ in self.evals):
+        for family in rec.FAMILIES:
             for samples in (e.fid_samples, e.fid_final_samples):
-                values = [v for f, _, n, v in self.evals if f == family and n == samples and math.isfinite(v)]
-                if values:
-                    best[family] = min(values)
+                value = self.metric_log.lowest(rec.train_key(family, samples))
+                if value is not None:
+                    best[family] = value
                     break
         return best
-
-    def _watch_saturation(self, stats: dict[str, float]) -> None:
-        """D wins outright (its loss within eval.saturation_loss_d of its floor) while G's loss explodes.
-
-        eval.saturation_logs such logs in a row open an episode [from_nimg, to_nimg], extended while they last;
-        stats gains d/saturated (1 where this log meets the condition, else 0).
-        """
-        e = self.cfg.eval
-        stuck = (stats.get("loss/d", math.inf) - self.d_loss_floor < e.saturation_loss_d
-                 and stats.get("loss/g", 0.0) > e.saturation_loss_g)
-        stats["d/saturated"] = float(stuck)
-        if not stuck:
-            self._saturated_logs, self._stuck_since = 0, None
-            return
-        if self._saturated_logs == 0:
-            self._stuck_since = self.nimg
-        self._saturated_logs += 1
-        if self._saturated_logs == e.saturation_logs:
-            self.saturation_episodes.append([self._stuck_since, self.nimg])
-        elif self._saturated_logs > e.saturation_logs:
-            self.saturation_episodes[-1][1] = self.nimg
 
     def _eval_fid(self, num_samples: int, final: bool = False) -> tuple[MetricResult | None, bool]:
         """Log FID and KID; returns the metric's result (None without an evaluator) and whether a hook asks to stop."""
         if self.evaluate is None:
             return None, False
         result = self.evaluate(evaluated_g(self.cfg, self.G, self.G_ema), num_samples)
-        self.fid_history[self.nimg] = result.value
         metrics = {}
         for s in result.scores:  # fid/fid10k, kid/kid10k; at the end also fid/final, kid/final, kid/final_std
-            metrics[f"{s.family}/{s.name}"] = s.value
+            metrics[rec.train_key(s.family, result.num_samples)] = s.value
             if final:
-                metrics[f"{s.family}/final"] = s.value
+                metrics[rec.final_key(s.family)] = s.value
                 if math.isfinite(s.std_error):
-                    metrics[f"{s.family}/final_std"] = s.std_error
-            self.evals.append((s.family, self.nimg, result.num_samples, s.value))
-        metrics.update({f"{result.scores[0].family}/{k}": v for k, v in result.diagnostics.items()})
+                    metrics[rec.final_std_key(s.family)] = s.std_error
+        family = result.scores[0].family  # diagnostics are logged under the metric's own family
+        metrics.update({rec.diagnostic_key(family, k): v for k, v in result.diagnostics.items()})
         self._record(metrics)
-        self.tracker.set_tags({f"fid_protocol.{k}": v for k, v in result.protocol.items()})
+        self.tracker.set_tags({f"{rec.PROTOCOL}{k}": v for k, v in result.protocol.items()})
         return result, self.hooks.on_eval(self.nimg / 1000, metrics)
 
     def _record(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, step=self.nimg)
-        for k, v in metrics.items():
-            self.history.setdefault(k, []).append((self.nimg, float(v)))
+        self.metric_log.add(self.nimg, metrics)
 
     def read_stats(self) -> dict[str, float]:
         """Mean of each step statistic (loss/d, loss/g, d/real, d/fake, loss/r1) since the last read; a host sync."""
-        return self._reduce_stats()
-
-    def _reset_stats(self) -> None:
-        zero = torch.zeros((), device=self.device)
-        self._acc = {k: zero.clone() for k in STAT_PHASE}
-        self._count = {phase: 0 for phase in ("D", "Dreg", "G")}
-
-    def _reduce_stats(self) -> dict[str, float]:
-        keys = [k for k in self._acc if self._count[STAT_PHASE[k]] > 0]
-        values = torch.stack([self._acc[k] for k in keys]).tolist() if keys else []
-        out = {k: v / self._count[STAT_PHASE[k]] for k, v in zip(keys, values)}
-        self._reset_stats()
-        return out
+        return self.stats.reduce()
 
     # ---- artifacts -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -348,24 +305,70 @@ class Trainer:
         save_image(self.sample_grid(), path, nrow=math.isqrt(self.cfg.eval.grid_size), padding=1)
         self.tracker.log_artifact(path, "samples")
 
-    # ---- checkpoints (core/checkpoint.py) ---------------------------------------------------------
+    # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return checkpoint.trainer_state(self)
+        """Everything a resumed run needs to continue exactly, as plain tensors, numbers and dicts."""
+        return {
+            "format": CHECKPOINT_FORMAT, "config": config_mod.flatten(self.cfg), "step": self.step, "nimg": self.nimg,
+            "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict() if self.G_ema is not None else {},
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "batches": self.batches.state_dict(), "zgen": self.zgen.get_state(),
+            "augment_gen": self.augment_gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "hooks": self.hooks.state_dict(), "phase_steps": dict(self.phase_steps),
+            "failures": {mode.value: nimg for mode, nimg in self.failures.items()},  # plain str: weights_only loads it
+            "run_id": self.tracker.run_id or "",
+            "stats": self.stats.state_dict(), "saturation": self.saturation.state_dict(),
+            "metrics": self.metric_log.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        checkpoint.load_trainer_state(self, state)
+        """Restore state_dict's output; an older layout, or one made with another config, is a UserError."""
+        where = self.checkpoint_path() or "the checkpoint"
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{where} was written by an older version of the trainer; delete it to start over")
+        ours, theirs = config_mod.flatten(self.cfg), state["config"]
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if differ:
+            shown = ", ".join(f"{k}={theirs.get(k)!r} (now {ours[k]!r})" for k in differ[:4])
+            raise UserError(f"checkpoint was made with a different config: {shown}; "
+                            "delete the run directory or rerun with the same settings")
+        self.step, self.nimg = state["step"], state["nimg"]
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        if self.G_ema is not None:
+            self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        # RNG states stay CPU ByteTensors (set_state refuses anything else, also for CUDA generators)
+        self.batches.load_state_dict(state["batches"])
+        self.zgen.set_state(state["zgen"])
+        self.augment_gen.set_state(state["augment_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.hooks.load_state_dict(state["hooks"])
+        self.phase_steps = {k: int(v) for k, v in state["phase_steps"].items()}
+        self.failures = {rec.Outcome(mode): int(nimg) for mode, nimg in state["failures"].items()}
+        self.stats.load_state_dict(state["stats"])
+        self.saturation.load_state_dict(state["saturation"])
+        self.metric_log.load_state_dict(state["metrics"])
 
     def checkpoint_path(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
 
     def save_checkpoint(self) -> Path | None:
         path = self.checkpoint_path()
-        return None if path is None else checkpoint.save_checkpoint(self, path)
+        return None if path is None else checkpoint.write(self.state_dict(), path)
 
     def try_resume(self) -> bool:
         """Continue from run_dir/checkpoint.pt if there is one; False when starting fresh."""
         path = self.checkpoint_path()
-        return path is not None and checkpoint.resume(self, path)
+        if path is None or not path.is_file():
+            return False
+        self.load_state_dict(checkpoint.read(path))
+        return True
 
     def close(self) -> None:
         """Let go of G, D, optimizers, batches and evaluator now, even while a traceback still holds the trainer."""

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from core import config as config_mod
-from core.build import build_run, reference_location
+from core import reference
+from core.build import build_run
 from core.config import RunConfig
 from core.data import DeviceImages
 from core.device import release_memory
-from core.metrics import InceptionFeatures, find_weights
+from core.inception import InceptionFeatures
 
 TIMED_STEPS = 3  # training steps timed per variant, after one warm-up step
 LONG_ETA_S = 12 * 3600  # beyond this, a study asks for --yes
@@ -104,8 +105,7 @@ def _train_img_per_s(cfg: RunConfig, images: DeviceImages) -> float:
 def _inception_img_per_s(cfg: RunConfig, images: DeviceImages) -> float:
     if cfg.eval.fid_final_samples == 0:
         return math.inf
-    extractor = InceptionFeatures(find_weights(cfg.eval.weights), images.device, batch=cfg.eval.fid_batch,
-                                  resize=cfg.eval.fid_resize)
+    extractor = InceptionFeatures.for_eval(cfg.eval, images.device)
     n = min(cfg.eval.fid_batch, len(images))
     batch = torch.from_numpy(np.array(images.image_set.images[:n]))
     extractor(batch[: min(n, 2)])  # warm-up
@@ -129,5 +129,5 @@ def reference_images_to_compute(cfg: RunConfig, images: DeviceImages) -> int:
     """Real images the study must still send through Inception for its reference statistics (0 when cached)."""
     if cfg.eval.fid_final_samples == 0:
         return 0
-    path, _, n = reference_location(cfg, images.image_set)
+    path, _, n = reference.reference_location(cfg, images.image_set)
     return 0 if path.is_file() else n

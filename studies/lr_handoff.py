@@ -40,7 +40,8 @@ class LrChoice:
     study: str  # Optuna study name
     storage: str  # its storage URL, password hidden
     trial: int  # number of the best trial
-    fid: float  # the trial's final FID, the search's objective
+    metric: str  # fid | kid: what the search minimised, the primary metric of the studies it serves
+    value: float  # the trial's final value of `metric`, the search's objective
     params: Mapping[str, float]  # lr_g, lr_d (and beta1 when searched), Optuna's parameter names
     mlflow_run_id: str  # the trial's MLflow run; '' if it predates that record
     preset: str  # the preset the search trained with; '?' if unknown
@@ -56,7 +57,8 @@ class LrChoice:
     def provenance(self) -> dict[str, object]:
         """`lr_from.*` params and tags of the study that uses these rates."""
         return {"lr_from.study": self.study, "lr_from.storage": self.storage, "lr_from.trial": self.trial,
-                "lr_from.fid": self.fid, "lr_from.mlflow_run_id": self.mlflow_run_id,
+                "lr_from.metric": self.metric, f"lr_from.{self.metric}": self.value,
+                "lr_from.mlflow_run_id": self.mlflow_run_id,
                 "lr_from.preset": self.preset, "lr_from.trial_kimg": self.trial_kimg,
                 **{f"lr_from.{k}": v for k, v in self.params.items()}, "lr_from.searched_now": self.searched_now}
 

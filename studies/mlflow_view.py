@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-COLUMNS = ("metrics.`kid/final`", "metrics.`fid/final`", "metrics.`kid/best`", "metrics.`fid/best`",
-           "metrics.`progress/kimg`", "tags.`variant`", "tags.`seed`", "tags.`outcome`")
+from core import records as rec
+
+COLUMNS = (*(f"metrics.`{key(m)}`" for key in (rec.final_key, rec.best_key) for m in (rec.KID, rec.FID)),
+           f"metrics.`{rec.KIMG}`", *(f"tags.`{t}`" for t in (rec.VARIANT, rec.SEED, rec.OUTCOME)))
 UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves
 
 
@@ -23,15 +25,15 @@ def view_key(parent_id: str) -> str:
 
 
 def child_filter(parent_id: str) -> str:
-    return f"tags.study = 'child' and tags.mlflow.parentRunId = '{parent_id}'"
+    return f"tags.{rec.STUDY} = '{rec.CHILD}' and tags.{rec.PARENT_RUN} = '{parent_id}'"
 
 
 def study_view(parent_id: str, varied_keys: list[str]) -> dict[str, object]:
     """The saved view's state, in the MLflow UI's own keys (search facets plus runs-table UI state)."""
     return {
-        "searchFilter": child_filter(parent_id), "orderByKey": "tags.`mlflow.runName`", "orderByAsc": True,
+        "searchFilter": child_filter(parent_id), "orderByKey": f"tags.`{rec.RUN_NAME}`", "orderByAsc": True,
         "selectedColumns": [*COLUMNS, *(f"params.`{k}`" for k in varied_keys)],
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "variant"}]},
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": rec.VARIANT}]},
         "runsHiddenMode": "SHOW_ALL",  # the UI hides runs past the 10th by default: a study has more
     }
 
@@ -45,5 +47,5 @@ def view_url(experiment_id: str, parent_id: str, base: str = UI) -> str:
 def filter_url(experiment_id: str, parent_id: str, base: str = UI) -> str:
     """The same runs, filtered and sorted by URL alone, for when no saved view exists."""
     query = urlencode({"workflowType": "machine_learning", "searchFilter": child_filter(parent_id),
-                       "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"})
+                       "orderByKey": f"tags.`{rec.RUN_NAME}`", "orderByAsc": "true"})
     return f"{base}/#/experiments/{experiment_id}/runs?{query}"

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from core import config as config_mod
+from core import records as rec
 from core.build import build_run, share_images
 from core.config import RunConfig
 from core.data import DeviceImages, ImageSet
@@ -64,7 +65,7 @@ def check_variant(name: str, cfg: RunConfig, images: DeviceImages, workdir: Path
     try:
         first = build_run(cfg, hooks=hooks, run_dir=run_dir, images=images)
         result = first.run()
-        if result.status not in ("finished", "collapsed"):  # collapse is a finding, not a broken setup
+        if result.status not in (rec.Outcome.FINISHED, rec.Outcome.COLLAPSED):  # collapse is a finding, not a broken setup
             raise RuntimeError(f"run ended '{result.status}' after {result.nimg} images")
         if not (run_dir / "samples").is_dir():
             raise RuntimeError("no sample grid was written")

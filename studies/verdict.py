@@ -31,12 +31,11 @@ import numpy as np
 from scipy import special, stats
 from scipy.optimize import brentq
 
+from core.records import COMPLETED, FAILURES, Outcome
+
 ALPHA = 0.05  # family-wise error rate of one study, and the level of the failure-rate test
 POWER = 0.8  # the power at which the minimum detectable difference is quoted
 BASELINE = "baseline"
-COMPLETED = ("finished", "stopped")  # outcomes whose final metric is a result (stopped = early stop by a hook)
-FAILURES = ("diverged", "collapsed", "d_saturated", "failed")  # outcomes that count as a failed seed
-_VERB = {"diverged": "diverged", "collapsed": "collapsed", "d_saturated": "saturated D", "failed": "crashed"}
 MAX_SEEDS = 1000  # seeds_needed gives up beyond this
 
 
@@ -220,7 +219,7 @@ def failure_vs_baseline(k_var: int, n_var: int, k_base: int, n_base: int) -> flo
 class VariantRecord:
     name: str
     values: Sequence[float]  # the metric of each finished seed (finished/stopped seeds only)
-    outcomes: Mapping[str, int]  # seeds per outcome: COMPLETED and FAILURES count, any other (unfinished) does not
+    outcomes: Mapping[str, int]  # seeds per outcome (core.records.Outcome): completed and failures count, others not
 
 
 @dataclass(frozen=True)
@@ -250,13 +249,103 @@ def _g(x: float, sign: bool = False) -> str:
     return format(x, "+.3g" if sign else ".3g") if math.isfinite(x) else "–"
 
 
-def _failure_text(outcomes: Mapping[str, int], seeds: int, failures: int, lo: float, hi: float) -> str:
+@dataclass(frozen=True)
+class _Failures:
+    """The failure part of one variant's verdict: its seeds, its failures and their rate against the baseline's."""
+    seeds: int
+    failures: int
+    rate: float
+    lo: float
+    hi: float
+    fisher_p: float = math.nan
+    fails_more: bool = False
+    text: str = ""
+
+
+def _count(r: VariantRecord) -> tuple[int, int, int]:
+    """(seeds with a result, failures, unfinished seeds) of a record; more values than completed seeds is an error."""
+    completed = sum(int(r.outcomes.get(o, 0)) for o in COMPLETED)
+    failures = sum(int(r.outcomes.get(o, 0)) for o in FAILURES)
+    finite = np.isfinite(_finite(r.values).ravel()).sum()
+    if finite > completed:
+        raise ValueError(f"{r.name}: {finite} metric values but {completed} completed seeds")
+    skipped = sum(int(c) for o, c in r.outcomes.items() if o not in COMPLETED + FAILURES)
+    return completed + failures, failures, skipped
+
+
+def _failures(r: VariantRecord, base: VariantRecord | None, level: float, alpha: float) -> _Failures:
+    """Failures of `r`, with Fisher's exact test against `base` (None: r is the baseline), and their sentence."""
+    seeds, failures, skipped = _count(r)
+    lo, hi = clopper_pearson(failures, seeds, level)
+    rate = failures / seeds if seeds else math.nan
     if failures == 0:
-        return f"{seeds} of {seeds} seeds finished" if seeds else "no seed has a result"
-    kinds = [(_VERB[f], outcomes.get(f, 0)) for f in FAILURES if outcomes.get(f, 0)]
-    what = (f"{kinds[0][0]} in {failures} of {seeds} seeds (" if len(kinds) == 1 else
-            f"failed in {failures} of {seeds} seeds ({', '.join(f'{v} {k}' for v, k in kinds)}; ")
-    return f"{what}rate {failures / seeds:.2f}, 95% CI {lo:.2f}-{hi:.2f})"
+        text = f"{seeds} of {seeds} seeds finished" if seeds else "no seed has a result"
+    else:
+        kinds = [(Outcome(f).verb, r.outcomes.get(f, 0)) for f in FAILURES if r.outcomes.get(f, 0)]
+        what = (f"{kinds[0][0]} in {failures} of {seeds} seeds (" if len(kinds) == 1 else
+                f"failed in {failures} of {seeds} seeds ({', '.join(f'{v} {k}' for v, k in kinds)}; ")
+        text = f"{what}rate {failures / seeds:.2f}, 95% CI {lo:.2f}-{hi:.2f})"
+    if skipped:
+        text += f" ({skipped} unfinished, not counted)"
+    if base is None:
+        return _Failures(seeds=seeds, failures=failures, rate=rate, lo=lo, hi=hi, text=text)
+    n_base, k_base, _ = _count(base)
+    fisher_p = failure_vs_baseline(failures, seeds, k_base, n_base)
+    fails_more = bool(fisher_p < alpha and rate > (k_base / n_base if n_base else math.nan))
+    if seeds and n_base and (failures or k_base):
+        text += (f"; baseline {k_base} of {n_base}, Fisher p {fisher_p:.2f}"
+                 + (": fails significantly more often than the baseline" if fails_more else ""))
+    return _Failures(seeds=seeds, failures=failures, rate=rate, lo=lo, hi=hi, fisher_p=fisher_p,
+                     fails_more=fails_more, text=text)
+
+
+@dataclass(frozen=True)
+class _MetricTest:
+    """The metric part of one variant's verdict: Welch against the baseline, Holm's p, what the seeds could see."""
+    welch: Welch
+    p_holm: float
+    significant: bool
+    gain: float
+    mde: float
+    needed: int | None
+
+
+def _metric_test(cmp: Comparison, i: int, base_values: np.ndarray, values: np.ndarray, sign: float,
+                 alpha: float) -> _MetricTest:
+    w = cmp.welch.at(i)
+    sd_pooled = pooled_sd(base_values, values)
+    mde = min_detectable_diff(sd_pooled, w.n_a, w.n_b, alpha)
+    needed = seeds_needed(abs(w.diff), sd_pooled, alpha) if math.isfinite(mde) else None
+    return _MetricTest(welch=w, p_holm=float(cmp.p_holm[i]), significant=bool(cmp.significant[i]),
+                       gain=sign * w.diff, mde=mde, needed=needed)
+
+
+def _metric_text(t: _MetricTest, f: _Failures, base_rate: float, metric: str, lower_is_better: bool,
+                 better: bool) -> str:
+    """The metric sentence of a variant's verdict: better, worse, not tested, or what could have been missed."""
+    w = t.welch
+    where = f"{w.n_b} vs {w.n_a} finished seeds"
+    stat = f"{_g(w.diff, True)} (95% CI {_g(w.lo, True)} to {_g(w.hi, True)}, Holm p {t.p_holm:.3g}, {where})"
+    if w.note == "too few seeds":
+        return f"{metric} not tested: too few finished seeds ({where}, 2 needed in each)"
+    if w.note:
+        return f"{metric} not tested: identical on every finished seed of both groups ({where}), no spread"
+    if better:
+        tail = f"{metric} significantly better: {stat}"
+        if f.rate > base_rate:
+            tail += "; it fails more often than the baseline, though not significantly at these seed counts"
+        return tail
+    if t.significant and t.gain > 0:
+        return (f"{metric} {_g(abs(w.diff))} {'lower' if lower_is_better else 'higher'} on its finished "
+                f"seeds {stat}, but not called better: it fails significantly more often than the baseline")
+    if t.significant:
+        return f"{metric} significantly worse: {stat}"
+    tail = f"no significant difference in {metric}: {stat}; a difference smaller than {_g(t.mde)} could have been missed"
+    if t.needed is not None and t.needed > max(w.n_a, w.n_b):
+        tail += f"; about {t.needed} seeds per variant would detect {_g(abs(w.diff))}"
+    elif t.needed is None and w.diff != 0:
+        tail += f"; more than {MAX_SEEDS} seeds per variant would be needed to detect {_g(abs(w.diff))}"
+    return tail
 
 
 def verdict(records: Sequence[VariantRecord], metric: str = "FID", lower_is_better: bool = True,
@@ -270,69 +359,30 @@ def verdict(records: Sequence[VariantRecord], metric: str = "FID", lower_is_bett
     values = {r.name: _finite(r.values).ravel() for r in records}
     values = {k: v[np.isfinite(v)] for k, v in values.items()}
     cmp = compare(values[baseline], [values[r.name] for r in others], level, alpha) if others else None
-    tally = {}
-    for r in records:
-        completed, failures = (sum(int(r.outcomes.get(o, 0)) for o in group) for group in (COMPLETED, FAILURES))
-        if len(values[r.name]) > completed:
-            raise ValueError(f"{r.name}: {len(values[r.name])} metric values but {completed} completed seeds")
-        tally[r.name] = (completed + failures, failures)
-    n_base, k_base = tally[baseline]
-    sign = -1.0 if lower_is_better else 1.0
+    base_failures = _failures(base, None, level, alpha)
     out = []
     for r in records:
-        seeds, failures = tally[r.name]
         v = values[r.name]
-        lo, hi = clopper_pearson(failures, seeds, level)
-        head = _failure_text(r.outcomes, seeds, failures, lo, hi)
-        skipped = sum(int(c) for o, c in r.outcomes.items() if o not in COMPLETED + FAILURES)
-        if skipped:
-            head += f" ({skipped} unfinished, not counted)"
         mean = float(v.mean()) if len(v) else math.nan
         sd = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+        shared = dict(name=r.name, finished=len(v), mean=mean, sd=sd)
         if r.name == baseline:
-            text = f"{head}; reference {metric} {_g(mean)} ± {_g(sd)} (sd) over {len(v)} finished seeds"
-            out.append(VariantVerdict(r.name, seeds, len(v), mean, sd, failures, failures / seeds if seeds else
-                                      math.nan, lo, hi, math.nan, False, None, math.nan, False, math.nan, False,
-                                      math.nan, None, text))
+            f = base_failures
+            out.append(VariantVerdict(
+                **shared, seeds=f.seeds, failures=f.failures, failure_rate=f.rate, failure_lo=f.lo, failure_hi=f.hi,
+                fisher_p=math.nan, fails_more=False, welch=None, p_holm=math.nan, significant=False, gain=math.nan,
+                better=False, mde=math.nan, seeds_for_diff=None,
+                text=f"{f.text}; reference {metric} {_g(mean)} ± {_g(sd)} (sd) over {len(v)} finished seeds"))
             continue
-        i = [o.name for o in others].index(r.name)
-        w = cmp.welch.at(i)
-        p_holm, significant = float(cmp.p_holm[i]), bool(cmp.significant[i])
-        fisher_p = failure_vs_baseline(failures, seeds, k_base, n_base)
-        rate, base_rate = (failures / seeds if seeds else math.nan), (k_base / n_base if n_base else math.nan)
-        fails_more = bool(fisher_p < alpha and rate > base_rate)
-        if seeds and n_base and (failures or k_base):
-            head += (f"; baseline {k_base} of {n_base}, Fisher p {fisher_p:.2f}"
-                     + (": fails significantly more often than the baseline" if fails_more else ""))
-        gain = sign * w.diff
-        better = significant and gain > 0 and not fails_more
-        sd_pooled = pooled_sd(values[baseline], v)
-        mde = min_detectable_diff(sd_pooled, w.n_a, w.n_b, alpha)
-        needed = seeds_needed(abs(w.diff), sd_pooled, alpha) if math.isfinite(mde) else None
-        where = f"{w.n_b} vs {w.n_a} finished seeds"
-        stat = f"{_g(w.diff, True)} (95% CI {_g(w.lo, True)} to {_g(w.hi, True)}, Holm p {p_holm:.3g}, {where})"
-        if w.note == "too few seeds":
-            tail = f"{metric} not tested: too few finished seeds ({where}, 2 needed in each)"
-        elif w.note:
-            tail = f"{metric} not tested: identical on every finished seed of both groups ({where}), no spread"
-        elif better:
-            tail = f"{metric} significantly better: {stat}"
-            if rate > base_rate:
-                tail += "; it fails more often than the baseline, though not significantly at these seed counts"
-        elif significant and gain > 0:
-            tail = (f"{metric} {_g(abs(w.diff))} {'lower' if lower_is_better else 'higher'} on its finished "
-                    f"seeds {stat}, but not called better: it fails significantly more often than the baseline")
-        elif significant:
-            tail = f"{metric} significantly worse: {stat}"
-        else:
-            tail = (f"no significant difference in {metric}: {stat}; a difference smaller than {_g(mde)} could "
-                    "have been missed")
-            if needed is not None and needed > max(w.n_a, w.n_b):
-                tail += f"; about {needed} seeds per variant would detect {_g(abs(w.diff))}"
-            elif needed is None and w.diff != 0:
-                tail += f"; more than {MAX_SEEDS} seeds per variant would be needed to detect {_g(abs(w.diff))}"
-        out.append(VariantVerdict(r.name, seeds, len(v), mean, sd, failures, rate, lo, hi, fisher_p, fails_more,
-                                  w, p_holm, significant, gain, better, mde, needed, f"{head}; {tail}"))
+        f = _failures(r, base, level, alpha)
+        t = _metric_test(cmp, [o.name for o in others].index(r.name), values[baseline], v,
+                         -1.0 if lower_is_better else 1.0, alpha)
+        better = t.significant and t.gain > 0 and not f.fails_more
+        tail = _metric_text(t, f, base_failures.rate, metric, lower_is_better, better)
+        out.append(VariantVerdict(
+            **shared, seeds=f.seeds, failures=f.failures, failure_rate=f.rate, failure_lo=f.lo, failure_hi=f.hi,
+            fisher_p=f.fisher_p, fails_more=f.fails_more, welch=t.welch, p_holm=t.p_holm, significant=t.significant,
+            gain=t.gain, better=better, mde=t.mde, seeds_for_diff=t.needed, text=f"{f.text}; {tail}"))
     return out
 
 

@@ -3,6 +3,7 @@ reader for the report's markdown tables."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,26 @@ from types import SimpleNamespace
 
 import torch
 
-from core.metrics import MetricResult, Score, metric_name
+from core.metrics import MetricResult, Score
+from core.records import metric_name
+
+
+@functools.cache
+def _decoded(data, resolution: int):
+    from core.data import load_images
+    return load_images(data, resolution)
+
+
+def images_for(cfg):
+    """cfg's images on its device, as a study shares them with each run (decoded once per test process)."""
+    from core.build import share_images
+    return share_images(cfg, _decoded(cfg.data, cfg.model.resolution))
+
+
+def build(cfg, **kwargs):
+    """build_run on cfg's shared images."""
+    from core.build import build_run
+    return build_run(cfg, images=images_for(cfg), **kwargs)
 
 
 def g_fid(G: torch.nn.Module) -> float:
@@ -23,7 +43,7 @@ def g_fid(G: torch.nn.Module) -> float:
 def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int], float] | None = None,
                      spread: float = 1.0) -> list[tuple[int, int]]:
     """Replace core.build.FidEvaluator (Inception, seconds per call) by a function of the run's config and G
-    (and the Inception batch a study's ETA times by nothing).
+    (and the Inception batch a study's ETA times, and the reference statistics a study computes first, by nothing).
 
     value(cfg, G, num_samples) -> FID (default: g_fid(G)), and KID = FID / 1000; returns the (seed, num_samples)
     of every evaluation.
@@ -50,6 +70,8 @@ def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int]
                 "quantise": "uint8", "resize": "fake", "version": "fake"}, num_samples=num_samples)
 
     monkeypatch.setattr(build, "FidEvaluator", FakeFid)
+    import core.reference as reference  # a study's or search's reference statistics, before its first run
+    monkeypatch.setattr(reference, "ensure_reference", lambda cfg, images, progress=False: None)
     import studies.eta as eta  # the ETA of a study times an Inception batch: this FID costs nothing
     monkeypatch.setattr(eta, "_inception_img_per_s", lambda cfg, images: math.inf)
     return calls

@@ -15,6 +15,7 @@ import core.regularizers as regularizers_mod
 from ablations import Ablation, get_ablation, list_ablations, register_ablation
 from ablations import registry
 from core.build import build_run
+from tests.helpers import build as build_on_images
 from core.errors import UserError
 from core.config import flatten, resolve
 from studies.run.study import StudySpec, resolve_configs
@@ -111,7 +112,7 @@ def build(tiny_cfg):
         # the tiny test config, then the variant's overrides on top
         cfg = config_mod.apply_overrides(tiny_cfg(), get_ablation(name).overrides(variant))
         config_mod.validate(cfg)
-        return build_run(cfg, with_fid=False)
+        return build_on_images(cfg, with_fid=False)
     return make
 
 
@@ -201,7 +202,7 @@ def test_batch_size_holds_images_seen_equal(tiny_cfg):
     results = {}
     for variant in ("baseline", "batch_64", "batch_256"):
         cfg = config_mod.apply_overrides(tiny_cfg(train__kimg=0.512), get_ablation("batch_size").overrides(variant))
-        trainer = build_run(cfg, with_fid=False)
+        trainer = build_on_images(cfg, with_fid=False)
         drawn = []
         draw = trainer.batches.next
         trainer.batches.next = lambda n, _d=draw: (drawn.append(n), _d(n))[1]
@@ -216,14 +217,14 @@ def test_lr_scaling_rule_for_batch_size(tiny_cfg):
     from core import config as config_mod
     for rule, factor in (("none", 1), ("sqrt", math.sqrt(8)), ("linear", 8)):
         cfg = tiny_cfg(train__batch_size=64, optim__lr_ref_batch=8, optim__lr_scaling=rule)
-        trainer = build_run(cfg, with_fid=False)
+        trainer = build_on_images(cfg, with_fid=False)
         assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)
         assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(2e-4 * factor)  # what D's updates use
         assert config_mod.derive(cfg).lr_d == pytest.approx(2e-4 * factor)
     # TTUR's two rates, each scaled: the optimizers, not only the derived values
     cfg = config_mod.apply_overrides(tiny_cfg(train__batch_size=64, optim__lr_ref_batch=8, optim__lr_scaling="linear"),
                                      get_ablation("ttur").overrides("ttur"))
-    trainer = build_run(cfg, with_fid=False)
+    trainer = build_on_images(cfg, with_fid=False)
     assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(4e-4 * 8)
     assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(1e-4 * 8)
 

@@ -7,15 +7,19 @@ no command. Above: the command packages run/, report/, search/ and bench/, each 
 - A command reaches another command only through that package's front door, the names its `__init__.py` exports
   (`from studies.report import write_report`, `studies.search.choose_lr`), never one of its modules.
 - studies/report reads only the tracking store: from core it imports `core.tracking`, `core.errors`, `core.config`
-  (the defaults its setup table compares with) and, from `core.metrics`, only `fid_name` and `metric_name` (the
-  metric keys the trainer logged, fid/fid10k and kid/kid10k); besides those, the ablation registry (rationales),
-  studies.cli, studies.mlflow_view and studies.verdict (the statistics, pure functions of numbers). It never
-  imports torch, Optuna or MLflow itself.
+  (the defaults its setup table compares with) and `core.records` (the names of what a run records); besides
+  those, the ablation registry (rationales), studies.cli, studies.mlflow_view and studies.verdict (the
+  statistics, pure functions of numbers). It never imports torch, Optuna or MLflow itself.
 - Only studies/search imports optuna; only core/tracking.py imports mlflow.
+- What a run records is named only in core/records.py: no other module spells a metric key, a tag of the run
+  vocabulary or an outcome name as a string literal (docstrings excepted).
 Every import counts, at module level, inside a function or under TYPE_CHECKING alike.
 """
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +27,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "ablations", "studies")
 COMMANDS = ("run", "report", "search", "bench")
-REPORT_MAY_IMPORT = {"core.tracking", "core.errors", "core.config", "ablations", "studies.cli", "studies.mlflow_view",
-                     "studies.verdict"}
-REPORT_MAY_IMPORT_NAMES = {"core.metrics": {"fid_name", "metric_name"}}  # module -> the only names report may take
+REPORT_MAY_IMPORT = {"core.tracking", "core.errors", "core.config", "core.records", "ablations", "studies.cli",
+                     "studies.mlflow_view", "studies.verdict"}
+REPORT_MAY_IMPORT_NAMES: dict[str, set[str]] = {}  # module -> the only names report may take from it
 
 
 def imports(path: Path) -> set[str]:
@@ -175,3 +179,55 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+# ---- one vocabulary for what a run records ---------------------------------------------------------------------
+VOCABULARY = REPO / "core" / "records.py"
+METRIC_KEY = re.compile(r"^(fid|kid|loss|d|perf|progress|search|pr|dc)/[a-z0-9_]*$")  # 'fid/final', 'fid/' of f"fid/{n}"
+KEY_INSIDE = re.compile(r"\b(fid|kid)/(final|best|final_std)\b|\b(loss|perf|progress)/[a-z_]+")
+KEY_TAIL = re.compile(r"^/(final|best|final_std|feature_spread)$")  # the constant part of f"{family}/final"
+RUN_TAGS = {"diverged_at_nimg", "saturation_episodes", "_at_nimg", "fid_protocol."}
+TAG_COLUMN = re.compile(r"^tags\.(outcome|variant|seed|study|study_key|ablation|preset|variants|seeds)$")  # a frame's
+
+
+def vocabulary_literals(path: Path) -> list[str]:
+    """String literals of a module (f-string parts included, docstrings and bare string statements not) that name
+    a metric key, a run tag or an outcome."""
+    from core.records import Outcome, TrialState
+    words = {o.value for o in Outcome} | {s.value for s in TrialState} | RUN_TAGS
+    tree = ast.parse(path.read_text())
+    docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            text = node.value
+            if (text in words or METRIC_KEY.match(text) or KEY_TAIL.match(text) or KEY_INSIDE.search(text)
+                    or TAG_COLUMN.match(text)):
+                found.append(f"line {node.lineno}: {text!r}")
+    return found
+
+
+@pytest.mark.parametrize("path", [p for p in project_files() if p != VOCABULARY], ids=rel)
+def test_what_a_run_records_is_named_only_in_the_vocabulary(path):
+    found = vocabulary_literals(path)
+    assert not found, f"{rel(path)} spells what a run records itself ({'; '.join(found)}); use core.records"
+
+
+def test_the_vocabulary_rule_sees_a_literal(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('"""fid/final in a docstring is fine."""\nx = {"fid/final": 1, "tags.outcome": "diverged"}\n'
+                   'y = f"{family}/best"\nz = "logged as fid/fid10k"\n')
+    assert [f.split(": ", 1)[1] for f in vocabulary_literals(bad)] == [
+        "'fid/final'", "'tags.outcome'", "'diverged'", "'/best'"]
+
+
+def test_config_is_pure_data_and_validates_without_torch():
+    """Importing and validating a config loads no torch and probes no hardware, so it answers alike everywhere;
+    the report command, which only reads the store, starts without torch too."""
+    code = ("import sys; from core import config as c; "
+            "[c.validate(c.resolve(p)) for p in c.PRESETS]; "
+            "assert 'torch' not in sys.modules, 'core.config loaded torch'; "
+            "import studies.report.__main__, studies.verdict, core.records; "
+            "assert 'torch' not in sys.modules, 'the report command loaded torch'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -12,8 +12,11 @@ import torch
 
 from core import config as config_mod
 from core.build import build_run
+from tests.helpers import build
 from core.errors import UserError
-from core.metrics import RESIZES, MetricOptions, ReferenceStats, calc_metric, reference_path
+from core.inception import RESIZES
+from core.metrics import MetricOptions, calc_metrics
+from core.reference import ReferenceStats, reference_path
 from core.resize import BicubicResize, pil_bicubic_weights
 from studies.bench.plain import plain_losses
 from tests.conftest import step_losses
@@ -22,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def trainer_losses(cfg, steps: int) -> list[tuple[float, float]]:
-    return step_losses(build_run(cfg, with_fid=False), steps)
+    return step_losses(build(cfg, with_fid=False), steps)
 
 
 def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
@@ -128,7 +131,7 @@ def test_fid_protocol_is_the_same_except_the_resize_and_keys_never_mix(tmp_path)
         ref = ReferenceStats(np.zeros(8), np.eye(8), n, key, path, np.random.default_rng(0).normal(size=(n, 8)))
         opts = MetricOptions(G=G, z_dim=128, num_samples=6, ref=ref, extractor=FakeExtractor(mode),
                              device=torch.device("cpu"), batch=4)
-        protocols[mode] = calc_metric("fid", opts).protocol
+        protocols[mode] = calc_metrics(opts).protocol
     clean, torch_ = protocols["clean"], protocols["torch"]
     assert {k for k in clean if clean[k] != torch_[k]} == {"resize", "ref_key"}
     assert clean["resize"] == "clean-fid PIL bicubic 299"  # unchanged: earlier runs stay comparable
@@ -137,7 +140,8 @@ def test_fid_protocol_is_the_same_except_the_resize_and_keys_never_mix(tmp_path)
 
 
 def test_small_sample_frechet_distance_equals_the_full_eigensolve():
-    from core.metrics import frechet_distance, statistics
+    from core.metrics import frechet_distance
+    from core.reference import statistics
     rng = np.random.default_rng(0)
     feats, ref = rng.normal(size=(40, 256)), rng.normal(0.2, 1.3, size=(500, 256))
     mu, sigma = statistics(feats)

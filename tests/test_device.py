@@ -12,6 +12,7 @@ import torch
 
 import core.device as device_mod
 from core import config as config_mod
+from core import records as rec
 from core.build import build_run, share_images
 from core.data import BatchSource, DeviceImages, ImageSet, load_images
 from core.errors import UserError
@@ -19,13 +20,18 @@ from core.trainer import PHASE_STEPS
 from tests.conftest import step_losses
 
 
+def built(cfg, **kw):
+    """build_run on cfg's images, copied to its device as a command would (share_images)."""
+    return build_run(cfg, images=share_images(cfg, load_images(cfg.data, cfg.model.resolution)), **kw)
+
+
 @pytest.mark.parametrize("native,want", [(True, ("bf16", True)), (False, ("fp32", False))])
 def test_auto_picks_bf16_and_nhwc_only_where_the_cpu_has_native_bf16(monkeypatch, native, want):
     monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
     cfg = config_mod.resolve("quick", {"train.device": "cpu"})
     assert (cfg.train.amp, cfg.train.channels_last) == ("auto", "auto")
-    derived = config_mod.derive(cfg)
-    assert (derived.amp, derived.channels_last) == want
+    precision = device_mod.run_precision(cfg.train, torch.device("cpu"))
+    assert (precision.amp, precision.channels_last) == want
     assert device_mod.resolve_precision("auto", "auto", "cuda") == ("bf16", True)  # CUDA: always
     assert device_mod.resolve_precision("fp32", "on", "cpu") == ("fp32", True)  # explicit values win
 
@@ -43,8 +49,8 @@ def test_what_auto_chose_is_a_run_param(tiny_cfg):
     from core.runner import run_params
     cfg = tiny_cfg()
     params = run_params(cfg, load_images(cfg.data, cfg.model.resolution))
-    derived = config_mod.derive(cfg)
-    assert params["derived.amp"] == derived.amp and params["derived.channels_last"] == derived.channels_last
+    precision = device_mod.run_precision(cfg.train, torch.device(cfg.train.device))
+    assert params["derived.amp"] == precision.amp and params["derived.channels_last"] == precision.channels_last
     assert params["train.amp"] == "auto"
 
 
@@ -57,8 +63,8 @@ def test_bf16_channels_last_on_the_cpu_tracks_fp32(tiny_cfg):
     ~lr whatever its gradient's size, so a rounding-flipped sign of a tiny gradient is a full-size change;
     5e-2 relative over 5 steps (measured up to 1.8e-2 here; the CUDA loss check uses the same 5e-2).
     """
-    fast = build_run(tiny_cfg(train__amp="bf16", train__channels_last="on"), with_fid=False)
-    plain = build_run(tiny_cfg(train__amp="fp32", train__channels_last="off"), with_fid=False)
+    fast = built(tiny_cfg(train__amp="bf16", train__channels_last="on"), with_fid=False)
+    plain = built(tiny_cfg(train__amp="fp32", train__channels_last="off"), with_fid=False)
     assert fast.autocast.fast_dtype == torch.bfloat16 and fast.autocast._enabled and not plain.autocast._enabled
     assert next(fast.D.parameters()).is_contiguous(memory_format=torch.channels_last)
     assert fast.batches.next(4).is_contiguous(memory_format=torch.channels_last)
@@ -82,6 +88,19 @@ def test_shared_device_images_give_each_run_its_own_draws(tiny_cfg):
     # NHWC storage serves exactly the batches NCHW storage does
     nchw = BatchSource(images.images, torch.device("cpu"), seed=cfg.train.seed + 2)
     torch.testing.assert_close(nchw.next(8), BatchSource(shared, seed=cfg.train.seed + 2, channels_last=True).next(8))
+
+
+def test_build_run_decides_precision_once_and_copies_images_from_another_device(tiny_cfg):
+    cfg = tiny_cfg(train__amp="fp32", train__channels_last="on")
+    images = load_images(cfg.data, cfg.model.resolution)
+    elsewhere = DeviceImages(images, torch.device("meta"))  # shared on another device than cfg's (cpu), NCHW
+    trainer = build_run(cfg, with_fid=False, images=elsewhere)
+    assert trainer.precision == device_mod.run_precision(cfg.train, torch.device("cpu"))
+    assert trainer.precision.channels_last and not trainer.autocast._enabled
+    copy = trainer.batches.images
+    assert copy is not elsewhere and copy.device == torch.device("cpu") and copy.image_set is images
+    assert copy.channels_last and copy.pixels.shape == (len(images.images), 32, 32, 3)  # this run's layout
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in trainer.G.parameters() if p.dim() == 4)
 
 
 def run_parts(trainer) -> list[weakref.ref]:
@@ -121,13 +140,13 @@ def test_several_runs_in_one_process_leave_nothing_behind(tiny_cfg, tmp_path, mo
     shared = share_images(cfg, load_images(cfg.data, cfg.model.resolution))
     for seed in range(3):
         result = runner.execute_run(tiny_cfg(train__seed=seed), NullTracker(), tmp_path / f"run{seed}", images=shared)
-        assert result.status == "finished" and result.final_fid is not None
+        assert result.status == "finished" and rec.FID in result.final
         assert [p() for p in built[-1]] == [None] * len(built[-1]), f"run {seed} still alive"
     assert len(built) == 3
 
 
 def test_g_step_leaves_d_gradients_alone(tiny_cfg):
-    trainer = build_run(tiny_cfg(), with_fid=False)
+    trainer = built(tiny_cfg(), with_fid=False)
     PHASE_STEPS["D"](trainer, 0)
     assert all(p.grad is not None for p in trainer.D.parameters())
     for p in trainer.D.parameters():

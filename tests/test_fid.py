@@ -2,12 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+from core import metrics
+from core import records as rec
 from core.config import DataConfig, ModelConfig
-from core.kid import estimate as kid_estimate
 from core.data import load_images
-from core.metrics import (InceptionFeatures, MetricOptions, calc_metric, find_weights, frechet_distance, list_metrics,
-                          reference_stats, statistics)
+from core.inception import InceptionFeatures, find_weights
+from core.kid import estimate as kid_estimate
+from core.metrics import (Measured, MetricOptions, Score, calc_metrics, frechet_distance, list_metrics,
+                          register_metric)
 from core.models import Generator, init_weights
+from core.reference import ReferenceStats, reference_stats, statistics
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +111,7 @@ class FeatureSpy:
     resize_mode, weights_hash = "clean", "spy"
 
     def __init__(self, fail=False):
-        self.fed, self.fail = [], fail
+        self.fed, self.fail, self.passes = [], fail, []
 
     def stream(self, batches):
         if self.fail:
@@ -115,11 +119,11 @@ class FeatureSpy:
         fed = [b.clone() for b in batches]
         self.fed += fed
         n = sum(len(b) for b in fed)
-        return np.random.default_rng(n).normal(size=(n, 2048))
+        self.passes.append(np.random.default_rng(n).normal(size=(n, 2048)))
+        return self.passes[-1]
 
 
 def spy_options(G, extractor, **kw) -> MetricOptions:
-    from core.metrics import ReferenceStats
     ref = ReferenceStats(np.zeros(2048), np.eye(2048), 8, "refkey", None, np.random.default_rng(0).normal(size=(8, 2048)))
     return MetricOptions(G=G, z_dim=4, num_samples=6, ref=ref, extractor=extractor, device=torch.device("cpu"),
                          batch=4, **kw)
@@ -129,7 +133,7 @@ def test_generated_images_reach_inception_as_rounded_uint8():
     """G's [-1, 1] output becomes uint8 exactly as a saved PNG would: (x + 1) * 127.5, rounded, clamped."""
     x = [-1.5, -1.0, 100.6 / 127.5 - 1, 0.002, 1.0, 1.2]  # 100.6 rounds up; 127.755 rounds up (truncation: 127)
     spy = FeatureSpy()
-    out = calc_metric("fid", spy_options(Recorder(x), spy))
+    out = calc_metrics(spy_options(Recorder(x), spy))
     fed = torch.cat(spy.fed)
     assert fed.dtype == torch.uint8 and fed.shape == (6, 3, 2, 6)
     assert fed[0, 0, 0].tolist() == [0, 0, 101, 128, 255, 255]
@@ -145,27 +149,83 @@ def test_fid_samples_g_in_its_protocol_mode_with_fixed_latents_and_restores_the_
     forward = G.forward
     G.forward = lambda z: (zs.append(z.clone()), forward(z))[1]
     opts = spy_options(G, FeatureSpy(), g_mode=g_mode, seed=7)
-    out = calc_metric("fid", opts)
+    out = calc_metrics(opts)
     assert set(G.modes) == {g_mode == "train"} and out.protocol["g_mode"] == g_mode
     assert G.training is before  # put back as it was
     first = torch.cat(zs)
     zs.clear()
-    calc_metric("fid", opts)
+    calc_metrics(opts)
     assert torch.equal(torch.cat(zs), first)  # every evaluation sees the same z
 
 
-def test_trainers_fid_uses_the_configured_g_mode_and_seed(tiny_cfg, monkeypatch):
-    import core.build as build
-    from core.trainer import FID_SEED
+PROTOCOL_TAGS = ["num_gen", "num_ref", "ref_key", "g_mode", "quantise", "resize", "version", "kid_subsets",
+                 "kid_std_error", "g_source", "standing_batches"]  # as earlier runs tagged them, in this order
+
+
+def test_every_registered_metric_comes_from_one_inception_pass(monkeypatch):
+    """A metric registered later is one more function of the same features: no second pass, its score in the result."""
+    monkeypatch.setattr(metrics, "_METRICS", dict(metrics._METRICS))  # the throwaway is gone after the test
     seen = []
-    monkeypatch.setattr(build, "InceptionFeatures", lambda *a, **k: FeatureSpy())
-    monkeypatch.setattr(build, "reference_stats", lambda *a, **k: spy_options(None, None).ref)
-    monkeypatch.setattr(build, "calc_metric", lambda name, opts: seen.append(opts))
+
+    @register_metric
+    def throwaway(feats, ref):
+        seen.append(feats)
+        return Measured((Score("throwaway", f"throwaway{len(feats)}", float(feats.sum())),), {"throwaway_spread": 1.0},
+                        {"throwaway_k": 3})
+
+    spy = FeatureSpy()
+    opts = spy_options(Recorder([0.0]), spy)
+    out = calc_metrics(opts)
+    (feats,) = spy.passes  # one Inception pass for every metric
+    assert len(seen) == 1 and seen[0] is feats
+    assert [s.family for s in out.scores] == [rec.FID, rec.KID, "throwaway"]  # registration order: FID first
+    assert out.score("throwaway") == Score("throwaway", "throwaway6", float(feats.sum()))
+    # FID and KID saw those same features
+    assert out.score(rec.FID) == metrics.fid(feats, opts.ref).scores[0]
+    assert out.score(rec.KID) == metrics.kid(feats, opts.ref).scores[0]
+    assert out.diagnostics == {rec.FEATURE_SPREAD: metrics.fid(feats, opts.ref).diagnostics[rec.FEATURE_SPREAD],
+                               "throwaway_spread": 1.0}
+    assert list(out.protocol) == PROTOCOL_TAGS[:-2] + ["throwaway_k"] + PROTOCOL_TAGS[-2:]
+    assert out.num_samples == 6 and (out.name, out.value) == ("fid6", out.score(rec.FID).value)
+
+
+def test_the_built_in_result_has_the_scores_diagnostics_and_tags_the_trainer_logs():
+    out = calc_metrics(spy_options(Recorder([0.0]), FeatureSpy()))
+    assert [(s.family, s.name) for s in out.scores] == [(rec.FID, "fid6"), (rec.KID, "kid6")]
+    assert np.isnan(out.scores[0].std_error) and out.scores[1].std_error > 0
+    assert list(out.diagnostics) == [rec.FEATURE_SPREAD] and list(out.protocol) == PROTOCOL_TAGS
+    assert out.protocol["kid_subsets"] == "100 x 6"
+
+
+@pytest.mark.parametrize("name", list_metrics())
+def test_each_registered_metric_alone_gives_what_it_gives_beside_the_others(name):
+    spy = FeatureSpy()
+    alone = calc_metrics(spy_options(Recorder([0.0]), spy), names=[name])
+    everything = calc_metrics(spy_options(Recorder([0.0]), FeatureSpy()))
+    assert len(spy.passes) == 1 and alone.scores
+    for s in alone.scores:
+        assert s.name == rec.metric_name(s.family, 6) and everything.score(s.family) == s
+
+
+def test_an_unknown_or_doubly_registered_metric_is_refused(monkeypatch):
+    from core.errors import UserError
+    with pytest.raises(UserError, match="unknown metric 'fdi'; known: " + ", ".join(list_metrics())):
+        calc_metrics(spy_options(Recorder([0.0]), FeatureSpy()), names=["fdi"])
+    monkeypatch.setattr(metrics, "_METRICS", dict(metrics._METRICS))
+    with pytest.raises(ValueError, match="registered twice"):
+        register_metric(metrics.fid)
+
+
+def test_trainers_fid_uses_the_configured_g_mode_and_seed(tiny_cfg, monkeypatch):
+    seen = []
+    monkeypatch.setattr(InceptionFeatures, "for_eval", lambda *a, **k: FeatureSpy())
+    monkeypatch.setattr(metrics, "load_reference", lambda *a, **k: spy_options(None, None).ref)
+    monkeypatch.setattr(metrics, "calc_metrics", lambda opts: seen.append(opts))
     cfg = tiny_cfg(eval__g_mode="train")
-    evaluate = build.FidEvaluator(cfg, load_images(cfg.data, 32), torch.device("cpu"))
+    evaluate = metrics.FidEvaluator(cfg, load_images(cfg.data, 32), torch.device("cpu"))
     evaluate(Recorder([0.0]), 16)
     (opts,) = seen
-    assert (opts.g_mode, opts.seed, opts.num_samples, opts.z_dim) == ("train", FID_SEED, 16, cfg.model.z_dim)
+    assert (opts.g_mode, opts.seed, opts.num_samples, opts.z_dim) == ("train", metrics.FID_SEED, 16, cfg.model.z_dim)
 
 
 def test_cached_reference_statistics_are_read_back_not_recomputed(tmp_path):
@@ -196,8 +256,8 @@ def test_fid_small_for_real_halves_and_large_for_an_untrained_generator(real_cel
     G = Generator(ModelConfig(resolution=32, width=0.125))
     G.apply(init_weights)
     assert "fid" in list_metrics()
-    out = calc_metric("fid", MetricOptions(G=G, z_dim=128, num_samples=64, ref=ref, extractor=extractor,
-                                           device=torch.device("cpu"), batch=32))
+    out = calc_metrics(MetricOptions(G=G, z_dim=128, num_samples=64, ref=ref, extractor=extractor,
+                                     device=torch.device("cpu"), batch=32))
     untrained = out.score("fid").value
     assert out.name == "fid64" and out.value == untrained and out.score("kid").name == "kid64"
     assert out.protocol["num_gen"] == 64 and out.protocol["g_mode"] == "eval"
@@ -240,7 +300,7 @@ def test_fast_inception_gives_the_plain_features(extractor):
 
 def test_weights_digest_is_cached_by_path_mtime_and_size(tmp_path):
     import os
-    from core.metrics import weights_digest
+    from core.inception import weights_digest
     path = tmp_path / "w.pt"
     path.write_bytes(b"a" * 100)
     first = weights_digest(path)
@@ -253,13 +313,13 @@ def test_weights_digest_is_cached_by_path_mtime_and_size(tmp_path):
 
 
 def test_reference_key_names_the_weights(tmp_path):
-    from core.metrics import reference_path
+    from core.reference import reference_path
     keys = {reference_path(tmp_path, "data", 64, 100, resize="clean", weights=w)[1] for w in ("aaaa", "bbbb")}
     assert len(keys) == 2
 
 
 def test_tf32_is_off_within_the_fid_pass_on_cuda_and_restored_after():
-    from core.metrics import no_tf32
+    from core.inception import no_tf32
     matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = matmul.allow_tf32, cudnn.allow_tf32
     try:
@@ -277,8 +337,8 @@ def test_reference_statistics_and_fid_show_progress_when_asked(tmp_path, extract
     images = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
     ref = reference_stats(images, "bar-test", 6, extractor, tmp_path, progress=True)
     G = Generator(ModelConfig(resolution=32, width=0.125))
-    calc_metric("fid", MetricOptions(G=G, z_dim=128, num_samples=4, ref=ref, extractor=extractor,
-                                     device=torch.device("cpu"), batch=4, progress=True))
+    calc_metrics(MetricOptions(G=G, z_dim=128, num_samples=4, ref=ref, extractor=extractor,
+                               device=torch.device("cpu"), batch=4, progress=True))
     err = capsys.readouterr().err
     assert "FID reference statistics:" in err and "/6 [" in err  # a tqdm bar over the 6 images
     assert "FID on 4 samples:" in err and "/4 [" in err

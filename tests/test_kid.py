@@ -124,12 +124,14 @@ def test_rejects_mismatched_features():
 
 # ---- KID in a run --------------------------------------------------------------------------------------------
 def test_a_run_logs_kid_beside_fid_and_best_values_per_sample_count(tiny_cfg, store, tmp_path):
+    from core.build import share_images
     from core.data import load_images
     from core.runner import execute_run
     # training evaluations on 16 samples at 16 images; the final one on 24: never a candidate for best
     cfg = tiny_cfg(eval__fid_every_kimg=0.016, eval__fid_samples=16, eval__fid_final_samples=24)
     tracker = store.start_run("kid-test", "one", {"variant": "baseline"})
-    result = execute_run(cfg, tracker, tmp_path / "run", images=load_images(cfg.data, cfg.model.resolution))
+    images = share_images(cfg, load_images(cfg.data, cfg.model.resolution))
+    result = execute_run(cfg, tracker, tmp_path / "run", images=images)
     tracker.finish()
     run = store.client.get_run(tracker.run_id)
     m, history = run.data.metrics, lambda key: [(p.step, p.value) for p in store.client.get_metric_history(run.info.run_id, key)]
@@ -144,12 +146,18 @@ def test_a_run_logs_kid_beside_fid_and_best_values_per_sample_count(tiny_cfg, st
 
 
 def test_best_values_compare_only_evaluations_on_the_training_sample_count(tiny_cfg):
-    from core.build import build_run
-    trainer = build_run(tiny_cfg(eval__fid_every_kimg=0.016, eval__fid_samples=16, eval__fid_final_samples=24),
-                        with_fid=False)
+    from core import records as rec
+    from core.bookkeeping import MetricLog
+    from core.build import build_run, share_images
+    from core.data import load_images
+    cfg = tiny_cfg(eval__fid_every_kimg=0.016, eval__fid_samples=16, eval__fid_final_samples=24)
+    trainer = build_run(cfg, with_fid=False, images=share_images(cfg, load_images(cfg.data, cfg.model.resolution)))
+    fid16, kid16, fid24, kid24 = (rec.train_key(f, n) for n in (16, 24) for f in (rec.FID, rec.KID))
     # the final 24-sample values are the lowest, but biased differently: they never compete with the 16-sample ones
-    trainer.evals = [("fid", 16, 16, 50.0), ("kid", 16, 16, 0.5), ("fid", 24, 16, 55.0), ("kid", 24, 16, 0.4),
-                     ("fid", 32, 24, 40.0), ("kid", 32, 24, 0.3), ("kid", 40, 16, float("nan"))]
-    assert trainer.best_values() == {"fid": 50.0, "kid": 0.4}
-    trainer.evals = [("fid", 32, 24, 40.0)]  # no training evaluation: the final count is the only one
-    assert trainer.best_values() == {"fid": 40.0}
+    for nimg, metrics in [(16, {fid16: 50.0, kid16: 0.5}), (24, {fid16: 55.0, kid16: 0.4}),
+                          (32, {fid24: 40.0, kid24: 0.3}), (40, {kid16: float("nan")})]:
+        trainer.metric_log.add(nimg, metrics)
+    assert trainer.best_values() == {rec.FID: 50.0, rec.KID: 0.4}
+    trainer.metric_log = MetricLog()
+    trainer.metric_log.add(32, {fid24: 40.0})  # no training evaluation: the final count is the only one
+    assert trainer.best_values() == {rec.FID: 40.0}

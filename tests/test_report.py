@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from ablations.registry import _REGISTRY, Ablation, register_ablation
+from core.records import Outcome
 from core.tracking import Store
 from studies.report import stats
 from studies.report.__main__ import main as report_main
@@ -221,16 +222,19 @@ def _runs(values: dict[str, list[float]], outcome: str = "finished") -> pd.DataF
     ({"baseline": [0.40, 0.41, 0.39], "trick": [0.50, 0.52, 0.51]}, "KID significantly worse"),
 ])
 def test_verdict_follows_the_numbers(values, says):
-    summary, _ = stats.variant_summary(_runs(values), list(values), "kid")
-    text = " ".join(stats.verdict_lines(summary, "kid"))
+    rows = stats.variant_rows(_runs(values), list(values), "kid")
+    text = " ".join(stats.verdict_lines(rows, "kid"))
     assert says in text, text
-    assert ("`trick` is better" in text) == bool(summary.set_index("variant").loc["trick", "best"])
+    assert ("`trick` is better" in text) == {r.name: r for r in rows}["trick"].best
 
 
 def test_portable_paths():
     from studies.report.sections import portable
     cwd = Path.cwd()
-    text = (f"sqlite:///{cwd}/.cache-quick/mlflow.db --data folder:/tmp/x/celeba-subset/img_align_celeba "
+    # a data folder under a root that exists here but holds no part of cwd, wherever the checkout was cloned to
+    # (a clone under /tmp shares /tmp with /tmp/x and would rightly get a relative path)
+    root = next(r for r in ("/tmp", "/usr", "/var", "/etc") if Path(r).is_dir() and cwd.resolve().parts[1] != r[1:])
+    text = (f"sqlite:///{cwd}/.cache-quick/mlflow.db --data folder:{root}/x/celeba-subset/img_align_celeba "
             "http://127.0.0.1:5000/#/experiments/1/runs?a=b kid/kid10k img/s /nonexistent-root/a/b")
     assert portable(text, cwd) == ("sqlite:///.cache-quick/mlflow.db --data folder:…/celeba-subset/img_align_celeba "
                                    "http://127.0.0.1:5000/#/experiments/1/runs?a=b kid/kid10k img/s /nonexistent-root/a/b")
@@ -275,15 +279,15 @@ def test_a_diverged_run_with_a_final_metric_still_stays_out_of_the_mean(study):
     from studies.report.build import study_runs
     _, children = study_runs(store, NAME)
     order = ["baseline", "maxpool", "hot"]
-    runs = stats.run_table(children, order)
+    runs = stats.run_table(children, order, "kid")
     first = runs.index[runs["variant"] == "baseline"][0]
-    before = stats.variant_summary(runs, order, "kid")[0].set_index("variant")
-    runs.loc[first, "outcome"] = "diverged"
-    after = stats.variant_summary(runs, order, "kid")[0].set_index("variant")
+    before = {r.name: r for r in stats.variant_rows(runs, order, "kid")}["baseline"]
+    runs.loc[first, "outcome"] = Outcome.DIVERGED
+    after = {r.name: r for r in stats.variant_rows(runs, order, "kid")}["baseline"]
     others = runs[(runs["variant"] == "baseline") & (runs.index != first)]["final_kid"]
-    assert after.loc["baseline", "counted"] == before.loc["baseline", "counted"] - 1
-    assert after.loc["baseline", "mean"] == pytest.approx(others.mean())
-    assert after.loc["baseline", "diverged"] == 1 and after.loc["baseline", "seeds"] == before.loc["baseline", "seeds"]
+    assert after.verdict.finished == before.verdict.finished - 1
+    assert after.verdict.mean == pytest.approx(others.mean())
+    assert after.count(Outcome.DIVERGED) == 1 and after.verdict.seeds == before.verdict.seeds
 
 
 def test_provenance_and_ui_view_are_recorded_at_run_time(study):

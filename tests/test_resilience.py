@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.build import build_run
 from core.hooks import Hooks
 from core.tracking import Store
 from tests.helpers import md_table
+from tests.helpers import build
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "quick", "--seeds", "1", "--variants", "maxpool", "--no-progress",
@@ -119,19 +119,19 @@ def test_d_saturation_and_collapse_are_tagged(tiny_cfg):
         def on_models_built(self, G, D):
             return ConstantG(G), D
 
-    trainer = build_run(tiny_cfg(eval__collapse_spread=0.05, eval__fid_ref_images=32),
+    trainer = build(tiny_cfg(eval__collapse_spread=0.05, eval__fid_ref_images=32),
                         hooks=Collapse(), with_fid=True)
     trainer.G.z_dim = 128
     assert trainer.run().status == "collapsed" and "collapsed" in trainer.failures
 
-    saturated = build_run(tiny_cfg(eval__saturation_loss_d=10.0, eval__saturation_loss_g=0.0,
+    saturated = build(tiny_cfg(eval__saturation_loss_d=10.0, eval__saturation_loss_g=0.0,
                                    eval__saturation_logs=2), with_fid=False)
     result = saturated.run()
     # saturated from the first log (8 images) to the end: one episode, confirmed at the 2nd log interval
     assert result.status == "d_saturated" and saturated.failures["d_saturated"] == 8
     assert result.saturation_episodes == [[8, 32]]
 
-    healthy = build_run(tiny_cfg(), with_fid=False)
+    healthy = build(tiny_cfg(), with_fid=False)
     assert healthy.run().status == "finished" and not healthy.failures
 
 

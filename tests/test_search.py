@@ -54,7 +54,7 @@ def searched(tmp_path_factory, synthetic_root, cache_dir):
     """4 trials: 0 forced to diverge (lr_d=1e20), 1 made to prune at its first report, 2 and 3 complete."""
     tmp = tmp_path_factory.mktemp("search")
     spec = SearchSpec(study="tiny", storage=f"sqlite:///{tmp / 'optuna.db'}", trials=4, evals=2, trial_kimg=TRIAL_KIMG,
-                      overrides=tiny_overrides(synthetic_root, cache_dir), workdir=tmp / "runs")
+                      preset="quick", overrides=tiny_overrides(synthetic_root, cache_dir), workdir=tmp / "runs")
     store = Store(f"sqlite:///{tmp / 'mlflow.db'}")
     study = optuna.create_study(study_name=spec.name, storage=spec.storage, direction="minimize")
     study.enqueue_trial({"lr_g": 2e-4, "lr_d": 1e20})  # far outside the range: NaN losses on the first step
@@ -98,6 +98,13 @@ def test_tiny_search_records_each_trial_and_a_diverged_trial_never_wins(searched
     curve = store.metric_history(by_number[2]["run_id"], "fid/fid16")  # execute_run logs the FID curve
     assert [step for step, _ in curve] == [16, 32, 48]
     assert by_number[2]["metrics.search/objective"] == trials[2].value
+    # the search optimises the quick preset's primary metric, KID: each complete trial's value is its final KID,
+    # and what the pruner saw are its training-time KIDs
+    assert {by_number[n]["params.derived.primary_metric"] for n in (2, 3)} == {"kid"}
+    for n in (2, 3):
+        assert trials[n].value == by_number[n]["metrics.kid/final"] != by_number[n]["metrics.fid/final"]
+        kids = dict(store.metric_history(by_number[n]["run_id"], "kid/kid16"))
+        assert trials[n].intermediate_values == {step: kids[step] for step in (16, 32)}
 
     parent = parents.iloc[0]
     assert float(parent["params.best.lr_g"]) == study.best_params["lr_g"]
@@ -151,7 +158,9 @@ def test_lr_from_feeds_the_best_pair_to_a_study_and_records_where_it_came_from(s
         assert parent[f"{source}.lr_from.study"] == spec.name
         assert parent[f"{source}.lr_from.storage"] == spec.storage
         assert int(parent[f"{source}.lr_from.trial"]) == best.number
-        assert float(parent[f"{source}.lr_from.fid"]) == best.value
+        assert parent[f"{source}.lr_from.metric"] == "kid"  # the search's objective, under its own name
+        assert float(parent[f"{source}.lr_from.kid"]) == best.value
+        assert f"{source}.lr_from.fid" not in parent
     assert str(best.params["lr_g"]) in parent["params.study.overrides"]
 
 
@@ -179,7 +188,7 @@ def test_a_pruned_trial_skips_its_final_fid_and_a_nan_final_fid_fails_the_trial(
     assert not math.isfinite(by_number[0]["metrics.fid/final"]) and by_number[0]["tags.state"] == "pruned"
     nan_trial = by_number[1]
     assert (nan_trial["tags.state"], nan_trial["status"], nan_trial["tags.error"]) == ("failed", "FAILED",
-                                                                                      "final FID is nan")
+                                                                                      "final KID is nan")
     assert all(math.isfinite(nan_trial[f"metrics.{k}"]) for k in ("loss/d", "loss/g"))
     assert math.isnan(nan_trial["metrics.fid/final"]) and math.isnan(nan_trial.get("metrics.search/objective", math.nan))
     assert (by_number[2]["tags.state"], by_number[2]["metrics.search/objective"]) == ("complete", study.best_value)

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 import core.augment as augment_mod
 import core.regularizers as regularizers_mod
 from core.build import build_run
+from tests.helpers import build
 from core.errors import UserError
 from core.metrics import MetricResult, Score
 from core.sampling import STANDING_SEED
@@ -33,7 +34,7 @@ def recording_d(trainer, inputs: list, logits: list) -> None:
 # ---- G_ema ---------------------------------------------------------------------------------------------
 
 def test_g_ema_is_the_closed_form_average_of_g_over_the_steps(tiny_cfg):
-    trainer = build_run(tiny_cfg(train__ema_kimg=0.02), with_fid=False)  # half-life 20 images, batch 8
+    trainer = build(tiny_cfg(train__ema_kimg=0.02), with_fid=False)  # half-life 20 images, batch 8
     beta = 0.5 ** (8 / 20)
     start = [p.detach().clone() for p in trainer.G.parameters()]  # G_ema starts as a copy of G
     seen = []
@@ -51,8 +52,8 @@ def test_g_ema_is_the_closed_form_average_of_g_over_the_steps(tiny_cfg):
 
 
 def test_g_ema_is_off_by_default_and_evaluated_when_on(tiny_cfg):
-    assert build_run(tiny_cfg(), with_fid=False).G_ema is None
-    trainer = build_run(tiny_cfg(train__ema_kimg=0.02), with_fid=False)
+    assert build(tiny_cfg(), with_fid=False).G_ema is None
+    trainer = build(tiny_cfg(train__ema_kimg=0.02), with_fid=False)
     trainer.train_step()
     handed = []
     trainer.evaluate = lambda G, n: (handed.append(G), MetricResult((Score("fid", "fid16", 1.0),), {}, {}, num_samples=n))[1]
@@ -72,13 +73,13 @@ def test_g_ema_is_off_by_default_and_evaluated_when_on(tiny_cfg):
 ], ids=["ema", "ema+diffaug+r1+hinge+sn", "xflip+lsgan+sn_no_bn"])
 def test_resume_mid_run_ends_bitwise_identical(tiny_cfg, tmp_path, overrides):
     cfg = tiny_cfg(train__kimg=0.048, **{k.replace(".", "__"): v for k, v in overrides.items()})
-    straight = build_run(cfg, with_fid=False, run_dir=tmp_path / "a")
+    straight = build(cfg, with_fid=False, run_dir=tmp_path / "a")
     straight.run()
-    first = build_run(cfg, with_fid=False, run_dir=tmp_path / "b")
+    first = build(cfg, with_fid=False, run_dir=tmp_path / "b")
     for _ in range(3):
         first.train_step()
     first.save_checkpoint()
-    second = build_run(cfg, with_fid=False, run_dir=tmp_path / "b")
+    second = build(cfg, with_fid=False, run_dir=tmp_path / "b")
     assert second.try_resume() and second.step == 3
     second.run()
     nets = ["G", "D"] + (["G_ema"] if straight.G_ema is not None else [])
@@ -93,7 +94,7 @@ def test_resume_mid_run_ends_bitwise_identical(tiny_cfg, tmp_path, overrides):
 @pytest.mark.parametrize("ema", [False, True])
 def test_standing_statistics_change_the_evaluated_copy_only(tiny_cfg, ema):
     cfg = tiny_cfg(eval__g_mode="standing", eval__standing_batches=4, train__ema_kimg=0.02 if ema else 0.0)
-    trainer = build_run(cfg, with_fid=False)
+    trainer = build(cfg, with_fid=False)
     for _ in range(3):
         trainer.train_step()
     source = trainer.G_ema if ema else trainer.G
@@ -116,7 +117,7 @@ def test_standing_statistics_change_the_evaluated_copy_only(tiny_cfg, ema):
 
 
 def test_standing_grids_leave_the_training_g_alone(tiny_cfg):
-    trainer = build_run(tiny_cfg(eval__g_mode="standing", eval__standing_batches=2), with_fid=False)
+    trainer = build(tiny_cfg(eval__g_mode="standing", eval__standing_batches=2), with_fid=False)
     trainer.train_step()
     before = {k: v.clone() for k, v in trainer.G.state_dict().items()}
     grid = trainer.sample_grid()
@@ -125,7 +126,7 @@ def test_standing_grids_leave_the_training_g_alone(tiny_cfg):
 
 
 def test_fid_protocol_names_the_evaluated_g(tiny_cfg):
-    trainer = build_run(tiny_cfg(train__ema_kimg=0.02, eval__g_mode="standing", eval__standing_batches=2))
+    trainer = build(tiny_cfg(train__ema_kimg=0.02, eval__g_mode="standing", eval__standing_batches=2))
     fid, _ = trainer._eval_fid(16)
     assert fid.protocol["g_source"] == "ema" and fid.protocol["g_mode"] == "standing"
     assert fid.protocol["standing_batches"] == 2
@@ -135,7 +136,7 @@ def test_fid_protocol_names_the_evaluated_g(tiny_cfg):
 
 @pytest.mark.parametrize("keep_bn", [True, False])
 def test_spectral_norm_on_every_d_conv_and_sigma_near_one(tiny_cfg, keep_bn):
-    trainer = build_run(tiny_cfg(model__d_spectral_norm=True, model__d_sn_keep_bn=keep_bn), with_fid=False)
+    trainer = build(tiny_cfg(model__d_spectral_norm=True, model__d_sn_keep_bn=keep_bn), with_fid=False)
     convs = [m for m in trainer.D.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(parametrize.is_parametrized(m, "weight") for m in convs)
     assert not any(parametrize.is_parametrized(m) for m in trainer.G.modules())
@@ -155,7 +156,7 @@ def test_spectral_norm_on_every_d_conv_and_sigma_near_one(tiny_cfg, keep_bn):
 
 @pytest.mark.parametrize("kind,real_label", [("bce", 1.0), ("hinge", 1.0), ("lsgan", 1.0), ("lsgan", 0.9)])
 def test_losses_in_the_step_equal_their_formulas(tiny_cfg, kind, real_label):
-    trainer = build_run(tiny_cfg(train__loss=kind, train__real_label=real_label), with_fid=False)
+    trainer = build(tiny_cfg(train__loss=kind, train__real_label=real_label), with_fid=False)
     inputs, logits = [], []
     recording_d(trainer, inputs, logits)
     trainer.train_step()
@@ -175,7 +176,7 @@ def test_losses_in_the_step_equal_their_formulas(tiny_cfg, kind, real_label):
 
 @pytest.mark.parametrize("n_dis,d_interval,want", [(1, 1, [16, 32]), (2, 1, [16, 32, 48, 64, 80]), (1, 2, [16])])
 def test_r1_runs_after_every_16th_d_step(tiny_cfg, monkeypatch, n_dis, d_interval, want):
-    trainer = build_run(tiny_cfg(train__r1_gamma=10.0, train__n_dis=n_dis, train__d_interval=d_interval,
+    trainer = build(tiny_cfg(train__r1_gamma=10.0, train__n_dis=n_dis, train__d_interval=d_interval,
                                  train__kimg=0.32), with_fid=False)
     at = []
     real_r1 = regularizers_mod.r1_penalty
@@ -187,7 +188,7 @@ def test_r1_runs_after_every_16th_d_step(tiny_cfg, monkeypatch, n_dis, d_interva
 
 
 def test_r1_step_is_the_penalty_scaled_as_stylegan(tiny_cfg, monkeypatch):
-    trainer = build_run(tiny_cfg(train__r1_gamma=10.0, train__amp="fp32"), with_fid=False)  # bf16: 0.5% noise
+    trainer = build(tiny_cfg(train__r1_gamma=10.0, train__amp="fp32"), with_fid=False)  # bf16: 0.5% noise
     # Adam shared by D and the lazy Dreg phase: lr and betas scaled by interval / (interval + 1) = 16/17
     group = trainer.opt_d.param_groups[0]
     assert group["lr"] == pytest.approx(2e-4 * 16 / 17)
@@ -217,7 +218,7 @@ def test_r1_step_is_the_penalty_scaled_as_stylegan(tiny_cfg, monkeypatch):
 # ---- augmentation ----------------------------------------------------------------------------------------
 
 def test_diffaugment_is_applied_to_real_and_generated_batches(tiny_cfg, monkeypatch):
-    trainer = build_run(tiny_cfg(train__augment="diffaug"), with_fid=False)
+    trainer = build(tiny_cfg(train__augment="diffaug"), with_fid=False)
     drawn, generated, augmented, d_inputs, logits = [], [], [], [], []
     draw, G = trainer.batches.next, trainer.G_train
     trainer.batches.next = lambda n: (drawn.append(draw(n)), drawn[-1])[1]
@@ -236,7 +237,7 @@ def test_diffaugment_is_applied_to_real_and_generated_batches(tiny_cfg, monkeypa
 
 
 def test_xflip_flips_about_half_of_the_real_images(tiny_cfg, monkeypatch):
-    trainer = build_run(tiny_cfg(train__augment="xflip", train__kimg=0.32), with_fid=False)
+    trainer = build(tiny_cfg(train__augment="xflip", train__kimg=0.32), with_fid=False)
     pairs, d_inputs, logits = [], [], []
     real_flip = augment_mod.xflip
     monkeypatch.setattr(augment_mod, "xflip", lambda x, gen: (pairs.append((x, real_flip(x, gen))), pairs[-1][1])[1])

@@ -172,8 +172,8 @@ def assert_same_runs(straight: Path, killed: Path, experiment: str, keys) -> Non
         for net in ("G", "D"):
             for k in sa[net]:
                 assert torch.equal(sa[net][k], sb[net][k]), (name, net, k)
-        assert sb["fid_history"] == sa["fid_history"]
-        assert without_timing(sb["history"]) == without_timing(sa["history"])
+        # the one record of logged metrics (FID and KID evaluations included)
+        assert without_timing(sb["metrics"]) == without_timing(sa["metrics"])
 
 
 def without_timing(history: dict) -> dict:
@@ -240,7 +240,7 @@ def test_a_kill_between_two_logs_resumes_exactly_with_fid_history_best_and_rng(i
     straight = in_dir("straight")
     assert main(args) == 0
     (run_id,) = runs_of(straight, "resumecheck")[1]["run_id"]
-    fids = final_checkpoint(straight, "resumecheck", run_id)["fid_history"]
+    fids = final_checkpoint(straight, "resumecheck", run_id)["metrics"]["fid/fid16"]
     assert [n for n, _ in fids] == [16, 32, 48]
     assert min(v for _, v in fids) == fids[0][1] < fids[-1][1]  # the best FID is from before the kill
 
@@ -314,3 +314,26 @@ def test_provenance_names_the_commit_and_the_package_versions_it_can_know():
         if package != "torch":
             assert tags[f"env.{package}"] == version(package), package
     assert tags["env.command"] and tags["env.python"] and tags["env.cpu_count"] != "0"
+
+
+# ---- one vocabulary ---------------------------------------------------------------------------------------------
+def test_a_key_renamed_on_the_writing_side_only_fails_the_report_loudly(in_dir, monkeypatch, synthetic_root, cache_dir,
+                                                                        capsys):
+    """The trainer's final KID logged under another name (the writer renamed, the reader not): the study's runs are
+    all in MLflow, and the report refuses with one line naming the key instead of a table of blanks."""
+    from core.tracking import RunTracker
+    install_fake_fid(monkeypatch)
+    write = RunTracker.log_metrics
+
+    def renamed(self, metrics, step):
+        write(self, {("kid/last" if k == "kid/final" else k): v for k, v in metrics.items()}, step)
+
+    monkeypatch.setattr(RunTracker, "log_metrics", renamed)
+    cwd = in_dir()
+    assert main(["baseline", "--data", str(synthetic_root), *flags(cache_dir, seeds=2, eval__fid_final_samples=16)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no run records `metrics.kid/final` although 2 should"), err[-1]
+    kids = runs_of(cwd, "baseline")[1]
+    assert list(kids["tags.outcome"]) == ["finished", "finished"] and kids["metrics.kid/last"].notna().all()
+    assert not (cwd / "reports" / "baseline.md").exists()
+    assert report_main(["baseline", "--reports", str(cwd / "reports")]) == 2

@@ -38,12 +38,13 @@ import numpy as np
 import torch
 
 from core import config as config_mod
-from core.build import build_run
+from core import records as rec
+from core.build import build_run, share_images
 from core.config import apply_overrides
 from core.data import find_source, load_images
-from core.device import cpu_has_native_bf16
+from core.device import cpu_has_native_bf16, run_precision
 from core.errors import UserError
-from core.metrics import InceptionFeatures, find_weights
+from core.inception import InceptionFeatures, find_weights
 from studies.bench.plain import image_files, measure_plain, plain_losses
 from studies.cli import add_flags, command, data_roots, overrides_from
 
@@ -92,8 +93,8 @@ def configs(args: argparse.Namespace) -> dict[str, config_mod.RunConfig]:
 
 
 def describe(cfg: config_mod.RunConfig) -> str:
-    d = config_mod.derive(cfg)
-    return f"{d.amp} + {'NHWC' if d.channels_last else 'NCHW'}"
+    p = run_precision(cfg.train, torch.device("cpu"))
+    return f"{p.amp} + {'NHWC' if p.channels_last else 'NCHW'}"
 
 
 def suite_losses_and_warmup(trainer, warmup: int) -> list[tuple[float, float]]:
@@ -103,7 +104,7 @@ def suite_losses_and_warmup(trainer, warmup: int) -> list[tuple[float, float]]:
         trainer.train_step()
         if i < LOSS_CHECK_STEPS:
             stats = trainer.read_stats()
-            out.append((stats["loss/d"], stats["loss/g"]))
+            out.append((stats[rec.LOSS_D], stats[rec.LOSS_G]))
     return out
 
 
@@ -126,8 +127,8 @@ def measure_model(cfg: config_mod.RunConfig, args: argparse.Namespace) -> list[d
     files = image_files(cfg)
     cfg_fp32 = apply_overrides(cfg, FP32)
     plain_ref = plain_losses(cfg_fp32, images.images, device, LOSS_CHECK_STEPS)
-    suites = {"suite auto": build_run(cfg, with_fid=False, images=images),
-              "suite fp32": build_run(cfg_fp32, with_fid=False, images=images)}
+    suites = {"suite auto": build_run(cfg, with_fid=False, images=share_images(cfg, images)),
+              "suite fp32": build_run(cfg_fp32, with_fid=False, images=share_images(cfg_fp32, images))}
     rows = {name: {"loop": f"{name.split()[0]} {describe(c)}" + (" (auto)" if name == "suite auto" else ""),
                    "img_per_s_rounds": [], "loss_check_max_rel_diff": max_rel_diff(
                        suite_losses_and_warmup(suites[name], args.warmup), plain_ref)}
@@ -187,7 +188,8 @@ def _probe(job: dict, results) -> None:
         device = torch.device("cpu")
         children = None
         if job["what"] == "suite":
-            trainer = build_run(cfg, with_fid=False)
+            trainer = build_run(cfg, with_fid=False,
+                                images=share_images(cfg, load_images(cfg.data, cfg.model.resolution)))
             for _ in range(job["warmup"] + job["steps"]):
                 trainer.train_step()
         elif job["what"] == "plain":

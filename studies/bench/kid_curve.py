@@ -26,10 +26,11 @@ import torch
 from torchvision.utils import save_image
 
 from core import config as config_mod
-from core.build import build_run
+from core import records as rec
+from core.build import build_run, share_images
 from core.data import load_images
 from core.errors import UserError
-from core.metrics import against_reference
+from core.metrics import measure as measure_features
 from core.sampling import evaluated_g
 from studies.cli import add_flags, command, data_roots, overrides_from
 
@@ -59,17 +60,19 @@ def parse_points(text: str) -> list[float]:
 
 
 def score(evaluator, G, n: int) -> dict[str, float]:
-    result = evaluator(G, n)
-    kid = result.score("kid")
-    return {"kid": kid.value, "kid_se": kid.std_error, "fid": result.score("fid").value,
-            "spread": result.diagnostics["feature_spread"]}
+    return _row(evaluator(G, n))
+
+
+def _row(result) -> dict[str, float]:
+    kid = result.score(rec.KID)
+    return {"kid": kid.value, "kid_se": kid.std_error, "fid": result.score(rec.FID).value,
+            "spread": result.diagnostics[rec.FEATURE_SPREAD]}
 
 
 def held_out_real(evaluator, images: np.ndarray, n: int) -> dict[str, float]:
     """Real images outside the reference, through the same Inception pass and KID/FID."""
-    fid, kid, spread = against_reference(evaluator.extractor.stream([torch.from_numpy(np.array(images[-n:]))]),
-                                         evaluator.ref)
-    return {"kid": kid.value, "kid_se": kid.std_error, "fid": fid, "spread": spread}
+    feats = evaluator.extractor.stream([torch.from_numpy(np.array(images[-n:]))])
+    return _row(measure_features(feats, evaluator.ref))
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -80,7 +83,7 @@ def measure(args: argparse.Namespace) -> dict:
     if len(images.images) < e.fid_ref_images + e.fid_final_samples:
         raise UserError(f"need {e.fid_ref_images + e.fid_final_samples} images for a reference and held-out "
                         f"real images; {len(images.images)} loaded")
-    trainer = build_run(cfg, images=images, show_progress=not args.no_progress)
+    trainer = build_run(cfg, images=share_images(cfg, images), show_progress=not args.no_progress)
     n = e.fid_final_samples
     out = {"preset": args.preset, "overrides": overrides_from(args), "samples": n, "ref_images": e.fid_ref_images,
            "g_mode": e.g_mode, "points": [], "train_s": 0.0, "eval_s": 0.0}
@@ -96,7 +99,7 @@ def measure(args: argparse.Namespace) -> dict:
         out["train_s"] += time.perf_counter() - start
         start = time.perf_counter()
         row = {"kimg": trainer.nimg / 1000, **score(trainer.evaluate, evaluated_g(cfg, trainer.G, trainer.G_ema), n),
-               "loss_d": losses.get("loss/d"), "loss_g": losses.get("loss/g"), "train_s": out["train_s"]}
+               "loss_d": losses.get(rec.LOSS_D), "loss_g": losses.get(rec.LOSS_G), "train_s": out["train_s"]}
         out["eval_s"] += time.perf_counter() - start
         out["points"].append(row)
         print(json.dumps(row), flush=True)

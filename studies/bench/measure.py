@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 import torch
 
 from core import config as config_mod
-from core.build import build_run, pick_device
+from core.build import build_run, pick_device, share_images
 from core.config import FID_RESIZES, RunConfig, apply_overrides
 from core.data import ImageSet, load_images
 from core.errors import UserError
-from core.metrics import find_weights
+from core.inception import find_weights
 from studies.bench.plain import image_files, measure_plain, plain_losses
 from studies.bench.suite import describe, flops_per_image, free_memory, measure_fid, measure_suite, variants
 from studies.bench.table import fid_line, resize_line
@@ -169,7 +169,8 @@ def bench_fid(spec: BenchSpec, cfg: RunConfig, images: ImageSet, device: torch.d
               result: dict, report: Report) -> None:
     """FID wall time for each resize, on the last trained G (an untrained one if no batch was timed)."""
     if G is None:  # an untrained G times the same
-        G = build_run(cfg, with_fid=False, images=dataclasses.replace(images, images=images.images[:64])).G
+        G = build_run(cfg, with_fid=False,
+                      images=share_images(cfg, dataclasses.replace(images, images=images.images[:64]))).G
     for resize in spec.fid_resizes:
         result["fid"].append(measure_fid(cfg, images, device, G, spec.fid_samples, resize))
         report(result, fid_line(result["fid"][-1]))

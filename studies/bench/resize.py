@@ -17,7 +17,9 @@ import torch
 from core.config import RunConfig
 from core.data import load_images
 from core.errors import UserError
-from core.metrics import InceptionFeatures, find_weights, frechet_distance, statistics
+from core.inception import InceptionFeatures, find_weights
+from core.metrics import frechet_distance
+from core.reference import statistics
 
 
 def check_resize(cfg: RunConfig, n: int, resolution: int, device: torch.device, roots: Sequence[Path] = (),

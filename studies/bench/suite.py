@@ -16,10 +16,12 @@ import time
 import torch
 
 from core import config as config_mod
-from core.build import FidEvaluator, build_run
+from core import records as rec
+from core.build import build_run, share_images
 from core.config import RunConfig, apply_overrides
 from core.data import ImageSet
-from core.metrics import MetricOptions, generate_uint8
+from core.device import run_precision
+from core.metrics import FidEvaluator, MetricOptions, generate_uint8
 
 
 def _sync(device: torch.device) -> None:
@@ -50,9 +52,9 @@ def variants(with_compile: bool) -> list[dict[str, object]]:
 
 def describe(cfg: RunConfig, device: torch.device) -> str:
     """What the trainer really does with these settings on this device (precision and layout as resolved)."""
-    d, cuda = config_mod.derive(cfg), device.type == "cuda"
+    p, cuda = run_precision(cfg.train, device), device.type == "cuda"
     return " ".join(["compiled" if cfg.train.compile and cuda else "eager",
-                     "channels_last" if d.channels_last else "NCHW", d.amp])
+                     "channels_last" if p.channels_last else "NCHW", p.amp])
 
 
 def flops_per_image(cfg: RunConfig, images: ImageSet, device: torch.device) -> float:
@@ -61,7 +63,7 @@ def flops_per_image(cfg: RunConfig, images: ImageSet, device: torch.device) -> f
 
     batch = 8  # FLOPs per image do not depend on the batch size; keep the count cheap
     cfg = apply_overrides(cfg, {"train.batch_size": batch, "train.compile": False})
-    trainer = build_run(cfg, with_fid=False, images=dataclasses.replace(images, images=images.images[:64]))
+    trainer = build_run(cfg, with_fid=False, images=share_images(cfg, dataclasses.replace(images, images=images.images[:64])))
     with FlopCounterMode(display=False) as counter:
         trainer.train_step()
     return counter.get_total_flops() / batch
@@ -71,12 +73,12 @@ def measure_suite(cfg: RunConfig, images: ImageSet, device: torch.device, *, ste
                   plain_ref: list[tuple[float, float]]) -> tuple[dict, torch.nn.Module]:
     """Time the suite's trainer after warm-up; its first losses next to the plain step's. Returns (row, G)."""
     free_memory(device)
-    trainer = build_run(cfg, with_fid=False, images=images)
+    trainer = build_run(cfg, with_fid=False, images=share_images(cfg, images))
     ours = []
     for _ in range(len(plain_ref)):
         trainer.train_step()
         stats = trainer.read_stats()  # a sync each step; these steps are warm-up, never timed
-        ours.append((stats["loss/d"], stats["loss/g"]))
+        ours.append((stats[rec.LOSS_D], stats[rec.LOSS_G]))
     for _ in range(warmup - len(plain_ref)):
         trainer.train_step()
     _sync(device)

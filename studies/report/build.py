@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from core import records as rec
 from core.errors import UserError
-from core.metrics import metric_name
+from core.records import LABEL, other_family
 from core.tracking import Store
 from studies.report import plots, stats
 from studies.report.index import INDEX_MARK, write_index
@@ -26,10 +27,10 @@ from studies.report.sections import (ablated_section, get, md, mlflow_section, p
                                      setup_section, variant_order)
 
 def table_note(metric: str) -> str:
-    name, other = stats.LABEL[metric], stats.LABEL["fid" if metric == "kid" else "kid"]
+    name, other = LABEL[metric], LABEL[other_family(metric)]
     return (
-        f"One row per variant; the primary metric is the run's `{metric}/final` ({name}), the other metric "
-        f"(`{'fid' if metric == 'kid' else 'kid'}/final`, {other}) is shown beside it on the same seeds. *seeds (n)*: "
+        f"One row per variant; the primary metric is the run's `{rec.final_key(metric)}` ({name}), the other metric "
+        f"(`{rec.final_key(other_family(metric))}`, {other}) is shown beside it on the same seeds. *seeds (n)*: "
         "runs with a result, failed ones included; the failure rate is failures / n with an exact (Clopper-Pearson) "
         "95% interval, and Fisher's exact test compares it with the baseline's. Means and sds are over finished "
         f"seeds only. Δ = variant mean − baseline mean (negative is better), with a 95% Welch t-interval; *Holm p* is "
@@ -44,28 +45,28 @@ def table_note(metric: str) -> str:
 def study_runs(store: Store, experiment: str, parent_id: str | None = None) -> tuple[pd.Series, pd.DataFrame]:
     """The parent run (latest if not given) and its child runs, one row each."""
     runs = store.runs_frame(experiment)
-    if runs.empty or "tags.study" not in runs:
+    if runs.empty or f"tags.{rec.STUDY}" not in runs:
         raise UserError(f"experiment '{experiment}' holds no study runs; run `python -m studies.run` first")
-    parents = runs[runs["tags.study"] == "parent"].sort_values("start_time", ascending=False)
+    parents = runs[runs[f"tags.{rec.STUDY}"] == rec.PARENT].sort_values("start_time", ascending=False)
     if parent_id:
         parents = parents[parents["run_id"] == parent_id]
     if parents.empty:
         raise UserError(f"no study parent run {parent_id or ''} in experiment '{experiment}'")
     parent = parents.iloc[0]
-    if "tags.mlflow.parentRunId" not in runs:
+    if f"tags.{rec.PARENT_RUN}" not in runs:
         raise UserError(f"study run {parent['run_id']} in '{experiment}' has no child runs yet")
-    children = runs[(runs["tags.mlflow.parentRunId"] == parent["run_id"]) & runs["tags.variant"].notna()].copy()
+    children = runs[(runs[f"tags.{rec.PARENT_RUN}"] == parent["run_id"]) & runs[f"tags.{rec.VARIANT}"].notna()].copy()
     if children.empty:
         raise UserError(f"study run {parent['run_id']} in '{experiment}' has no child runs yet")
     return parent, children
 
 
-def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame,
-              order: list[str], metric: str, out: Path) -> list[str]:
+def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.DataFrame,
+              rows: list[stats.VariantRow], order: list[str], metric: str, out: Path) -> list[str]:
     """Curves, sample grids and the timelapse, written under `out`; returns their markdown."""
     groups = {v: list(runs[runs["variant"] == v]["run_id"]) for v in order}
     samples = int(run_params(children, runs["run_id"].iloc[0]).get("eval.fid_samples", 0) or 0)
-    panels = [(f"{m}/{metric_name(m, samples)}", m) for m in (metric, "fid" if metric == "kid" else "kid")]
+    panels = [(rec.train_key(m, samples), m) for m in (metric, other_family(metric))]
     hist = plots.histories(store, list(runs["run_id"]), [k for k, _ in panels] + [*plots.LOSS_KEYS, *plots.D_KEYS])
     final = runs[stats.counted(runs, metric)]
     smooth = plots.smoothing_window(hist, plots.LOSS_KEYS[0])
@@ -76,7 +77,7 @@ def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.Da
                     out / "d_outputs.png", smooth)
     lines = ["## Curves", "", "Mean over seeds, band from the lowest to the highest seed; x = images seen. ◆: the "
              "final value on the final sample count, mean ± sd over finished seeds.", "",
-             f"![{stats.LABEL[metric]} and the other metric against images seen]({experiment}/metrics.png)", "",
+             f"![{LABEL[metric]} and the other metric against images seen]({experiment}/metrics.png)", "",
              f"![G and D losses]({experiment}/losses.png)", "", f"![D(x) and D(G(z))]({experiment}/d_outputs.png)", "",
              "## Samples", "", "The last fixed-z grid of each variant (every run draws its grids from the same z, so "
              "images line up across variants); from its lowest finished seed.", ""]
@@ -95,22 +96,23 @@ def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.Da
             heads.append(variant)
             cells.append("_no sample grid logged_")
     lines += [md(pd.DataFrame([cells], columns=heads)), ""]
-    starred = summary.loc[summary["best"], "variant"]
-    shown = starred.iloc[0] if len(starred) else order[0]  # the starred variant, else the baseline
+    starred = stats.winner(rows)
+    shown = starred.name if starred is not None else order[0]  # the starred variant, else the baseline
     done = final[final["variant"] == shown].sort_values(f"final_{metric}")
     gif = plots.timelapse_gif(store, done["run_id"].iloc[0], out / "timelapse.gif") if len(done) else None
     if gif:
-        lines += [f"Training timelapse of {'the starred variant' if len(starred) else 'the baseline'}'s run with the "
-                  f"lowest final {stats.LABEL[metric]}, `{done['run'].iloc[0]}` ({done[f'final_{metric}'].iloc[0]:.4g}),"
+        lines += [f"Training timelapse of {'the starred variant' if starred else 'the baseline'}'s run with the "
+                  f"lowest final {LABEL[metric]}, `{done['run'].iloc[0]}` ({done[f'final_{metric}'].iloc[0]:.4g}),"
                   f" {gif[1]} fixed-z grid{'s' if gif[1] != 1 else ''}:", "",
                   f"![timelapse of {done['run'].iloc[0]}]({experiment}/timelapse.gif)", ""]
     return lines
 
 
-def primary_metric(children: pd.DataFrame, runs: pd.DataFrame, order: list[str]) -> str:
-    """The study's primary metric, as its baseline run recorded it; fid for runs from before it was recorded."""
-    first = runs[runs["variant"] == order[0]]["run_id"].iloc[0]
-    return run_params(children, first).get("derived.primary_metric", "fid")
+def primary_metric(children: pd.DataFrame, order: list[str]) -> str:
+    """The study's primary metric, as its first baseline seed recorded it; fid for runs from before it was recorded."""
+    mine = children[children[f"tags.{rec.VARIANT}"] == order[0]]
+    first = mine.iloc[mine[f"tags.{rec.SEED}"].astype(int).argsort(kind="stable")]["run_id"].iloc[0]
+    return run_params(children, first).get(rec.PRIMARY_METRIC_PARAM, rec.FID)
 
 
 def write_report(store: Store, experiment: str, reports_dir: Path = Path("reports"),
@@ -118,31 +120,31 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
     """Build reports/EXPERIMENT.md and reports/EXPERIMENT/ from the store, then refresh reports/README.md."""
     parent, children = study_runs(store, experiment, parent_id)
     order = variant_order(parent, children)
-    runs = stats.run_table(children, order)
-    metric = primary_metric(children, runs, order)
-    summary, _ = stats.variant_summary(runs, order, metric)
+    metric = primary_metric(children, order)
+    runs = stats.run_table(children, order, metric)
+    rows = stats.variant_rows(runs, order, metric)
     final_samples = int(run_params(children, runs["run_id"].iloc[0]).get("eval.fid_final_samples", 0) or 0)
-    verdict = stats.verdict_lines(summary, metric, final_samples)
-    ablation = get(parent, "tags.ablation", experiment.split("@")[0])
+    verdict = stats.verdict_lines(rows, metric, final_samples)
+    ablation = get(parent, f"tags.{rec.ABLATION}", experiment.split("@")[0])
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{experiment}-", dir=reports_dir))  # swapped in only when complete
     staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
-        pictures = _pictures(store, experiment, children, runs, summary, order, metric, staging)
-        index = {"experiment": experiment, "parent": parent["run_id"], "preset": get(parent, "tags.preset"),
+        pictures = _pictures(store, experiment, children, runs, rows, order, metric, staging)
+        index = {"experiment": experiment, "parent": parent["run_id"], "preset": get(parent, f"tags.{rec.PRESET}"),
                  "started": pd.Timestamp(parent["start_time"]).strftime("%Y-%m-%d %H:%M"),
                  "seeds": int(runs.groupby("variant").size().max()), "variants": order, "metric": metric,
                  "runs": len(runs), "counted": int(stats.counted(runs, metric).sum()),
-                 **stats.headline(summary, metric), "verdict": verdict[1]}
-        name = stats.LABEL[metric]
+                 **stats.headline(rows, metric), "verdict": verdict[1]}
+        name = LABEL[metric]
         lines = [f"<!-- {INDEX_MARK} {json.dumps(index)} -->",
                  f"# Ablation study: {experiment}", "",
                  f"_Generated by `python -m studies.report {experiment}` from the MLflow store `{store.uri}` "
-                 f"(study run `{parent['run_id']}`, preset `{get(parent, 'tags.preset')}`, primary metric "
+                 f"(study run `{parent['run_id']}`, preset `{get(parent, f'tags.{rec.PRESET}')}`, primary metric "
                  f"{name}); every number and image below is read back from it._", "",
                  "## Verdict", "", *[f"- {s}" for s in verdict], "",
-                 "## Results per variant", "", md(stats.display_summary(summary, metric)), "",
+                 "## Results per variant", "", md(stats.display_summary(rows, metric)), "",
                  table_note(metric), "",
                  *pictures,
                  *ablated_section(ablation, children, runs, order),

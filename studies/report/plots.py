@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from core import records as rec
 from core.tracking import Store
 
-LOSS_KEYS = ("loss/d", "loss/g")
-D_KEYS = ("d/real", "d/fake")
+LOSS_KEYS, D_KEYS = rec.LOSS_KEYS, rec.D_KEYS
 GIF_MAX_SIDE = 480  # px; a default-preset grid is ~1,000 px and 20 frames of it would be megabytes
 SAMPLE_NAME = re.compile(r"fakes(\d+(?:\.\d+)?)kimg\.png$")
 

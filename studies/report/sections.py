@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from core import records as rec
 from core.config import RunConfig, flatten
 from core.errors import UserError
-from core.metrics import metric_name
 from core.tracking import Store
 from studies.mlflow_view import filter_url, view_key, view_url
 
@@ -59,8 +59,8 @@ def portable(text: str, cwd: Path | None = None) -> str:
 
 def variant_order(parent: pd.Series, children: pd.DataFrame) -> list[str]:
     """The study's own order (baseline first), then any variant it did not list."""
-    listed = [v for v in get(parent, "tags.variants").split(",") if v]
-    present = list(dict.fromkeys(children["tags.variant"]))
+    listed = [v for v in get(parent, f"tags.{rec.VARIANTS}").split(",") if v]
+    present = list(dict.fromkeys(children[f"tags.{rec.VARIANT}"]))
     return [v for v in listed if v in present] + [v for v in present if v not in listed]
 
 
@@ -96,7 +96,8 @@ def setup_section(parent: pd.Series, children: pd.DataFrame, runs: pd.DataFrame,
                   metric: str) -> list[str]:
     """Baseline config, base variant, data, length, seeds, hardware, packages, commit, metric protocol."""
     params = run_params(children, runs[runs["variant"] == order[0]]["run_id"].iloc[0])
-    env = {c[len("tags.env."):]: get(parent, c) for c in parent.index if c.startswith("tags.env.") and get(parent, c)}
+    prefix = f"tags.{rec.ENV}"
+    env = {c[len(prefix):]: get(parent, c) for c in parent.index if c.startswith(prefix) and get(parent, c)}
     lines = [_study_line(parent), _command_line(env), _data_line(params), _length_line(params, runs["kimg"].dropna()),
              _seeds_line(sorted(runs["seed"].unique())), _hardware_line(children, env), _packages_line(env),
              _code_line(env), _metric_line(params, children, metric)]
@@ -106,7 +107,8 @@ def setup_section(parent: pd.Series, children: pd.DataFrame, runs: pd.DataFrame,
 
 def _study_line(parent: pd.Series) -> str:
     started = pd.Timestamp(parent["start_time"]).strftime("%Y-%m-%d %H:%M %Z")
-    return (f"- **Study**: preset `{get(parent, 'tags.preset')}`, base variant `{get(parent, 'tags.base', 'none')}`, "
+    return (f"- **Study**: preset `{get(parent, f'tags.{rec.PRESET}')}`, "
+            f"base variant `{get(parent, f'tags.{rec.BASE}', 'none')}`, "
             f"study run `{parent['run_id']}`, started {started}.")
 
 
@@ -131,7 +133,8 @@ def _seeds_line(seeds: list) -> str:
 
 
 def _hardware_line(children: pd.DataFrame, env: dict[str, str]) -> str:
-    devices = sorted({get(r, "tags.device_name") or get(r, "tags.device") for _, r in children.iterrows()} - {""})
+    devices = sorted({get(r, f"tags.{rec.DEVICE_NAME}") or get(r, f"tags.{rec.DEVICE}")
+                      for _, r in children.iterrows()} - {""})
     line = f"- **Hardware**: {', '.join(devices) or 'not recorded'}"
     if "hostname" not in env:
         return line + " (host not recorded)."
@@ -153,17 +156,17 @@ def _code_line(env: dict[str, str]) -> str:
 
 
 def _metric_line(params: dict[str, str], children: pd.DataFrame, metric: str) -> str:
-    protocol = {c[len("tags.fid_protocol."):]: sorted(set(children[c].dropna().astype(str)))
-                for c in children if c.startswith("tags.fid_protocol.")}
+    prefix = f"tags.{rec.PROTOCOL}"
+    protocol = {c[len(prefix):]: sorted(set(children[c].dropna().astype(str))) for c in children if c.startswith(prefix)}
     train, final = int(params.get("eval.fid_samples", 0) or 0), params.get("eval.fid_final_samples", "?")
     how = params.get("eval.primary_metric", "auto (recorded before the setting existed)")
     every = params.get("eval.fid_every_kimg", "?")
     during = ("no evaluations during training" if every in ("0", "0.0") else
-              f"`fid/{metric_name('fid', train)}` and `kid/{metric_name('kid', train)}` during training on "
+              f"`{rec.train_key(rec.FID, train)}` and `{rec.train_key(rec.KID, train)}` during training on "
               f"{params.get('eval.fid_samples', '?')} samples every {every} kimg, from one Inception pass")
     return (f"- **Metric protocol**: primary metric **{metric.upper()}** (`eval.primary_metric={how}`: KID below "
-            f"2,048 final samples, else FID). {during[0].upper()}{during[1:]}; final values (`fid/final`, "
-            f"`kid/final`, `kid/final_std`) on {final} samples; "
+            f"2,048 final samples, else FID). {during[0].upper()}{during[1:]}; final values (`{rec.final_key(rec.FID)}`, "
+            f"`{rec.final_key(rec.KID)}`, `{rec.final_std_key(rec.KID)}`) on {final} samples; "
             + ", ".join(f"{k}={'/'.join(v)}" for k, v in sorted(protocol.items())) + ".")
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from ablations import get_ablation
 from core import config as config_mod
+from core import records as rec
 from core.config import RunConfig
-from core.build import ensure_reference, reference_location, share_images
+from core import reference
+from core.build import share_images
 from core.data import DeviceImages, ImageSet
 from core.errors import UserError
 from core.hooks import HookList
@@ -82,9 +84,6 @@ def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
     return {v: config_mod.resolve(spec.preset, base_layer, ablation.overrides(v), spec.overrides) for v in names}
 
 
-TERMINAL_OUTCOMES = ("finished", "diverged", "collapsed", "d_saturated", "stopped")  # not retried on resume
-
-
 def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
     """Identity of a study: same experiment, seeds and resolved configs = the same study, to be resumed."""
     blob = json.dumps({"experiment": spec.experiment, "seeds": list(spec.seeds),
@@ -101,19 +100,19 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet | DeviceImages, pr
     """
     configs = resolve_configs(spec)
     key = study_key(spec, configs)
-    previous = [] if fresh else store.find_runs(spec.experiment, f"tags.study_key = '{key}'")
-    previous = sorted((r for r in previous if r.data.tags.get("study") == "parent"), key=lambda r: -r.info.start_time)
+    previous = [] if fresh else store.find_runs(spec.experiment, f"tags.{rec.STUDY_KEY} = '{key}'")
+    previous = sorted((r for r in previous if r.data.tags.get(rec.STUDY) == rec.PARENT), key=lambda r: -r.info.start_time)
     if previous and previous[0].info.status == "FINISHED":
         return previous[0].info.run_id  # already complete: nothing to train (use --fresh to repeat it)
     if previous:
         parent = store.resume_run(previous[0].info.run_id)
-        done = {(r.data.tags["variant"], int(r.data.tags["seed"])): r
-                for r in store.find_runs(spec.experiment, f"tags.mlflow.parentRunId = '{parent.run_id}'")}
+        done = {(r.data.tags[rec.VARIANT], int(r.data.tags[rec.SEED])): r
+                for r in store.find_runs(spec.experiment, f"tags.{rec.PARENT_RUN} = '{parent.run_id}'")}
     else:
         parent = store.start_run(spec.experiment, f"{spec.experiment} {time.strftime('%Y-%m-%d %H:%M')}", {
-            "study": "parent", "study_key": key, "ablation": spec.ablation, "preset": spec.preset,
-            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "seeds": ",".join(map(str, spec.seeds)),
-            "variants": ",".join(configs), **spec.provenance})
+            rec.STUDY: rec.PARENT, rec.STUDY_KEY: key, rec.ABLATION: spec.ablation, rec.PRESET: spec.preset,
+            rec.BASE: ",".join(f"{a}={v}" for a, v in spec.base) or "none", rec.SEEDS: ",".join(map(str, spec.seeds)),
+            rec.VARIANTS: ",".join(configs), **spec.provenance})
         describe_study(store, parent, spec, list(configs))
         parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds),
                            "study.variants": list(configs), "study.base": dict(spec.base),
@@ -125,11 +124,11 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet | DeviceImages, pr
     if not isinstance(images, DeviceImages):  # on the device once; every run of the study reads this copy
         images = share_images(next(iter(configs.values())), images)
     with parent.finishing():
-        ensure_reference(next(iter(configs.values())), images.image_set, progress)
+        reference.ensure_reference(next(iter(configs.values())), images.image_set, progress)
         for variant, cfg in configs.items():
             for seed in spec.seeds:
                 earlier = done.get((variant, seed))
-                if earlier is not None and earlier.data.tags.get("outcome") in TERMINAL_OUTCOMES:
+                if earlier is not None and rec.Outcome.read(earlier.data.tags.get(rec.OUTCOME)).terminal:
                     continue
                 run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
                 _run_one(spec, store, parent, variant, seed, run_cfg, images, progress, earlier)
@@ -149,8 +148,8 @@ def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: 
 def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, seed: int, cfg: RunConfig,
              images: DeviceImages, progress: bool, earlier=None) -> None:
     name = f"{variant}-s{seed}"
-    tags = {"ablation": spec.ablation, "variant": variant, "seed": seed, "preset": spec.preset,
-            "base": ",".join(f"{a}={v}" for a, v in spec.base) or "none", "study": "child", **spec.provenance}
+    tags = {rec.ABLATION: spec.ablation, rec.VARIANT: variant, rec.SEED: seed, rec.PRESET: spec.preset,
+            rec.BASE: ",".join(f"{a}={v}" for a, v in spec.base) or "none", rec.STUDY: rec.CHILD, **spec.provenance}
     if earlier is not None:  # interrupted: same MLflow run and run directory, continued from its checkpoint
         child = store.resume_run(earlier.info.run_id)
     else:
@@ -169,7 +168,7 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
         child.finish("KILLED")
         raise
     except Exception as exc:  # one broken run must not sink the study: record it and go on
-        child.record_crash(exc, outcome="failed")
+        child.record_crash(exc, **{rec.OUTCOME: rec.Outcome.FAILED})
         child.finish("FAILED")
     finally:
         if bar is not None:
@@ -181,7 +180,7 @@ def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: DeviceImages
     images = images.image_set
     if cfg.eval.fid_final_samples == 0:
         return
-    path, key, _ = reference_location(cfg, images)
+    path, key, _ = reference.reference_location(cfg, images)
     if path.is_file() and key not in logged:
         parent.log_artifact(path, "fid_reference")
         logged.add(key)
@@ -195,5 +194,5 @@ def _progress_bar(name: str, cfg: RunConfig):
 
 def _advance(bar, nimg: int, stats: dict) -> None:
     bar.n = round(nimg / 1000, 2)
-    bar.set_postfix({k.split("/")[-1]: f"{stats[k]:.3g}" for k in ("loss/d", "loss/g", "perf/img_per_s") if k in stats},
+    bar.set_postfix({k.split("/")[-1]: f"{stats[k]:.3g}" for k in (*rec.LOSS_KEYS, rec.IMG_PER_S) if k in stats},
                     refresh=True)

@@ -1,5 +1,7 @@
-"""Optuna search over the learning rates of G and D: each trial is a shortened training run scored by its final
-FID, pruned early on its intermediate FIDs, and recorded as an MLflow child run of one parent run per invocation.
+"""Optuna search over the learning rates of G and D: each trial is a shortened training run scored by the final
+value of the study's primary metric (`derived.primary_metric`: KID under `cpu` and `quick`, FID under `default`,
+the metric a study's verdict compares), pruned early on its intermediate values, and recorded as an MLflow child
+run of one parent run per invocation.
 
     python -m studies.search --preset quick --trials 20                   # ./optuna.db, study 'lr-quick'
     python -m studies.search --preset quick --ablation pooling --variant maxpool --search-beta1
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"also search Adam beta1 in [{BETA1_RANGE[0]}, {BETA1_RANGE[1]}] (default: off)")
     p.add_argument("--trial-kimg", type=float, default=0.0,
                    help="training length of a trial in kimg (default: 0 = a quarter of the resolved train.kimg)")
-    p.add_argument("--evals", type=int, default=5, help="intermediate FIDs per trial, for pruning (default: 5)")
+    p.add_argument("--evals", type=int, default=5, help="intermediate evaluations of the primary metric per trial, for pruning (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default: 0)")
     p.add_argument("--heartbeat", type=int, default=60, help="seconds between a running trial's heartbeats; "
                    "silent for 3x that, it is failed and retried once (default: 60)")
@@ -95,7 +97,7 @@ def search(args: argparse.Namespace) -> int:
         print(exc)
         return 0
     pair = " ".join(f"{k}={v:.3g}" for k, v in best.overrides.items())
-    print(f"best trial {best.trial} (FID {best.fid:.2f}): {pair}; use it with: "
+    print(f"best trial {best.trial} (final {best.metric.upper()} {best.value:.4g}): {pair}; use it with: "
           f"python -m studies.run NAME --lr-from {spec.name} --storage {spec.storage}")
     return 0
 

@@ -10,6 +10,7 @@ import dataclasses
 
 import optuna
 
+from core import records as rec
 from core.errors import UserError
 from core.tracking import Store
 from studies.lr_handoff import LrChoice, LrRequest
@@ -25,7 +26,9 @@ def best_choice(study_name: str, storage: str) -> LrChoice:
         raise UserError(f"Optuna study '{study_name}' has no complete trial yet; run `python -m studies.search "
                         f"--study {study_name}` for more trials")
     best, searched = study.best_trial, study.user_attrs.get("search", {})
-    return LrChoice(study=study_name, storage=describe(storage), trial=best.number, fid=best.value,
+    # the family whose final value the trials minimised; a study from before it was recorded minimised FID
+    family = searched.get("search.objective", rec.FID)
+    return LrChoice(study=study_name, storage=describe(storage), trial=best.number, metric=family, value=best.value,
                     params=dict(best.params), mlflow_run_id=best.user_attrs.get("mlflow_run_id", ""),
                     preset=searched.get("search.preset", "?"), trial_kimg=searched.get("train.kimg", "?"))
 

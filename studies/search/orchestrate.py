@@ -16,14 +16,15 @@ import time
 
 import optuna
 
-from core.build import ensure_reference, share_images
+from core import reference
+from core.build import share_images
 from core.data import ImageSet, load_images
 from core.errors import UserError
 from core.tracking import RunTracker, Store
 from studies.cli import data_roots, guard
 from studies.search.storage import describe, open_storage
 from studies.search.summary import summarize
-from studies.search.trial import (BETA1_RANGE, Objective, SearchSpec, TrialFailed, definition, make_pruner,
+from studies.search.trial import (BETA1_RANGE, Objective, objective_metric, SearchSpec, TrialFailed, definition, make_pruner,
                                   make_sampler, validate_spec)
 
 
@@ -91,7 +92,7 @@ def run_search(spec: SearchSpec, store: Store, progress: bool = False, notes: di
 
     notes: tags for the parent run only (the preset's choice, the measured ETA)."""
     cfg, storage, study, images = open_search(spec, progress)
-    ensure_reference(cfg, images, progress)  # once, here: not by every worker at the same time
+    reference.ensure_reference(cfg, images, progress)  # once, here: not by every worker at the same time
     n_before = len(study.trials)
     parent = store.start_run(spec.experiment, f"{spec.name} {time.strftime('%Y-%m-%d %H:%M')}", {
         "search": "parent", "study": spec.name, "storage": describe(spec.storage), "preset": spec.preset,
@@ -109,5 +110,6 @@ def run_search(spec: SearchSpec, store: Store, progress: bool = False, notes: di
     with parent.finishing():
         _run_workers(spec, store, parent.run_id, n_before, images, storage)
         study = optuna.load_study(study_name=spec.name, storage=storage)
-        summarize(study, parent, parent.run_id, describe(spec.storage), spec.workdir / spec.experiment / parent.run_id)
+        summarize(study, parent, parent.run_id, describe(spec.storage), spec.workdir / spec.experiment / parent.run_id,
+                  objective_metric(cfg))
     return parent.run_id

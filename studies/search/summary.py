@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from core import records as rec
 from core.tracking import dump_json
 from studies.search.storage import quiet_experimental
 
@@ -36,7 +37,7 @@ def render_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], dict[s
             skipped[name] = f"needs {need} complete trials, the study has {n_complete}"
             continue
         if name == "intermediate_values" and not any(t.intermediate_values for t in trials):
-            skipped[name] = "no trial reported an intermediate FID (--evals 0)"
+            skipped[name] = "no trial reported an intermediate value (--evals 0)"
             continue
         try:
             with quiet_experimental():
@@ -51,9 +52,9 @@ def render_plots(study: optuna.Study, out_dir: Path) -> tuple[list[Path], dict[s
     return written, skipped
 
 
-def state_label(state: TrialState) -> str:
+def state_label(state: TrialState) -> rec.TrialState:
     """complete | pruned | failed | running | waiting: the `state` tag of a trial's MLflow run."""
-    return "failed" if state == TrialState.FAIL else state.name.lower()
+    return rec.TrialState.FAILED if state == TrialState.FAIL else rec.TrialState(state.name.lower())
 
 
 def trial_row(t: optuna.trial.FrozenTrial) -> dict:
@@ -61,23 +62,27 @@ def trial_row(t: optuna.trial.FrozenTrial) -> dict:
             "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "intermediate": t.intermediate_values}
 
 
-def summarize(study: optuna.Study, parent, parent_id: str, storage: str, out_dir: Path) -> dict:
-    """Record the study's state on the parent run: best params (params), counts (tags), summary.json, plots."""
+def summarize(study: optuna.Study, parent, parent_id: str, storage: str, out_dir: Path, family: str) -> dict:
+    """Record the study's state on the parent run: best params (params), counts (tags), summary.json, plots.
+
+    `family`: the metric the trials minimise (fid | kid), under whose name the best value is recorded."""
     trials = study.get_trials(deepcopy=False)
     counts = Counter(state_label(t.state) for t in trials)
     ours = [trial_row(t) for t in trials if t.user_attrs.get("search_parent") == parent_id]
-    best = study.best_trial if counts["complete"] else None
+    best = study.best_trial if counts[rec.TrialState.COMPLETE] else None
     plots, skipped = render_plots(study, out_dir)
-    summary = {"study": study.study_name, "storage": storage, "direction": "minimize FID", "trials": len(trials),
+    summary = {"study": study.study_name, "storage": storage, "direction": f"minimize final {rec.LABEL[family]}",
+               "objective": rec.final_key(family), "trials": len(trials),
                "states": dict(counts), "best": trial_row(best) if best else None,
                "this_invocation": ours, "plots": [p.name for p in plots], "plots_skipped": skipped}
     parent.log_text(dump_json(summary), "summary.json")
     parent.set_tags({"trials": len(trials), "trials_added": len(ours),
-                     **{f"trials_{s}": counts[s] for s in ("complete", "pruned", "failed")}})
+                     **{f"trials_{s}": counts[s] for s in (rec.TrialState.COMPLETE, rec.TrialState.PRUNED,
+                                                           rec.TrialState.FAILED)}})
     if best is not None:
         parent.log_params({"best.trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
-        parent.set_tags({"best_trial": best.number, "best_fid": best.value})
-        parent.log_metrics({"search/best_fid": best.value}, step=len(trials))
+        parent.set_tags({"best_trial": best.number, rec.best_tag(family): best.value})
+        parent.log_metrics({rec.search_best_key(family): best.value}, step=len(trials))
     for path in plots:
         parent.log_artifact(path, "optuna_plots")
     return summary

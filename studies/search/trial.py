@@ -2,8 +2,10 @@
 
     python -m studies.search --preset quick --trials 20 --evals 5 --trial-kimg 50   # 20 Objective calls
 
-The objective trains one shortened run through core.runner.execute_run as an MLflow child run and returns its
-final FID; a hook hands every intermediate FID to Optuna so the pruner can stop hopeless trials early.
+The objective trains one shortened run through core.runner.execute_run as an MLflow child run and returns the
+final value of the metric the study's verdict will compare (`derived.primary_metric`: KID under the `cpu` and
+`quick` presets, FID under `default`); a hook hands every intermediate value of that metric to Optuna so the
+pruner can stop hopeless trials early.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import optuna
 
 from ablations import get_ablation
 from core import config as config_mod
+from core import records as rec
 from core.config import RunConfig
 from core.data import DeviceImages
 from core.errors import UserError
 from core.hooks import HookList, Hooks
-from core.metrics import fid_name
 from core.runner import execute_run
 from core.tracking import RunTracker, Store
 from studies.lr_handoff import BETA1_KEY, DEFAULT_STORAGE, LR_KEYS
@@ -33,7 +35,7 @@ MACHINE_KEYS = ("data.root", "data.cache_dir", "train.device", "eval.weights")  
 
 
 class TrialFailed(Exception):
-    """A trial without a usable FID (non-finite losses or FID, a crash): Optuna's FAIL, never a best value."""
+    """A trial without a usable objective (non-finite losses or metric, a crash): Optuna's FAIL, never a best value."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class SearchSpec:
     lr_range: tuple[float, float] = (1e-5, 1e-3)  # log-uniform range of lr_g and lr_d
     search_beta1: bool = False  # also search Adam beta1, uniform over BETA1_RANGE
     trial_kimg: float = 0.0  # training length of one trial; 0 = a quarter of the resolved train.kimg
-    evals: int = 5  # intermediate FID evaluations per trial, reported to the pruner (plus the final one)
+    evals: int = 5  # intermediate evaluations per trial, reported to the pruner (plus the final one)
     seed: int = 0  # TPE sampler seed
     heartbeat: Heartbeat = Heartbeat()  # how dead workers' trials are found (seconds) and retried
     workdir: Path = Path("runs")  # trial run directories: checkpoints, samples, curves
@@ -114,10 +116,18 @@ def validate_spec(spec: SearchSpec) -> RunConfig:
     return trial_config(spec, middle)
 
 
+def objective_metric(cfg: RunConfig) -> str:
+    """The metric a search minimises: the one the study's verdict compares (fid | kid)."""
+    return config_mod.derive(cfg).primary_metric
+
+
 def definition(spec: SearchSpec, cfg: RunConfig) -> dict[str, object]:
-    """What makes two invocations the same search: stored on the study, compared on resume."""
+    """What makes two invocations the same search: stored on the study, compared on resume.
+
+    The objective's key is part of it: trial values of FID and of KID must never meet in one study."""
     out = {k: v for k, v in config_mod.flatten(cfg).items() if k not in MACHINE_KEYS and k not in spec.searched}
-    out.update({"search.preset": spec.preset, "search.lr_range": list(spec.lr_range),
+    out.update({"search.objective": objective_metric(cfg),  # the family whose final value trials return
+                "search.preset": spec.preset, "search.lr_range": list(spec.lr_range),
                 "search.beta1_range": list(BETA1_RANGE) if spec.search_beta1 else None})
     return json.loads(json.dumps(out))
 
@@ -132,27 +142,30 @@ def make_sampler(spec: SearchSpec, n_before: int, worker: int) -> optuna.sampler
 
 
 def make_pruner() -> optuna.pruners.BasePruner:
-    # FID from a few thousand samples is noisy (points of jitter between evaluations of the same G), and a GAN's
-    # FID curve is not monotone: it spikes and recovers. A bare median rule kills a trial on one bad
-    # evaluation. PatientPruner lets it act only once the trial's FID has not improved on its best for
-    # `patience` evaluations in a row; MedianPruner then compares the trial's best FID so far (not its
+    # FID or KID from a few thousand samples is noisy (jitter between evaluations of the same G), and a GAN's
+    # metric curve is not monotone: it spikes and recovers. A bare median rule kills a trial on one bad
+    # evaluation. PatientPruner lets it act only once the trial's value has not improved on its best for
+    # `patience` evaluations in a row; MedianPruner then compares the trial's best value so far (not its
     # latest) with the median of finished trials at the same images seen (steps are nimg, identical for all
     # trials of a study), and only after 5 trials have finished, so the median means something.
     with quiet_experimental():
         return optuna.pruners.PatientPruner(optuna.pruners.MedianPruner(n_startup_trials=5), patience=1)
 
 
-class ReportFid(Hooks):
-    """Hands each training-time FID to the trial; stops training when Optuna prunes or the FID is not finite."""
+class ReportMetric(Hooks):
+    """Hands each training-time value of the objective's metric to the trial; stops training when Optuna prunes
+    or the value is not finite."""
 
-    def __init__(self, trial: optuna.Trial, key: str):
+    def __init__(self, trial: optuna.Trial, cfg: RunConfig):
         self.trial = trial
-        self.key = key  # the training-time FID's metric key, fid/ + the metric's name (fid/fid10k)
+        family = objective_metric(cfg)
+        self.key = rec.train_key(family, cfg.eval.fid_samples)  # kid/kid128: the metric on the training count
+        self.final = rec.final_key(family)
         self.pruned_at: int | None = None  # nimg
         self.nonfinite_at: int | None = None
 
     def on_eval(self, kimg: float, metrics: dict[str, float]) -> bool:
-        if "fid/final" in metrics:  # the final FID (more samples) is the objective value, not a report
+        if self.final in metrics:  # the final value (more samples) is the objective value, not a report
             return False
         nimg = round(kimg * 1000)
         value = metrics[self.key]
@@ -167,7 +180,7 @@ class ReportFid(Hooks):
 
 
 class Objective:
-    """One trial: suggest, resolve the config, train as an MLflow child run, return the final FID."""
+    """One trial: suggest, resolve the config, train as an MLflow child run, return its final primary metric."""
 
     def __init__(self, spec: SearchSpec, store: Store, parent: RunTracker, images: DeviceImages, worker: int):
         self.spec, self.store, self.parent, self.images, self.worker = spec, store, parent, images, worker
@@ -183,8 +196,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         params = self.suggest(trial)
         cfg = trial_config(self.spec, {f"optim.{k}": v for k, v in params.items()})
-        tags = {"search": "trial", "study": self.spec.name, "trial": trial.number, "worker": self.worker,
-                "state": "running"}
+        tags = {rec.SEARCH: rec.TRIAL, rec.STUDY: self.spec.name, rec.TRIAL: trial.number, "worker": self.worker,
+                rec.TRIAL_STATE: rec.TrialState.RUNNING}
         if "trial_number" in trial.user_attrs:  # re-queued after its worker's heartbeat stopped: attrs are copied
             tags.update({"retry_of": trial.user_attrs["trial_number"], "retry_of_run": trial.user_attrs["mlflow_run_id"]})
         child = self.store.start_run(self.spec.experiment, f"trial-{trial.number:03d}", tags, parent=self.parent)
@@ -193,26 +206,29 @@ class Objective:
             trial.set_user_attr(key, value)
         child.log_params({"trial.number": trial.number, **{f"trial.{k}": v for k, v in params.items()}})
         extra = get_ablation(self.spec.ablation).hooks(self.spec.variant) if self.spec.ablation else []
-        report = ReportFid(trial, key=f"fid/{fid_name(cfg.eval.fid_samples)}")
-        state, status = "failed", "FAILED"
+        report = ReportMetric(trial, cfg)
+        family = objective_metric(cfg)
+        state, status = rec.TrialState.FAILED, "FAILED"
         try:
             result = execute_run(cfg, child, self.spec.workdir / self.spec.experiment / child.run_id,
                                  images=self.images, hooks=HookList([report, *extra]))
-            if result.status == "diverged":
+            if result.status == rec.Outcome.DIVERGED:
                 raise TrialFailed(f"non-finite losses at {result.diverged_at} images")
+            label = rec.LABEL[family]
             if report.nonfinite_at is not None:
-                raise TrialFailed(f"non-finite FID at {report.nonfinite_at} images")
+                raise TrialFailed(f"non-finite {label} at {report.nonfinite_at} images")
             if report.pruned_at is not None:
-                state, status = "pruned", "FINISHED"
-                raise optuna.TrialPruned(f"FID no better than the median at {report.pruned_at} images")
-            if result.final_fid is None or not math.isfinite(result.final_fid):
-                raise TrialFailed(f"final FID is {result.final_fid}")
-            state, status = "complete", "FINISHED"
-            child.log_metrics({"search/objective": result.final_fid}, step=result.nimg)
-            return result.final_fid
+                state, status = rec.TrialState.PRUNED, "FINISHED"
+                raise optuna.TrialPruned(f"{label} no better than the median at {report.pruned_at} images")
+            value = result.final.get(family)
+            if value is None or not math.isfinite(value):
+                raise TrialFailed(f"final {label} is {value}")
+            state, status = rec.TrialState.COMPLETE, "FINISHED"
+            child.log_metrics({rec.SEARCH_OBJECTIVE: value}, step=result.nimg)
+            return value
         except (optuna.TrialPruned, TrialFailed, UserError) as exc:
-            if state == "failed":
-                child.set_tags({"error": str(exc)[:500]})
+            if state == rec.TrialState.FAILED:
+                child.set_tags({rec.ERROR: str(exc)[:500]})
             raise
         except KeyboardInterrupt:
             status = "KILLED"
@@ -221,7 +237,7 @@ class Objective:
             child.record_crash(exc)
             raise TrialFailed(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            child.set_tags({"state": state})
+            child.set_tags({rec.TRIAL_STATE: state})
             child.finish(status)
 
 
