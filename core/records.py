@@ -105,6 +105,7 @@ VARIANT, SEED, SEEDS, VARIANTS = "variant", "seed", "seeds", "variants"
 PARENT, CHILD = "parent", "child"  # values of the `study` tag
 RUN_NAME, PARENT_RUN = "mlflow.runName", "mlflow.parentRunId"  # MLflow's own
 PRIMARY_METRIC_PARAM = "derived.primary_metric"
+REFERENCE_ARTIFACT = "fid_reference"  # the folder of a study's or search's parent run holding its reference statistics
 
 
 def failure_at(outcome: str) -> str:

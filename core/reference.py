@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import records as rec
 from core.config import RunConfig
 from core.data import ImageSet
 from core.device import pick_device
@@ -103,3 +104,15 @@ def ensure_reference(cfg: RunConfig, images: ImageSet, progress: bool = False) -
     """
     if cfg.eval.fid_final_samples > 0 and not reference_location(cfg, images)[0].is_file():
         load_reference(cfg, images, InceptionFeatures.for_eval(cfg.eval, pick_device(cfg.train.device)), progress)
+
+
+def log_reference(tracker, cfg: RunConfig, images: ImageSet) -> str | None:
+    """Log cfg's cached reference statistics on `tracker`'s run (a study's or a search's parent, which every run
+    was scored against); their key, or None when the protocol has none or they are not cached."""
+    if cfg.eval.fid_final_samples == 0:
+        return None
+    path, key, _ = reference_location(cfg, images)
+    if not path.is_file():
+        return None
+    tracker.log_artifact(path, rec.REFERENCE_ARTIFACT)
+    return key

@@ -66,10 +66,11 @@ def study(tmp_path_factory, synthetic_root, cache_dir):
     try:
         spec = StudySpec(NAME, seeds=(0, 1), preset="quick", workdir=tmp / "runs",
                          overrides={**FAST, "data.root": str(synthetic_root), "data.cache_dir": str(cache_dir)})
+        from core.build import share_images
         from core.data import load_images
         from studies.run.study import resolve_configs
         first = next(iter(resolve_configs(spec).values()))
-        run_study(spec, store, load_images(first.data, first.model.resolution), progress=False)
+        run_study(spec, store, share_images(first, load_images(first.data, first.model.resolution)), progress=False)
         path = write_report(store, NAME, tmp / "reports")
         yield store, path, tmp
     finally:

@@ -111,6 +111,7 @@ def test_tiny_search_records_each_trial_and_a_diverged_trial_never_wins(searched
     assert float(parent["params.best.lr_d"]) == study.best_params["lr_d"]
     assert int(parent["params.best.trial"]) == study.best_trial.number
     assert (parent["tags.trials_complete"], parent["tags.trials_pruned"], parent["tags.trials_failed"]) == ("2", "1", "1")
+    assert "fid_reference" in store.list_artifacts(searched.parent_id)  # what every trial was scored against
     plots = set(store.list_artifacts(searched.parent_id, "optuna_plots"))
     assert {"optuna_plots/optimization_history.png", "optuna_plots/intermediate_values.png"} <= plots
     summary = json.loads(store.download(searched.parent_id, "summary.json", searched.tmp / "dl").read_text())

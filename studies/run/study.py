@@ -23,8 +23,7 @@ from core import config as config_mod
 from core import records as rec
 from core.config import RunConfig
 from core import reference
-from core.build import share_images
-from core.data import DeviceImages, ImageSet
+from core.data import DeviceImages
 from core.errors import UserError
 from core.hooks import HookList
 from core.runner import execute_run
@@ -91,7 +90,7 @@ def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def run_study(spec: StudySpec, store: Store, images: ImageSet | DeviceImages, progress: bool = True, fresh: bool = False) -> str:
+def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: bool = True, fresh: bool = False) -> str:
     """Run every variant x seed; returns the parent run id.
 
     Re-running the same study resumes it: its unfinished parent run is reopened, finished child runs are
@@ -121,8 +120,6 @@ def run_study(spec: StudySpec, store: Store, images: ImageSet | DeviceImages, pr
     if spec.notes:  # this invocation's preset choice and ETA (a resumed study records its new estimate)
         parent.set_tags(spec.notes)
     logged_refs: set[str] = set()
-    if not isinstance(images, DeviceImages):  # on the device once; every run of the study reads this copy
-        images = share_images(next(iter(configs.values())), images)
     with parent.finishing():
         reference.ensure_reference(next(iter(configs.values())), images.image_set, progress)
         for variant, cfg in configs.items():
@@ -177,13 +174,10 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
 
 def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: DeviceImages, logged: set[str]) -> None:
     """The FID reference statistics every child run was scored against, as an artifact of the parent."""
-    images = images.image_set
-    if cfg.eval.fid_final_samples == 0:
-        return
-    path, key, _ = reference.reference_location(cfg, images)
-    if path.is_file() and key not in logged:
-        parent.log_artifact(path, "fid_reference")
-        logged.add(key)
+    if cfg.eval.fid_final_samples and reference.reference_location(cfg, images.image_set)[1] not in logged:
+        key = reference.log_reference(parent, cfg, images.image_set)
+        if key is not None:
+            logged.add(key)
 
 
 def _progress_bar(name: str, cfg: RunConfig):

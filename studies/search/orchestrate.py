@@ -108,6 +108,7 @@ def run_search(spec: SearchSpec, store: Store, progress: bool = False, notes: di
                        "search.pruner": "PatientPruner(MedianPruner(n_startup_trials=5), patience=1)",
                        "search.sampler": "TPESampler(multivariate, constant_liar)"})
     with parent.finishing():
+        reference.log_reference(parent, cfg, images)  # what every trial is scored against, kept with the search
         _run_workers(spec, store, parent.run_id, n_before, images, storage)
         study = optuna.load_study(study_name=spec.name, storage=storage)
         summarize(study, parent, parent.run_id, describe(spec.storage), spec.workdir / spec.experiment / parent.run_id,
