@@ -77,10 +77,12 @@ def real_celeba() -> Path:
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, _migrated_mlflow_db):
+    """An empty MLflow store at tmp_path/mlflow.db (schema already made), tmp_path the working directory."""
+    import shutil
     from core.tracking import Store
     monkeypatch.chdir(tmp_path)
-    return Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return Store(f"sqlite:///{shutil.copy(_migrated_mlflow_db, tmp_path / 'mlflow.db')}")
 
 
 @pytest.fixture(autouse=True)

@@ -55,7 +55,8 @@ def test_dry_run_without_cuda_resolves_auto_to_the_cpu_preset(tmp_path):
     assert configs["baseline"]["train.kimg"] == cpu["train.kimg"]
 
 
-def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path, monkeypatch, synthetic_root, capsys):
+def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path, monkeypatch, synthetic_root, capsys,
+                                                                      empty_store_db):
     monkeypatch.chdir(tmp_path)
     printed: list[str] = []
     real_train = eta._train_img_per_s

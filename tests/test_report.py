@@ -58,11 +58,11 @@ class ReportCheck(Ablation):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, synthetic_root, cache_dir):
+def study(tmp_path_factory, synthetic_root, cache_dir, _migrated_mlflow_db):
     """Run the study once; yields (store, report path, tmp dir). The test ablation is unregistered afterwards."""
     register_ablation(ReportCheck)
     tmp = tmp_path_factory.mktemp("report-study")
-    store = Store(f"sqlite:///{tmp / 'mlflow.db'}")
+    store = Store(f"sqlite:///{shutil.copy(_migrated_mlflow_db, tmp / 'mlflow.db')}")  # schema made once per session
     try:
         spec = StudySpec(NAME, seeds=(0, 1), preset="quick", workdir=tmp / "runs",
                          overrides={**FAST, "data.root": str(synthetic_root), "data.cache_dir": str(cache_dir)})

@@ -42,11 +42,18 @@ def final_state(cwd: Path, run_id: str) -> dict:
     return torch.load(cwd / "runs" / "pooling" / run_id / "checkpoint.pt", weights_only=True)
 
 
+# 150 steps a run, a checkpoint every 25: long enough to kill the second run mid-way, short enough to run thrice
+KILLED = ["--set", "train.kimg=1.2", "--set", "train.checkpoint_every_kimg=0.2", "--set", "train.sample_every_kimg=0.4"]
+
+
 @pytest.mark.slow
-def test_sigkilled_study_resumes_to_the_same_result(tmp_path, synthetic_root):
+def test_sigkilled_study_resumes_to_the_same_result(tmp_path, synthetic_root, _migrated_mlflow_db):
+    import shutil
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    straight.mkdir(), killed.mkdir()
-    proc = study(killed, synthetic_root)
+    for cwd in (straight, killed):
+        cwd.mkdir()
+        shutil.copy(_migrated_mlflow_db, cwd / "mlflow.db")  # a fresh store spends seconds in migrations
+    proc = study(killed, synthetic_root, *KILLED)
     deadline = time.time() + 300
     # kill during the second run (maxpool), after it wrote a checkpoint, at whatever step it has reached
     while time.time() < deadline and len(list((killed / "runs" / "pooling").glob("*/checkpoint.pt"))) < 2:
@@ -57,15 +64,15 @@ def test_sigkilled_study_resumes_to_the_same_result(tmp_path, synthetic_root):
     partial = children(killed)
     assert len(partial) == 2 and sorted(partial["status"]) == ["FINISHED", "RUNNING"]
 
-    assert study(killed, synthetic_root).wait() == 0  # the same command resumes
-    assert study(straight, synthetic_root).wait() == 0
+    assert study(killed, synthetic_root, *KILLED).wait() == 0  # the same command resumes
+    assert study(straight, synthetic_root, *KILLED).wait() == 0
     a, b = children(straight), children(killed)
     assert len(b) == 2 and (b["status"] == "FINISHED").all() and (b["tags.outcome"] == "finished").all()
     assert list(b["run_id"]) == list(partial.sort_values("tags.variant")["run_id"])  # same MLflow runs continued
     store_a, store_b = Store(f"sqlite:///{straight / 'mlflow.db'}"), Store(f"sqlite:///{killed / 'mlflow.db'}")
     for (_, ra), (_, rb) in zip(a.iterrows(), b.iterrows()):
         sa, sb = final_state(straight, ra["run_id"]), final_state(killed, rb["run_id"])
-        assert sa["step"] == sb["step"] == 300
+        assert sa["step"] == sb["step"] == 150
         for net in ("G", "D"):
             for k in sa[net]:
                 assert torch.equal(sa[net][k], sb[net][k]), (net, k)  # bit-identical on CPU

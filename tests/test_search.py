@@ -50,12 +50,12 @@ def child_runs(store: Store, experiment: str, parent_id: str):
 
 # ---- one tiny search, shared by the tests that read it -----------------------------------------------------
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, synthetic_root, cache_dir):
+def searched(tmp_path_factory, synthetic_root, cache_dir, _migrated_mlflow_db):
     """4 trials: 0 forced to diverge (lr_d=1e20), 1 made to prune at its first report, 2 and 3 complete."""
     tmp = tmp_path_factory.mktemp("search")
     spec = SearchSpec(study="tiny", storage=f"sqlite:///{tmp / 'optuna.db'}", trials=4, evals=2, trial_kimg=TRIAL_KIMG,
                       preset="quick", overrides=tiny_overrides(synthetic_root, cache_dir), workdir=tmp / "runs")
-    store = Store(f"sqlite:///{tmp / 'mlflow.db'}")
+    store = Store(f"sqlite:///{shutil.copy(_migrated_mlflow_db, tmp / 'mlflow.db')}")  # schema made once per session
     study = optuna.create_study(study_name=spec.name, storage=spec.storage, direction="minimize")
     study.enqueue_trial({"lr_g": 2e-4, "lr_d": 1e20})  # far outside the range: NaN losses on the first step
     with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():

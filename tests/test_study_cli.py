@@ -19,7 +19,7 @@ def run_cli(args, cwd, module="studies.run"):
 
 
 @pytest.mark.slow
-def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba):
+def test_quick_pooling_study_end_to_end(tmp_path, synthetic_root, real_celeba, empty_store_db):
     proc = run_cli(["pooling", "--preset", "quick", "--seeds", "2", "--data", str(real_celeba.parent), *FAST], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from core.tracking import Store
@@ -75,37 +75,58 @@ def test_list_and_dry_run(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-NO_FID = ["--set", "train.kimg=0.512", "--set", "train.log_every_kimg=0.256", "--set", "eval.fid_every_kimg=0",
+NO_FID = ["--set", "train.kimg=0.128", "--set", "train.log_every_kimg=0.064", "--set", "eval.fid_every_kimg=0",
           "--set", "eval.fid_final_samples=0", "--set", "data.max_images=64", "--no-progress"]
 
 
-@pytest.mark.parametrize("name", __import__("ablations").list_ablations())
-def test_every_study_runs_quick_with_the_right_runs(name, tmp_path, synthetic_root, monkeypatch):
-    """In-process (no interpreter start-up) and without FID, so all studies fit in seconds."""
-    from ablations import get_ablation
+def skip_timed_steps(monkeypatch) -> None:
+    """The ETA's timed training steps of every variant stand in at 1,000 img/s: tests/test_eta.py times them for
+    real; here they would only add a build and four steps per variant."""
+    from studies import eta
+    monkeypatch.setattr(eta, "_train_img_per_s", lambda cfg, images: 1000.0)
+
+
+@pytest.fixture(scope="module")
+def every_study(tmp_path_factory, synthetic_root, _migrated_mlflow_db):
+    """`python -m studies.run all` (and the baseline study) once, in-process (no interpreter start-up), without FID, 4 steps a run, on an
+    already migrated ./mlflow.db: every study of the registry in one store, shared by the tests that read it."""
+    import shutil
+
     from core.tracking import Store
     from studies.run.__main__ import main
+    cwd = tmp_path_factory.mktemp("all")
+    shutil.copy(_migrated_mlflow_db, cwd / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(cwd)
+        mp.setenv("HOME", str(cwd))
+        skip_timed_steps(mp)
+        for name in ("all", "baseline"):  # 'all' leaves out the baseline-only study, which every study contains
+            assert main([name, "--preset", "quick", "--seeds", "1", "--data", str(synthetic_root), *NO_FID]) == 0
+    return cwd, Store(f"sqlite:///{cwd / 'mlflow.db'}")
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert main([name, "--preset", "quick", "--seeds", "1", "--data", str(synthetic_root), *NO_FID]) == 0
-    runs = Store().runs_frame(name)  # the default store: ./mlflow.db
+
+@pytest.mark.parametrize("name", __import__("ablations").list_ablations())
+def test_every_study_runs_quick_with_the_right_runs(name, every_study):
+    from ablations import get_ablation
+    cwd, store = every_study
+    runs = store.runs_frame(name)
     children = runs[runs["tags.study"] == "child"]
     assert sorted(children["tags.variant"]) == sorted(get_ablation(name).variants)
     assert (children["tags.outcome"] == "finished").all() and (children["status"] == "FINISHED").all()
     for _, run in children.iterrows():  # each run really carries its variant's settings
         for key, value in get_ablation(name).overrides(run["tags.variant"]).items():
             assert run[f"params.{key}"] == str(value)
-    assert (tmp_path / "reports" / f"{name}.md").is_file()
+    assert (runs["tags.study"] == "parent").sum() == 1 and (cwd / "reports" / f"{name}.md").is_file()
 
 
-def test_all_resolves_every_study_and_base_is_recorded(tmp_path, synthetic_root, monkeypatch):
+def test_all_resolves_every_study_and_base_is_recorded(tmp_path, synthetic_root, monkeypatch, empty_store_db):
     from ablations import list_ablations
     from core.tracking import Store
     from studies.run.__main__ import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
+    skip_timed_steps(monkeypatch)
     assert main(["all", "--preset", "quick", "--dry-run"]) == 0
     assert main(["pooling", "--preset", "quick", "--seeds", "1", "--base", "ttur=ttur", "--variants", "maxpool",
                  "--data", str(synthetic_root), *NO_FID]) == 0
