@@ -317,23 +317,26 @@ def test_provenance_names_the_commit_and_the_package_versions_it_can_know():
 
 
 # ---- one vocabulary ---------------------------------------------------------------------------------------------
-def test_a_key_renamed_on_the_writing_side_only_fails_the_report_loudly(in_dir, monkeypatch, synthetic_root, cache_dir,
-                                                                        capsys):
-    """The trainer's final KID logged under another name (the writer renamed, the reader not): the study's runs are
-    all in MLflow, and the report refuses with one line naming the key instead of a table of blanks."""
+@pytest.mark.parametrize("key,says", [("kid/final", "no run records `metrics.kid/final` although 2 should"),
+                                      ("loss/d", "no run records `metrics.loss/d` although 2 trained to the end")])
+def test_a_key_renamed_on_the_writing_side_only_fails_the_report_loudly(key, says, in_dir, monkeypatch, synthetic_root,
+                                                                        cache_dir, capsys):
+    """A key logged under another name (the writer renamed, the reader not): the study's runs are all in MLflow,
+    and the report refuses with one line naming the key instead of a table of blanks (the final KID, the primary
+    metric) or blank curves (D's loss)."""
     from core.tracking import RunTracker
     install_fake_fid(monkeypatch)
     write = RunTracker.log_metrics
 
     def renamed(self, metrics, step):
-        write(self, {("kid/last" if k == "kid/final" else k): v for k, v in metrics.items()}, step)
+        write(self, {(f"{key}_renamed" if k == key else k): v for k, v in metrics.items()}, step)
 
     monkeypatch.setattr(RunTracker, "log_metrics", renamed)
     cwd = in_dir()
     assert main(["baseline", "--data", str(synthetic_root), *flags(cache_dir, seeds=2, eval__fid_final_samples=16)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: no run records `metrics.kid/final` although 2 should"), err[-1]
+    assert err[-1].startswith(f"error: {says}"), err[-1]
     kids = runs_of(cwd, "baseline")[1]
-    assert list(kids["tags.outcome"]) == ["finished", "finished"] and kids["metrics.kid/last"].notna().all()
+    assert list(kids["tags.outcome"]) == ["finished", "finished"] and kids[f"metrics.{key}_renamed"].notna().all()
     assert not (cwd / "reports" / "baseline.md").exists()
     assert report_main(["baseline", "--reports", str(cwd / "reports")]) == 2

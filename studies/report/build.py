@@ -68,6 +68,13 @@ def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.Da
     samples = int(run_params(children, runs["run_id"].iloc[0]).get("eval.fid_samples", 0) or 0)
     panels = [(rec.train_key(m, samples), m) for m in (metric, other_family(metric))]
     hist = plots.histories(store, list(runs["run_id"]), [k for k, _ in panels] + [*plots.LOSS_KEYS, *plots.D_KEYS])
+    # every run that trained to its end logged D's and G's statistics: none at all means they were logged under
+    # other names, and the curves would be blank panels
+    trained = list(runs.loc[runs["outcome"].isin(stats.EVALUATED), "run_id"])
+    lost = [k for k in (*plots.LOSS_KEYS, *plots.D_KEYS) if trained and not any(hist[r][k] for r in trained)]
+    if lost:
+        raise UserError(f"no run records {', '.join(f'`metrics.{k}`' for k in lost)} although {len(trained)} trained "
+                        "to the end; the store was written under other names: core/records.py names what a run records")
     final = runs[stats.counted(runs, metric)]
     smooth = plots.smoothing_window(hist, plots.LOSS_KEYS[0])
     plots.plot_metrics(hist, groups, panels, final, out / "metrics.png")
