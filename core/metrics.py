@@ -27,6 +27,7 @@ from core.data import ImageSet
 from core.errors import UserError
 from core.inception import PROTOCOL_VERSION, RESIZES, InceptionFeatures, with_bar
 from core.kid import estimate as kid_estimate
+from core.prdc import prdc  # noqa: F401  (core.metrics.prdc: the k-NN fidelity/diversity metrics, issue 21)
 from core.reference import ReferenceStats, load_reference, statistics
 from core.sampling import g_source
 
