@@ -179,8 +179,8 @@ def _fake_study(store, name: str, seeds: dict[str, list[tuple[str, float]]]) -> 
                                                                  "seed": seed, "preset": "quick"}, parent=parent)
             child.log_params({"derived.primary_metric": "kid", "eval.fid_samples": 128, "eval.fid_final_samples": 256,
                               "model.resolution": 32, "train.seed": seed})
-            child.log_metrics({"progress/kimg": 12.0 if outcome == "finished" else 5.0, "perf/img_per_s": 100.0},
-                              step=12000)
+            child.log_metrics({"progress/kimg": 12.0 if outcome == "finished" else 5.0, "perf/img_per_s": 100.0,
+                               "loss/d": 1.2, "loss/g": 0.9, "d/real": 0.6, "d/fake": 0.4}, step=12000)
             if outcome == "finished":
                 child.log_metrics({"kid/final": kid, "kid/final_std": kid / 20, "fid/final": 1000 * kid}, step=12000)
             child.set_tags({"outcome": outcome, **({"diverged_at_nimg": 5000} if outcome == "diverged" else {})})
