@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,13 +107,13 @@ def ensure_reference(cfg: RunConfig, images: ImageSet, progress: bool = False) -
         load_reference(cfg, images, InceptionFeatures.for_eval(cfg.eval, pick_device(cfg.train.device)), progress)
 
 
-def log_reference(tracker, cfg: RunConfig, images: ImageSet) -> str | None:
+def log_reference(tracker, cfg: RunConfig, images: ImageSet, logged: Container[str] = ()) -> str | None:
     """Log cfg's cached reference statistics on `tracker`'s run (a study's or a search's parent, which every run
-    was scored against); their key, or None when the protocol has none or they are not cached."""
+    was scored against), unless their key is in `logged`; the key logged, or None when nothing was."""
     if cfg.eval.fid_final_samples == 0:
         return None
     path, key, _ = reference_location(cfg, images)
-    if not path.is_file():
+    if key in logged or not path.is_file():
         return None
     tracker.log_artifact(path, rec.REFERENCE_ARTIFACT)
     return key

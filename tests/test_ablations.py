@@ -14,7 +14,6 @@ import core.losses as losses_mod
 import core.regularizers as regularizers_mod
 from ablations import Ablation, get_ablation, list_ablations, register_ablation
 from ablations import registry
-from core.build import build_run
 from tests.helpers import build as build_on_images
 from core.errors import UserError
 from core.config import flatten, resolve

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from core import config as config_mod
-from core.build import build_run
 from tests.helpers import build
 from core.errors import UserError
 from core.inception import RESIZES

@@ -18,11 +18,7 @@ from core.data import BatchSource, DeviceImages, ImageSet, load_images
 from core.errors import UserError
 from core.trainer import PHASE_STEPS
 from tests.conftest import step_losses
-
-
-def built(cfg, **kw):
-    """build_run on cfg's images, copied to its device as a command would (share_images)."""
-    return build_run(cfg, images=share_images(cfg, load_images(cfg.data, cfg.model.resolution)), **kw)
+from tests.helpers import build
 
 
 @pytest.mark.parametrize("native,want", [(True, ("bf16", True)), (False, ("fp32", False))])
@@ -63,8 +59,8 @@ def test_bf16_channels_last_on_the_cpu_tracks_fp32(tiny_cfg):
     ~lr whatever its gradient's size, so a rounding-flipped sign of a tiny gradient is a full-size change;
     5e-2 relative over 5 steps (measured up to 1.8e-2 here; the CUDA loss check uses the same 5e-2).
     """
-    fast = built(tiny_cfg(train__amp="bf16", train__channels_last="on"), with_fid=False)
-    plain = built(tiny_cfg(train__amp="fp32", train__channels_last="off"), with_fid=False)
+    fast = build(tiny_cfg(train__amp="bf16", train__channels_last="on"), with_fid=False)
+    plain = build(tiny_cfg(train__amp="fp32", train__channels_last="off"), with_fid=False)
     assert fast.autocast.fast_dtype == torch.bfloat16 and fast.autocast._enabled and not plain.autocast._enabled
     assert next(fast.D.parameters()).is_contiguous(memory_format=torch.channels_last)
     assert fast.batches.next(4).is_contiguous(memory_format=torch.channels_last)
@@ -146,7 +142,7 @@ def test_several_runs_in_one_process_leave_nothing_behind(tiny_cfg, tmp_path, mo
 
 
 def test_g_step_leaves_d_gradients_alone(tiny_cfg):
-    trainer = built(tiny_cfg(), with_fid=False)
+    trainer = build(tiny_cfg(), with_fid=False)
     PHASE_STEPS["D"](trainer, 0)
     assert all(p.grad is not None for p in trainer.D.parameters())
     for p in trainer.D.parameters():

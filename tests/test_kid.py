@@ -148,10 +148,9 @@ def test_a_run_logs_kid_beside_fid_and_best_values_per_sample_count(tiny_cfg, st
 def test_best_values_compare_only_evaluations_on_the_training_sample_count(tiny_cfg):
     from core import records as rec
     from core.bookkeeping import MetricLog
-    from core.build import build_run, share_images
-    from core.data import load_images
+    from tests.helpers import build
     cfg = tiny_cfg(eval__fid_every_kimg=0.016, eval__fid_samples=16, eval__fid_final_samples=24)
-    trainer = build_run(cfg, with_fid=False, images=share_images(cfg, load_images(cfg.data, cfg.model.resolution)))
+    trainer = build(cfg, with_fid=False)
     fid16, kid16, fid24, kid24 = (rec.train_key(f, n) for n in (16, 24) for f in (rec.FID, rec.KID))
     # the final 24-sample values are the lowest, but biased differently: they never compete with the 16-sample ones
     for nimg, metrics in [(16, {fid16: 50.0, kid16: 0.5}), (24, {fid16: 55.0, kid16: 0.4}),

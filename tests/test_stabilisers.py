@@ -11,7 +11,6 @@ from torch.nn.utils import parametrize
 
 import core.augment as augment_mod
 import core.regularizers as regularizers_mod
-from core.build import build_run
 from tests.helpers import build
 from core.errors import UserError
 from core.metrics import MetricResult, Score

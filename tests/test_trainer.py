@@ -8,13 +8,9 @@ import torch
 from core import checkpoint
 from core import records as rec
 from core.bookkeeping import MetricLog, SaturationWatch, StepStats
-from core.build import build_run, share_images
-from core.config import DataConfig, RunConfig
-from core.data import DeviceImages, ImageSet, load_images
 from core.errors import UserError
 from core.runner import execute_run
 from core.tracking import NullTracker
-from core.trainer import Trainer
 from tests.helpers import build, images_for, install_fake_fid
 
 

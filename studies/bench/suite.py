@@ -15,7 +15,6 @@ import time
 
 import torch
 
-from core import config as config_mod
 from core import records as rec
 from core.build import build_run, share_images
 from core.config import RunConfig, apply_overrides

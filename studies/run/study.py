@@ -174,10 +174,9 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
 
 def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: DeviceImages, logged: set[str]) -> None:
     """The FID reference statistics every child run was scored against, as an artifact of the parent."""
-    if cfg.eval.fid_final_samples and reference.reference_location(cfg, images.image_set)[1] not in logged:
-        key = reference.log_reference(parent, cfg, images.image_set)
-        if key is not None:
-            logged.add(key)
+    key = reference.log_reference(parent, cfg, images.image_set, logged)
+    if key is not None:
+        logged.add(key)
 
 
 def _progress_bar(name: str, cfg: RunConfig):
