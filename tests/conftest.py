@@ -25,7 +25,7 @@ TINY = {  # 32x32, narrow, a handful of steps: seconds on two CPU cores
     "train.batch_size": 8, "train.kimg": 0.032, "train.log_every_kimg": 0.008, "train.sample_every_kimg": 0.016,
     "train.checkpoint_every_kimg": 0.016, "optim.lr_ref_batch": 8,
     "eval.fid_every_kimg": 0.0, "eval.fid_samples": 16, "eval.fid_final_samples": 16,
-    "eval.fid_ref_images": 32, "eval.fid_batch": 16, "eval.grid_size": 4, "eval.collapse_spread": 0.0,
+    "eval.fid_ref_images": 32, "eval.fid_batch": 16, "eval.grid_size": 4, "eval.collapse_nn_ratio": 0.0,
 }
 
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from core.metrics import MetricResult, Score
-from core.records import metric_name
+from core.records import FIDELITY_DIVERSITY, NN_RATIO_KEY, SPREAD_KEY, metric_name
 
 
 @functools.cache
@@ -41,12 +41,13 @@ def g_fid(G: torch.nn.Module) -> float:
 
 
 def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int], float] | None = None,
-                     spread: float = 1.0) -> list[tuple[int, int]]:
+                     nn_ratio: float = 1.0) -> list[tuple[int, int]]:
     """Replace core.build.FidEvaluator (Inception, seconds per call) by a function of the run's config and G
     (and the Inception batch a study's ETA times, and the reference statistics a study computes first, by nothing).
 
-    value(cfg, G, num_samples) -> FID (default: g_fid(G)), and KID = FID / 1000; returns the (seed, num_samples)
-    of every evaluation.
+    value(cfg, G, num_samples) -> FID (default: g_fid(G)), and KID = FID / 1000; precision, recall, density and
+    coverage follow FID too (1 / (1 + FID / k) for k = 1..4), and the nearest-neighbour ratio is `nn_ratio`;
+    returns the (seed, num_samples) of every evaluation.
     """
     import core.build as build
     calls: list[tuple[int, int]] = []
@@ -63,9 +64,10 @@ def install_fake_fid(monkeypatch, value: Callable[[object, torch.nn.Module, int]
             calls.append((self.cfg.train.seed, num_samples))
             fid = value(self.cfg, G, num_samples) if value else g_fid(G)
             kid = fid / 1000  # KID follows FID (NaN included), so either can be a study's primary metric
+            fidelity_diversity = tuple(Score(m, m, 1 / (1 + fid / k)) for k, m in enumerate(FIDELITY_DIVERSITY, 1))
             return MetricResult((Score("fid", metric_name("fid", num_samples), fid),
-                                 Score("kid", metric_name("kid", num_samples), kid, kid / 10)),
-                                {"feature_spread": spread}, protocol={
+                                 Score("kid", metric_name("kid", num_samples), kid, kid / 10), *fidelity_diversity),
+                                {SPREAD_KEY: 1.0, NN_RATIO_KEY: nn_ratio}, protocol={
                 "num_gen": num_samples, "num_ref": 0, "ref_key": "fake", "g_mode": self.cfg.eval.g_mode,
                 "quantise": "uint8", "resize": "fake", "version": "fake"}, num_samples=num_samples)
 

@@ -185,7 +185,7 @@ def test_no_import_cycles():
 VOCABULARY = REPO / "core" / "records.py"
 METRIC_KEY = re.compile(r"^(fid|kid|loss|d|perf|progress|search|pr|dc)/[a-z0-9_]*$")  # 'fid/final', 'fid/' of f"fid/{n}"
 KEY_INSIDE = re.compile(r"\b(fid|kid)/(final|best|final_std)\b|\b(loss|perf|progress)/[a-z_]+")
-KEY_TAIL = re.compile(r"^/(final|best|final_std|feature_spread)$")  # the constant part of f"{family}/final"
+KEY_TAIL = re.compile(r"^/(final|best|final_std|feature_spread|nn_ratio|final_\w+)$")  # the constant part of f"{family}/final"
 RUN_TAGS = {"diverged_at_nimg", "saturation_episodes", "_at_nimg", "fid_protocol."}
 TAG_COLUMN = re.compile(r"^tags\.(outcome|variant|seed|study|study_key|ablation|preset|variants|seeds)$")  # a frame's
 

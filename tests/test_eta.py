@@ -64,7 +64,7 @@ def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path,
     code = run_main(["pooling", "--preset", "cpu", "--seeds", "1", "--data", str(synthetic_root),  # bars on
                      "--set", "train.kimg=0.256", "--set", "eval.fid_final_samples=8", "--set", "eval.fid_ref_images=16",
                      "--set", "eval.fid_batch=8", "--set", "eval.grid_size=4", "--set", "train.device=cpu",
-                     "--set", "eval.collapse_spread=0",  # 4 steps have not left the collapsed start
+                     "--set", "eval.collapse_nn_ratio=0",  # 4 steps have not left the collapsed start
                      "--set", "eval.standing_batches=2",  # of the preset's 64 images each: what the test needs
                      "--set", f"data.cache_dir={tmp_path / 'cache'}"])
     err = capsys.readouterr().err

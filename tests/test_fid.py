@@ -159,7 +159,7 @@ def test_fid_samples_g_in_its_protocol_mode_with_fixed_latents_and_restores_the_
 
 
 PROTOCOL_TAGS = ["num_gen", "num_ref", "ref_key", "g_mode", "quantise", "resize", "version", "kid_subsets",
-                 "kid_std_error", "g_source", "standing_batches"]  # as earlier runs tagged them, in this order
+                 "kid_std_error", "pr_k", "dc_k", "num_held_out", "g_source", "standing_batches"]  # in this order
 
 
 def test_every_registered_metric_comes_from_one_inception_pass(monkeypatch):
@@ -178,22 +178,24 @@ def test_every_registered_metric_comes_from_one_inception_pass(monkeypatch):
     out = calc_metrics(opts)
     (feats,) = spy.passes  # one Inception pass for every metric
     assert len(seen) == 1 and seen[0] is feats
-    assert [s.family for s in out.scores] == [rec.FID, rec.KID, "throwaway"]  # registration order: FID first
+    assert [s.family for s in out.scores] == [rec.FID, rec.KID, *rec.FIDELITY_DIVERSITY, "throwaway"]  # FID first
     assert out.score("throwaway") == Score("throwaway", "throwaway6", float(feats.sum()))
     # FID and KID saw those same features
     assert out.score(rec.FID) == metrics.fid(feats, opts.ref).scores[0]
     assert out.score(rec.KID) == metrics.kid(feats, opts.ref).scores[0]
-    assert out.diagnostics == {rec.FEATURE_SPREAD: metrics.fid(feats, opts.ref).diagnostics[rec.FEATURE_SPREAD],
-                               "throwaway_spread": 1.0}
+    assert out.score(rec.COVERAGE) == metrics.pr_dc(feats, opts.ref).scores[3]
+    assert list(out.diagnostics) == [rec.SPREAD_KEY, rec.NN_RATIO_KEY, "throwaway_spread"]
+    assert out.diagnostics[rec.SPREAD_KEY] == metrics.fid(feats, opts.ref).diagnostics[rec.SPREAD_KEY]
     assert list(out.protocol) == PROTOCOL_TAGS[:-2] + ["throwaway_k"] + PROTOCOL_TAGS[-2:]
     assert out.num_samples == 6 and (out.name, out.value) == ("fid6", out.score(rec.FID).value)
 
 
 def test_the_built_in_result_has_the_scores_diagnostics_and_tags_the_trainer_logs():
     out = calc_metrics(spy_options(Recorder([0.0]), FeatureSpy()))
-    assert [(s.family, s.name) for s in out.scores] == [(rec.FID, "fid6"), (rec.KID, "kid6")]
+    assert [(s.family, s.name) for s in out.scores] == [(rec.FID, "fid6"), (rec.KID, "kid6"), *(
+        (m, m) for m in rec.FIDELITY_DIVERSITY)]
     assert np.isnan(out.scores[0].std_error) and out.scores[1].std_error > 0
-    assert list(out.diagnostics) == [rec.FEATURE_SPREAD] and list(out.protocol) == PROTOCOL_TAGS
+    assert list(out.diagnostics) == [rec.SPREAD_KEY, rec.NN_RATIO_KEY] and list(out.protocol) == PROTOCOL_TAGS
     assert out.protocol["kid_subsets"] == "100 x 6"
 
 
@@ -204,7 +206,7 @@ def test_each_registered_metric_alone_gives_what_it_gives_beside_the_others(name
     everything = calc_metrics(spy_options(Recorder([0.0]), FeatureSpy()))
     assert len(spy.passes) == 1 and alone.scores
     for s in alone.scores:
-        assert s.name == rec.metric_name(s.family, 6) and everything.score(s.family) == s
+        assert everything.score(s.family) == s
 
 
 def test_an_unknown_or_doubly_registered_metric_is_refused(monkeypatch):

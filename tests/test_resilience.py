@@ -126,7 +126,7 @@ def test_d_saturation_and_collapse_are_tagged(tiny_cfg):
         def on_models_built(self, G, D):
             return ConstantG(G), D
 
-    trainer = build(tiny_cfg(eval__collapse_spread=0.05, eval__fid_ref_images=32),
+    trainer = build(tiny_cfg(eval__collapse_nn_ratio=0.25, eval__fid_ref_images=32),
                         hooks=Collapse(), with_fid=True)
     trainer.G.z_dim = 128
     assert trainer.run().status == "collapsed" and "collapsed" in trainer.failures

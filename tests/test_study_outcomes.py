@@ -268,10 +268,10 @@ def test_a_kill_between_two_logs_resumes_exactly_with_fid_history_best_and_rng(i
 def test_several_failure_modes_in_one_run_are_all_tagged_and_the_first_names_it(in_dir, monkeypatch, synthetic_root,
                                                                                cache_dir):
     """D saturated from the first log (8 images) to the end, and the final features collapsed (32): both recorded."""
-    install_fake_fid(monkeypatch, spread=0.01)
+    install_fake_fid(monkeypatch, nn_ratio=0.01)
     cwd = in_dir()
     sets = dict(eval__saturation_loss_d=10.0, eval__saturation_loss_g=0.0, eval__saturation_logs=2,
-                eval__collapse_spread=0.05, eval__fid_final_samples=16)
+                eval__collapse_nn_ratio=0.25, eval__fid_final_samples=16)
     assert main(["baseline", "--data", str(synthetic_root), *flags(cache_dir, **sets)]) == 0
     run = runs_of(cwd, "baseline")[1].loc["baseline-s0"]
     assert (run["status"], run["tags.outcome"]) == ("FINISHED", "d_saturated")

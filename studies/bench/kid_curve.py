@@ -1,5 +1,7 @@
 """KID against kimg for one run of a preset, with the two anchors that give it meaning: an untrained G and
-held-out real images, all under the preset's own final protocol (same reference, same sample count).
+held-out real images, all under the preset's own final protocol (same reference, same sample count). Each
+point also has FID and the four fidelity/diversity numbers (precision, recall, density, coverage), so the
+anchors show what 0 and "real" look like for them too.
 
 This is how the `cpu` preset's length was chosen: where the curve flattens, more training buys little.
 
@@ -66,7 +68,8 @@ def score(evaluator, G, n: int) -> dict[str, float]:
 def _row(result) -> dict[str, float]:
     kid = result.score(rec.KID)
     return {"kid": kid.value, "kid_se": kid.std_error, "fid": result.score(rec.FID).value,
-            "spread": result.diagnostics[rec.FEATURE_SPREAD]}
+            **{m: result.score(m).value for m in rec.FIDELITY_DIVERSITY},
+            "spread": result.diagnostics[rec.SPREAD_KEY], "nn_ratio": result.diagnostics[rec.NN_RATIO_KEY]}
 
 
 def held_out_real(evaluator, images: np.ndarray, n: int) -> dict[str, float]:
@@ -90,6 +93,7 @@ def measure(args: argparse.Namespace) -> dict:
     if args.held_out:
         start = time.perf_counter()
         out["held_out_real"] = held_out_real(trainer.evaluate, images.images, n)
+        print("held-out real", json.dumps(out["held_out_real"]), flush=True)
         out["eval_s"] += time.perf_counter() - start
     for kimg in points:
         start = time.perf_counter()
