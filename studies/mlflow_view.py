@@ -15,8 +15,18 @@ from urllib.parse import urlencode
 
 from core import records as rec
 
-COLUMNS = (*(f"metrics.`{key(m)}`" for key in (rec.final_key, rec.best_key) for m in (rec.KID, rec.FID)),
-           f"metrics.`{rec.KIMG}`", *(f"tags.`{t}`" for t in (rec.VARIANT, rec.SEED, rec.OUTCOME)))
+def columns(primary: str) -> list[str]:
+    """What the verdict compares first: the primary final metric and its standard error (KID's; FID has none),
+    then precision, recall and coverage, the other metric, progress and outcome; best-of-training values, which
+    the report calls selected after the fact, last."""
+    other = rec.other_family(primary)
+    metrics = [rec.final_key(primary), *([rec.final_std_key(primary)] if primary == rec.KID else []),
+               *(rec.final_key(m) for m in (rec.PRECISION, rec.RECALL, rec.COVERAGE)), rec.final_key(other),
+               rec.KIMG]
+    return [*(f"metrics.`{k}`" for k in metrics), *(f"tags.`{t}`" for t in (rec.VARIANT, rec.SEED, rec.OUTCOME)),
+            *(f"metrics.`{rec.best_key(m)}`" for m in (primary, other))]
+
+
 UI = "http://127.0.0.1:5000"  # where `mlflow ui --host 127.0.0.1` serves
 
 
@@ -28,11 +38,12 @@ def child_filter(parent_id: str) -> str:
     return f"tags.{rec.STUDY} = '{rec.CHILD}' and tags.{rec.PARENT_RUN} = '{parent_id}'"
 
 
-def study_view(parent_id: str, varied_keys: list[str]) -> dict[str, object]:
-    """The saved view's state, in the MLflow UI's own keys (search facets plus runs-table UI state)."""
+def study_view(parent_id: str, varied_keys: list[str], primary: str) -> dict[str, object]:
+    """The saved view's state, in the MLflow UI's own keys (search facets plus runs-table UI state); `primary`
+    is the study's primary metric family (rec.KID, rec.FID), whose final value leads."""
     return {
         "searchFilter": child_filter(parent_id), "orderByKey": f"tags.`{rec.RUN_NAME}`", "orderByAsc": True,
-        "selectedColumns": [*COLUMNS, *(f"params.`{k}`" for k in varied_keys)],
+        "selectedColumns": [*columns(primary), *(f"params.`{k}`" for k in varied_keys)],
         "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": rec.VARIANT}]},
         "runsHiddenMode": "SHOW_ALL",  # the UI hides runs past the 10th by default: a study has more
     }

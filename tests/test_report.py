@@ -132,10 +132,13 @@ def _recompute_and_compare(uri: str, experiment: str, text: str) -> dict[str, fl
         mine = children[children["tags.variant"] == variant]
         counts = [int((mine["tags.outcome"] == o).sum()) for o in OUTCOMES]
         assert cells[1] == str(sum(counts)) and cells[2] == " / ".join(map(str, counts))
-        assert cells[11] == f"{mine['metrics.perf/img_per_s'].mean():.0f}"
+        assert cells[14] == f"{mine['metrics.perf/img_per_s'].mean():.0f}"
         if len(kid[variant]) > 1:
             assert cells[5] == f"{kid[variant].mean():.4g} ± {kid[variant].std(ddof=1):.2g}"
             assert cells[6] == f"{fid[variant].mean():.4g} ± {fid[variant].std(ddof=1):.2g}"
+            for cell, key in zip(cells[11:14], ("pr/final_precision", "pr/final_recall", "dc/final_coverage")):
+                side = children[ok & (children["tags.variant"] == variant)][f"metrics.{key}"].to_numpy()
+                assert cell == f"{side.mean():.4g} ± {side.std(ddof=1):.2g}", (variant, key)
         if variant in tested:
             ci = welch[variant].confidence_interval(0.95)
             diff = kid[variant].mean() - kid["baseline"].mean()
@@ -182,7 +185,10 @@ def _fake_study(store, name: str, seeds: dict[str, list[tuple[str, float]]]) -> 
             child.log_metrics({"progress/kimg": 12.0 if outcome == "finished" else 5.0, "perf/img_per_s": 100.0,
                                "loss/d": 1.2, "loss/g": 0.9, "d/real": 0.6, "d/fake": 0.4}, step=12000)
             if outcome == "finished":
-                child.log_metrics({"kid/final": kid, "kid/final_std": kid / 20, "fid/final": 1000 * kid}, step=12000)
+                child.log_metrics({"kid/final": kid, "kid/final_std": kid / 20, "fid/final": 1000 * kid,
+                                   "pr/final_precision": 1 - kid, "pr/final_recall": 0.8 - kid - seed / 100,
+                                   "dc/final_density": 1.1 - kid, "dc/final_coverage": 0.9 - kid - seed / 50},
+                                  step=12000)
             child.set_tags({"outcome": outcome, **({"diverged_at_nimg": 5000} if outcome == "diverged" else {})})
             child.finish()
     parent.finish()
@@ -211,6 +217,7 @@ def test_a_variant_diverging_in_2_of_3_seeds_carries_its_failures_and_is_not_sta
 def _runs(values: dict[str, list[float]], outcome: str = "finished") -> pd.DataFrame:
     rows = [{"variant": v, "seed": i, "run": f"{v}-s{i}", "outcome": outcome, "final_kid": x, "final_fid": 100 * x,
              "kid_std": 0.01, "best_kid": x, "best_fid": 100 * x, "kimg": 1.0, "img_per_s": 100.0,
+             "final_precision": 1 - x, "final_recall": 0.5, "final_density": 1.0, "final_coverage": 0.5,
              "diverged_at_kimg": math.nan, "saturation": "", "run_id": f"{v}{i}"}
             for v, xs in values.items() for i, x in enumerate(xs)]
     return pd.DataFrame(rows)
@@ -304,6 +311,11 @@ def test_provenance_and_ui_view_are_recorded_at_run_time(study):
     view = json.loads(exp.tags[f"mlflow.sharedViewState.study-{parent['run_id']}"])
     assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "variant"}]
     assert "params.`model.d_downsample`" in view["selectedColumns"]
+    # what the verdict compares leads (KID is primary here, with its SE), then fidelity/diversity; best values last
+    metric_columns = [c for c in view["selectedColumns"] if c.startswith("metrics.")]
+    assert metric_columns == ["metrics.`kid/final`", "metrics.`kid/final_std`", "metrics.`pr/final_precision`",
+                              "metrics.`pr/final_recall`", "metrics.`dc/final_coverage`", "metrics.`fid/final`",
+                              "metrics.`progress/kimg`", "metrics.`kid/best`", "metrics.`fid/best`"]
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -488,3 +500,35 @@ def test_mlflow_ui_lines_up_variants_in_a_real_browser(study, mlflow_server, tmp
     assert text.index("Group: baseline") < text.index("Group: hot") < text.index("Group: maxpool")  # sorted
     with Image.open(tmp_path / "mlflow-runs.png") as im:
         assert im.size == (1500, 820)
+
+
+def test_recall_and_coverage_get_secondary_verdict_lines_from_welch_and_holm_within_each_metric(store, tmp_path):
+    # the fake study's recall is 0.8 - KID - seed/100 and coverage 0.9 - KID - seed/50: `strong`, with the lowest
+    # KID, reaches more of the real images on both; `null` differs on neither
+    seeds = {"baseline": (0.30, 0.31, 0.29), "strong": (0.20, 0.21, 0.19), "null": (0.30, 0.32, 0.29)}
+    _fake_study(store, "diversity-study", {v: [("finished", x) for x in xs] for v, xs in seeds.items()})
+    text = write_report(store, "diversity-study", tmp_path / "reports").read_text()
+    verdict = text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
+    primary, secondary = verdict.split("**Diversity (secondary)**")
+    assert "**Final KID**: `strong` is better than the baseline" in primary and "recall" not in primary
+    import mlflow
+    from scipy import stats as sps
+    mlflow.set_tracking_uri(store.uri)
+    runs = mlflow.search_runs(experiment_names=["diversity-study"])
+    children = runs[runs["tags.study"] == "child"]
+    for key, label in (("pr/final_recall", "recall"), ("dc/final_coverage", "coverage")):
+        values = {v: children[children["tags.variant"] == v][f"metrics.{key}"].to_numpy() for v in seeds}
+        p = {v: sps.ttest_ind(values[v], values["baseline"], equal_var=False).pvalue for v in ("strong", "null")}
+        holm = _holm(p)
+        assert holm["strong"] < 0.05 < holm["null"]
+        diff = values["strong"].mean() - values["baseline"].mean()
+        ci = sps.ttest_ind(values["strong"], values["baseline"], equal_var=False).confidence_interval(0.95)
+        assert (f"`strong`: {label} significantly higher than the baseline's: {values['strong'].mean():.3g} against "
+                f"{values['baseline'].mean():.3g}, Δ {diff:+.3g} (95% CI {ci.low:+.3g} to {ci.high:+.3g}, Holm p "
+                f"{holm['strong']:.3g})") in secondary
+        assert f"`null`: {label}" not in secondary
+    assert (tmp_path / "reports" / "diversity-study" / "fidelity_diversity.png").is_file()
+    assert "No run evaluated G during training" in text  # no training evaluations: the strip plot of finals
+    rows = table_rows(text, RESULTS)
+    strong = children[children["tags.variant"] == "strong"]["metrics.pr/final_precision"].to_numpy()
+    assert rows["strong"][11] == f"{strong.mean():.4g} ± {strong.std(ddof=1):.2g}"

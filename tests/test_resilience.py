@@ -142,6 +142,41 @@ def test_d_saturation_and_collapse_are_tagged(tiny_cfg):
     assert healthy.run().status == "finished" and not healthy.failures
 
 
+@pytest.mark.slow
+def test_a_healthy_quick_run_on_real_faces_is_not_collapsed_and_the_same_g_drawing_one_image_is(real_celeba,
+                                                                                              cache_dir):
+    """The `quick` preset's whole training (12 kimg) on real CelebA, scored by the real Inception network: its
+    samples spread like real images do (dc/nn_ratio well above eval.collapse_nn_ratio), although precision, recall
+    and coverage are still ~0 at this size. The same trained G fed one z for every sample is collapsed."""
+    from core import config as config_mod
+    from core import records as rec
+    from core.metrics import MetricOptions, calc_metrics
+    from core.sampling import evaluated_g
+    cfg = config_mod.resolve("quick", {"data.root": str(real_celeba.parent), "data.cache_dir": str(cache_dir),
+                                       "train.device": "cpu", "eval.fid_every_kimg": 0.0,
+                                       "eval.fid_final_samples": 64, "eval.fid_ref_images": 128})
+    trainer = build(cfg, with_fid=True)
+    result = trainer.run()
+    ratio = trainer.metric_log.series(rec.NN_RATIO_KEY)[-1][1]
+    assert result.status == "finished" and not trainer.failures, (result.status, ratio)
+    assert ratio > 1.5 * cfg.eval.collapse_nn_ratio  # measured 0.44-0.46: not at the threshold's edge
+
+    class OneZ(torch.nn.Module):
+        def __init__(self, G):
+            super().__init__()
+            self.G = G
+
+        def forward(self, z):
+            return self.G(z[:1].expand_as(z).contiguous())
+
+    ev = trainer.evaluate
+    one = calc_metrics(MetricOptions(G=OneZ(evaluated_g(cfg, trainer.G, trainer.G_ema)), z_dim=cfg.model.z_dim,
+                                     num_samples=64, ref=ev.ref, extractor=ev.extractor, device=ev.device,
+                                     g_mode=cfg.eval.g_mode, batch=cfg.eval.fid_batch))
+    assert one.diagnostics[rec.NN_RATIO_KEY] < cfg.eval.collapse_nn_ratio
+    assert one.score(rec.RECALL).value == 0.0  # one image has balls of radius 0: no real image inside
+
+
 @pytest.mark.parametrize("args,message", [
     (["--set", "train.batch_size=2"], "too small for BatchNorm"),
     (["--set", "optim.lr_g=-1e-4"], "optim.lr_g=-0.0001 must be a positive learning rate"),

@@ -75,10 +75,61 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def plot_finals(groups: dict[str, list[str]], families: list[str], final: pd.DataFrame, path: Path) -> Path:
+    """Without evaluations during training (the `cpu` preset): one panel per family, primary first, each seed's
+    final value as a point over its variant (spread sideways), with the variant's mean ± sd beside them."""
+    plt, colors = _plt(), _colors(list(groups))
+    fig, axes = plt.subplots(1, len(families), figsize=(5.4 * len(families), 3.8), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        for i, variant in enumerate(groups):
+            values = final.loc[final["variant"] == variant, f"final_{family}"].astype(float).dropna().to_numpy()
+            if not len(values):
+                continue
+            offsets = [(j - (len(values) - 1) / 2) * 0.08 for j in range(len(values))]
+            ax.scatter([i - 0.12 + o for o in offsets], values, color=colors[variant], s=22, zorder=3)
+            sd = values.std(ddof=1) if len(values) > 1 else 0.0
+            ax.errorbar([i + 0.22], [values.mean()], yerr=[sd], fmt="D", color=colors[variant], capsize=3,
+                        markersize=5)
+        ax.set_xticks(range(len(groups)), [f"{v}\n(n={int((final['variant'] == v).sum())})" for v in groups],
+                      fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_ylabel(f"final {rec.LABEL[family]} (lower is better)")
+        ax.set_title(f"{rec.final_key(family)} per seed (●), ◆ mean ± sd", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_fidelity_diversity(groups: dict[str, list[str]], final: pd.DataFrame, baseline: str, path: Path) -> Path:
+    """Precision against recall (k = 3) and density against coverage (k = 5): one point per seed, coloured by
+    variant, the baseline's mean as a large cross. Up is more diversity, right more fidelity."""
+    plt, colors = _plt(), _colors(list(groups))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (x, y) in zip(axes, ((rec.PRECISION, rec.RECALL), (rec.DENSITY, rec.COVERAGE))):
+        for variant in groups:
+            done = final[final["variant"] == variant]
+            ax.scatter(done[f"final_{x}"].astype(float), done[f"final_{y}"].astype(float), color=colors[variant],
+                       s=26, label=f"{variant} (n={len(done)})", zorder=3)
+        base = final[final["variant"] == baseline]
+        if len(base):
+            ax.scatter([base[f"final_{x}"].astype(float).mean()], [base[f"final_{y}"].astype(float).mean()],
+                       marker="X", s=140, color=colors.get(baseline, "black"), edgecolor="black", linewidth=0.8,
+                       label=f"{baseline} mean", zorder=4)
+        ax.set_xlabel(f"{rec.LABEL[x]} (fidelity)")
+        ax.set_ylabel(f"{rec.LABEL[y]} (diversity)")
+        top = max(1.0, final[f"final_{x}"].astype(float).max(skipna=True) if len(final) else 1.0)  # density > 1
+        ax.set_xlim(0, 1.04 * (top if math.isfinite(top) else 1.0))
+        ax.set_ylim(0, 1.04)  # recall and coverage are shares
+        ax.set_title(f"final {rec.LABEL[x]} against {rec.LABEL[y]}, one point per seed", fontsize=9)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_metrics(hist: History, groups: dict[str, list[str]], panels: list[tuple[str, str]], final: pd.DataFrame,
                  path: Path) -> Path:
     """One panel per (training key, family), primary first: each variant's curve during training (mean line,
-    min-max band over seeds) and its final value as mean ± sd markers (final[f"final_{family}"])."""
+    min-max band over seeds) and its final value as mean ± sd markers (final[f"final_{family}"]). Where no run
+    evaluated during training, the final values per seed as a strip plot instead (plot_finals)."""
+    if not any(hist.get(rid, {}).get(key) for rids in groups.values() for rid in rids for key, _ in panels):
+        return plot_finals(groups, [family for _, family in panels], final, path)
     plt, colors = _plt(), _colors(list(groups))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 3.8), squeeze=False)
     span = final["kimg"].max() if len(final) else 1.0

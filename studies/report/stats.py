@@ -29,6 +29,8 @@ from core.records import COMPLETED, FAILURES, LABEL, Outcome, other_family
 from studies.verdict import BASELINE, VariantRecord, VariantVerdict, best, verdict
 
 NOT_RECORDED = "not recorded"  # the cell of a key that is optional by design and absent from this store
+SHOWN = (rec.PRECISION, rec.RECALL, rec.COVERAGE)  # fidelity and diversity beside the distances in the variant table
+SECONDARY = (rec.RECALL, rec.COVERAGE)  # diversity, tested against the baseline apart from the primary verdict
 EVALUATED = (Outcome.FINISHED, Outcome.COLLAPSED, Outcome.D_SATURATED)  # outcomes that ran the final evaluation
 
 
@@ -68,11 +70,12 @@ def run_table(children: pd.DataFrame, order: list[str] | None, metric: str) -> p
     logged = outcome.isin(EVALUATED)  # runs that trained to the end, so logged at least once
     optional = dict(optional_for=evaluated, missing=missing)
     finals = {m: _num(_column(children, metric_col(rec.final_key(m)), **optional,
-                              required_by=evaluated if m == metric else None)) for m in rec.FAMILIES}
+                              required_by=evaluated if m == metric else None))
+              for m in (*rec.FAMILIES, *rec.FIDELITY_DIVERSITY)}
     table = pd.DataFrame({
         "variant": children[tag(rec.VARIANT)].values, "seed": children[tag(rec.SEED)].astype(int).values,
         "run": _column(children, tag(rec.RUN_NAME)).fillna("").values, "outcome": outcome.values,
-        **{f"final_{m}": finals[m] for m in rec.FAMILIES},
+        **{f"final_{m}": finals[m] for m in finals},
         "kid_std": _num(_column(children, metric_col(rec.final_std_key(rec.KID)), **optional)),
         **{f"best_{m}": _num(_column(children, metric_col(rec.best_key(m)), **optional)) for m in rec.FAMILIES},
         "kimg": _num(_column(children, metric_col(rec.KIMG), required_by=logged)),
@@ -111,9 +114,8 @@ class VariantRow:
     """A variant as the report shows it: its verdict, its seeds by outcome, the other metric, its speed."""
     verdict: VariantVerdict
     outcomes: Mapping[Outcome, int]  # seeds per outcome, unfinished ones included
-    other_mean: float  # the other metric over the seeds the test counts
-    other_sd: float
-    other_recorded: bool  # False when the store predates the other metric
+    beside: Mapping[str, tuple[float, float] | None]  # the other metric, precision, recall, coverage: (mean, sd)
+                                                      # over the seeds the test counts; None: the store predates it
     img_per_s: float  # mean over runs of the throughput at the last log
     best: bool  # the starred variant (studies.verdict.best)
 
@@ -136,16 +138,26 @@ def variant_rows(runs: pd.DataFrame, order: list[str], metric: str) -> list[Vari
     rows = []
     for v in verdicts:
         mine = runs[runs["variant"] == v.name]
-        side = mine.loc[counted(mine, metric), f"final_{other}"].to_numpy(float)
-        side = side[np.isfinite(side)]
+        beside = {}
+        for m in (other, *SHOWN):
+            side = mine.loc[counted(mine, metric), f"final_{m}"].to_numpy(float)
+            side = side[np.isfinite(side)]
+            beside[m] = ((float(side.mean()) if len(side) else math.nan,
+                          float(side.std(ddof=1)) if len(side) > 1 else math.nan)
+                         if recorded(runs, rec.final_key(m)) else None)
         speed = mine["img_per_s"].astype(float)
         rows.append(VariantRow(
             verdict=v, outcomes={Outcome(o): int(c) for o, c in mine["outcome"].value_counts().items()},
-            other_mean=float(side.mean()) if len(side) else math.nan,
-            other_sd=float(side.std(ddof=1)) if len(side) > 1 else math.nan,
-            other_recorded=recorded(runs, rec.final_key(other)),
-            img_per_s=float(speed.mean()) if speed.notna().any() else math.nan, best=v.name == winner))
+            beside=beside, img_per_s=float(speed.mean()) if speed.notna().any() else math.nan,
+            best=v.name == winner))
     return rows
+
+
+def secondary_verdicts(runs: pd.DataFrame, order: list[str]) -> dict[str, list[VariantVerdict]]:
+    """Recall and coverage (higher is better) against the baseline: Welch, Holm within each metric across the
+    study's variants, on each metric's own finished seeds. Secondary: the primary verdict's error rate is its own."""
+    return {m: verdict(records(runs, order, m), LABEL[m], lower_is_better=False) for m in SECONDARY
+            if recorded(runs, rec.final_key(m))}
 
 
 # ---- the tables as a reviewer reads them --------------------------------------------------------------------------
@@ -181,6 +193,11 @@ def _delta(r: VariantRow) -> str:
                                        else "(no interval)")
 
 
+def _beside(r: VariantRow, family: str) -> str:
+    shown = r.beside[family]
+    return _mean_sd(*shown, r.verdict.finished) if shown is not None else NOT_RECORDED
+
+
 def display_summary(rows: Sequence[VariantRow], metric: str) -> pd.DataFrame:
     """The variant table as a reviewer reads it: failures first, then the primary metric and its test."""
     name, other = LABEL[metric], LABEL[other_family(metric)]
@@ -200,11 +217,11 @@ def display_summary(rows: Sequence[VariantRow], metric: str) -> pd.DataFrame:
             if v.seeds else "–",
             "Fisher p vs baseline": "–" if base else _g(v.fisher_p, ".2g"),
             f"final {name} (mean ± sd)": _mean_sd(v.mean, v.sd, v.finished),
-            f"final {other} (mean ± sd)": _mean_sd(r.other_mean, r.other_sd, v.finished) if r.other_recorded
-            else NOT_RECORDED,
+            f"final {other} (mean ± sd)": _beside(r, other_family(metric)),
             f"Δ {name} vs baseline [95% Welch CI]": "(reference)" if base else _delta(r),
             "Holm p": "–" if base else _g(v.p_holm, ".3g"), "significant": significance(r),
-            "MDE": "–" if base else _g(v.mde, ".3g"), "img/s": _g(r.img_per_s, ".0f"),
+            "MDE": "–" if base else _g(v.mde, ".3g"),
+            **{f"final {LABEL[m]} (mean ± sd)": _beside(r, m) for m in SHOWN}, "img/s": _g(r.img_per_s, ".0f"),
         })
     return pd.DataFrame(out)
 
@@ -231,6 +248,7 @@ def display_runs(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
         "run": runs["run"], "variant": runs["variant"], "seed": runs["seed"], "outcome": runs["outcome"].astype(str),
         "in test": np.where(counted(runs, metric), "yes", "no"),
         "final KID ± SE": kid, "final FID": cells("final_fid", rec.final_key(rec.FID)),
+        **{LABEL[m]: cells(f"final_{m}", rec.final_key(m), ".3g") for m in rec.FIDELITY_DIVERSITY},
         "best KID in training (selected after the fact)": cells("best_kid", rec.best_key(rec.KID)),
         "best FID in training (selected after the fact)": cells("best_fid", rec.best_key(rec.FID)),
         "D saturated": [_episodes(c) or "–" for c in runs["saturation"]],
@@ -279,6 +297,34 @@ def verdict_lines(rows: Sequence[VariantRow], metric: str, final_samples: int = 
         lines.append(f"FID, shown beside KID, is computed on only {final_samples} generated images: below 2,048 it "
                      "is biased upwards, by an amount that depends on the generator, so it is not tested; compare "
                      "it only with runs under the same protocol.")
+    return lines
+
+
+def secondary_lines(secondary: Mapping[str, Sequence[VariantVerdict]]) -> list[str]:
+    """One line per variant whose recall or coverage differs significantly from the baseline's, under a heading
+    that says they are secondary; with none, what difference the seeds could have missed."""
+    if not secondary:
+        return []
+    names = " and ".join(LABEL[m] for m in secondary)
+    lines = [f"**Diversity (secondary)**: {names} (higher is better: more of the real images' variety reached), "
+             "each tested against the baseline with Welch's t-test, Holm-adjusted within that metric across the "
+             "study's variants, on its own finished seeds. Secondary: they leave the primary verdict and its error "
+             "rate as they are."]
+    for m, verdicts in secondary.items():
+        base = next(v for v in verdicts if v.name == BASELINE)
+        for v in verdicts:
+            if v.name == BASELINE or not v.significant:
+                continue
+            w = v.welch
+            lines.append(f"`{v.name}`: {LABEL[m]} significantly {'higher' if w.diff > 0 else 'lower'} than the "
+                         f"baseline's: {_g(v.mean, '.3g')} against {_g(base.mean, '.3g')}, Δ {_g(w.diff, '+.3g')} "
+                         f"(95% CI {_g(w.lo, '+.3g')} to {_g(w.hi, '+.3g')}, Holm p {_g(v.p_holm, '.3g')}).")
+    if len(lines) == 1:
+        missed = "; ".join(f"{LABEL[m]} {_g(min((v.mde for v in vs if math.isfinite(v.mde)), default=math.nan), '.2g')}"
+                           f" to {_g(max((v.mde for v in vs if math.isfinite(v.mde)), default=math.nan), '.2g')}"
+                           for m, vs in secondary.items())
+        lines.append(f"No variant's {names} differs significantly from the baseline's; differences smaller than "
+                     f"the smallest detectable ones ({missed}) could have been missed.")
     return lines
 
 

@@ -112,7 +112,7 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
             rec.STUDY: rec.PARENT, rec.STUDY_KEY: key, rec.ABLATION: spec.ablation, rec.PRESET: spec.preset,
             rec.BASE: ",".join(f"{a}={v}" for a, v in spec.base) or "none", rec.SEEDS: ",".join(map(str, spec.seeds)),
             rec.VARIANTS: ",".join(configs), **spec.provenance})
-        describe_study(store, parent, spec, list(configs))
+        describe_study(store, parent, spec, list(configs), config_mod.derive(next(iter(configs.values()))).primary_metric)
         parent.log_params({"study.preset": spec.preset, "study.seeds": list(spec.seeds),
                            "study.variants": list(configs), "study.base": dict(spec.base),
                            "study.overrides": spec.overrides, **spec.provenance})
@@ -133,11 +133,12 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
     return parent.run_id
 
 
-def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: list[str]) -> None:
-    """Provenance tags and the MLflow description on the parent run, and the study's saved view for the UI."""
+def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: list[str], primary: str) -> None:
+    """Provenance tags and the MLflow description on the parent run, and the study's saved view for the UI
+    (led by the `primary` metric's final value)."""
     parent.set_tags({**provenance(), "mlflow.note.content": study_note(spec.experiment, variants, spec.seeds)})
     varied = sorted(get_ablation(spec.ablation).varied_keys())
-    refused = store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied))
+    refused = store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied, primary))
     if refused:  # the study still runs; its report links a URL filter instead of the view
         print(f"note: the MLflow store did not save the study's UI view ({refused})", file=sys.stderr)
 
