@@ -209,33 +209,42 @@ def kid(feats: np.ndarray, ref: ReferenceStats) -> Measured:
         f"{rec.KID}_std_error": "two-sample jackknife + subsets"})
 
 
-def nn_ratio(feats: np.ndarray, held_out: np.ndarray | None, k: int = DC_K) -> float:
+def nn_ratio(feats: np.ndarray, real: np.ndarray, k: int = DC_K) -> float:
     """Diversity without fidelity: the median distance from a generated sample to its k-th nearest generated
-    neighbour over the same among as many held-out real images (rec.NN_RATIO). 0 for one image repeated, ~1 for
-    samples as spread out as real images; NaN without enough held-out images.
+    neighbour over the same among as many real images (rec.NN_RATIO), m = the smaller count of both, the first m
+    of each. 0 for one image repeated, ~1 for samples as spread out as real images; NaN for m <= k.
 
     Recall and coverage need generated samples near real ones: a G that draws varied but unrealistic images
     (every `quick` run, and every run early on) scores 0 on both, exactly like a G that draws one image. This
-    ratio looks at the generated set alone, against real images on the same count under the same protocol.
+    ratio looks at the generated set alone, against real images on the same count under the same protocol. The
+    real side is the reference's own features: a set's spread within itself never meets the other set, so the
+    images need not be held out (and under the `default` preset the reference is every image, none left over).
     """
-    if held_out is None or len(held_out) < len(feats) or len(feats) <= k:
+    m = min(len(feats), len(real))
+    if m <= k:
         return math.nan
-    return float(np.median(knn_radii(feats, k)) / np.median(knn_radii(held_out[:len(feats)], k)))
+    device = _device()
+    return float(np.median(knn_radii(feats[:m], k, device=device)) /
+                 np.median(knn_radii(np.asarray(real[:m]), k, device=device)))
+
+
+def _device() -> torch.device:
+    """Where the k-NN metrics compute their distances: the GPU where there is one (50k x 50k features are ~4e13
+    flops in float64), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @register_metric
 def pr_dc(feats: np.ndarray, ref: ReferenceStats) -> Measured:
     """Precision and recall (k = 3), density and coverage (k = 5) against the reference features, and the nearest-
-    neighbour ratio against held-out real images; NaN with too few samples for k (a smoke run's handful)."""
+    neighbour ratio (nn_ratio); NaN with too few samples for k (a smoke run's handful)."""
     if min(len(feats), ref.num_images) <= max(PR_K, DC_K):
         at = {k: dict.fromkeys(rec.FIDELITY_DIVERSITY, math.nan) for k in (PR_K, DC_K)}
     else:
-        at = prdc_at(ref.feats, feats, (PR_K, DC_K))
+        at = prdc_at(ref.feats, feats, (PR_K, DC_K), device=_device())
     k_of = {rec.PRECISION: PR_K, rec.RECALL: PR_K, rec.DENSITY: DC_K, rec.COVERAGE: DC_K}
     return Measured(tuple(Score(m, m, at[k_of[m]][m]) for m in rec.FIDELITY_DIVERSITY),
-                    {rec.NN_RATIO_KEY: nn_ratio(feats, ref.held_out)},
-                    protocol={f"{rec.PR}_k": PR_K, f"{rec.DC}_k": DC_K,
-                              "num_held_out": 0 if ref.held_out is None else len(ref.held_out)})
+                    {rec.NN_RATIO_KEY: nn_ratio(feats, ref.feats)}, protocol={f"{rec.PR}_k": PR_K, f"{rec.DC}_k": DC_K})
 
 
 class FidEvaluator:

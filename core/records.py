@@ -69,8 +69,8 @@ def diagnostic_key(family: str, name: str) -> str:
 
 FEATURE_SPREAD = "feature_spread"  # generated over real Inception feature variance (trace ratio), a diagnostic
 # diversity without fidelity: the median distance from a generated sample to its 5th nearest generated neighbour,
-# over the same among as many held-out real images (1 = as spread out as real images, 0 = one image); the
-# `collapsed` outcome reads it (eval.collapse_nn_ratio)
+# over the same among as many real images (1 = as spread out as real images, 0 = one image); the `collapsed`
+# outcome reads it (eval.collapse_nn_ratio)
 NN_RATIO = "nn_ratio"
 SPREAD_KEY, NN_RATIO_KEY = diagnostic_key(FID, FEATURE_SPREAD), diagnostic_key(DC, NN_RATIO)
 

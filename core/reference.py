@@ -4,15 +4,11 @@ A run's metrics compare generated features with these. They are computed once pe
 everything that produced them (the images' data key, how many, the protocol version, the resize and the
 Inception weights' digest; stylegan's `metric_utils` hashes its dataset arguments the same way), and cached as
 fid-ref-KEY.npz (mean, covariance, count) beside fid-ref-KEY.feats.npy (the float32 features, which KID and any
-other metric of the features read). Held-out real images, the last N of the set (outside the reference, N the
-final evaluation's sample count), are scored once beside them (fid-ref-KEY.held-out-N.npy): what real images
-score under the same protocol, the anchor of the `collapsed` outcome. A study calls `ensure_reference` before its
-first run, so no run pays for them.
+other metric of the features read). A study calls `ensure_reference` before its first run, so no run pays for them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 from collections.abc import Container
@@ -38,8 +34,6 @@ class ReferenceStats:
     key: str  # hash of everything that produced them
     path: Path  # cached .npz, logged as an artifact
     feats: np.ndarray  # (num_images, 2048) float32 features for KID, memory-mapped from path's .feats.npy
-    held_out: np.ndarray | None = None  # features of the last N images of the set, outside the reference; None
-                                        # when the set has too few images beyond the reference (or none asked)
 
 
 def statistics(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,40 +53,9 @@ def reference_path(cache_dir: Path, data_key: str, num_images: int, available: i
     return cache_dir / f"fid-ref-{key}.npz", key, n
 
 
-def held_out_path(path: Path, num_images: int) -> Path:
-    """Where the features of `num_images` held-out real images beside the reference at `path` are cached."""
-    return path.with_suffix(f".held-out-{num_images}.npy")
-
-
-def _save(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_suffix(f".partial-{os.getpid()}.npy")
-    np.save(tmp, array.astype(np.float32))
-    os.replace(tmp, path)
-
-
-def _held_out(images: np.ndarray, n_ref: int, num: int, extractor: InceptionFeatures, path: Path,
-              progress: bool) -> np.ndarray | None:
-    """Features of the last `num` images, cached beside the reference; None when they would overlap it."""
-    if num <= 0 or len(images) < n_ref + num:
-        return None
-    cached = held_out_path(path, num)
-    if cached.is_file():
-        try:
-            feats = np.load(cached, mmap_mode="r")
-            if feats.ndim == 2 and len(feats) == num:
-                return feats
-        except (OSError, ValueError):
-            pass  # unreadable cache: recompute below
-    chunks = (torch.from_numpy(np.array(images[i:min(i + 1000, len(images))]))
-              for i in range(len(images) - num, len(images), 1000))
-    _save(extractor.stream(with_bar(chunks, num, "held-out real images", progress)), cached)
-    return np.load(cached, mmap_mode="r")
-
-
 def reference_stats(images: np.ndarray, data_key: str, num_images: int, extractor: InceptionFeatures,
-                    cache_dir: Path, progress: bool = False, held_out: int = 0) -> ReferenceStats:
-    """Statistics and features of the first `num_images` training images, computed once, cached by content key,
-    with the features of the last `held_out` images (when the set has that many beyond the reference).
+                    cache_dir: Path, progress: bool = False) -> ReferenceStats:
+    """Statistics and features of the first `num_images` training images, computed once, cached by content key.
 
     The features (float32, for KID) sit beside the statistics as fid-ref-KEY.feats.npy; a cache from before
     they were kept, or with either file unreadable, is recomputed.
@@ -105,19 +68,20 @@ def reference_stats(images: np.ndarray, data_key: str, num_images: int, extracto
             with np.load(path) as z:
                 ref = ReferenceStats(z["mu"], z["sigma"], int(z["n"]), key, path, np.load(feats_path, mmap_mode="r"))
             if ref.feats.shape == (ref.num_images, len(ref.mu)):
-                return dataclasses.replace(ref, held_out=_held_out(images, n, held_out, extractor, path, progress))
+                return ref
         except (OSError, ValueError, KeyError):
             pass  # unreadable cache: recompute below
     chunks = (torch.from_numpy(np.array(images[i:min(i + 1000, n)])) for i in range(0, n, 1000))
     feats = extractor.stream(with_bar(chunks, n, "FID reference statistics", progress))
     mu, sigma = statistics(feats)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _save(feats, feats_path)  # features first: the statistics file marks a complete cache
+    tmp = path.with_suffix(f".partial-{os.getpid()}.npy")
+    np.save(tmp, feats.astype(np.float32))  # features first: the statistics file marks a complete cache
+    os.replace(tmp, feats_path)
     tmp = path.with_suffix(f".partial-{os.getpid()}.npz")
     np.savez(tmp, mu=mu, sigma=sigma, n=n)
     os.replace(tmp, path)
-    return ReferenceStats(mu, sigma, n, key, path, np.load(feats_path, mmap_mode="r"),
-                          _held_out(images, n, held_out, extractor, path, progress))
+    return ReferenceStats(mu, sigma, n, key, path, np.load(feats_path, mmap_mode="r"))
 
 
 def reference_location(cfg: RunConfig, images: ImageSet) -> tuple[Path, str, int]:
@@ -129,11 +93,9 @@ def reference_location(cfg: RunConfig, images: ImageSet) -> tuple[Path, str, int
 
 def load_reference(cfg: RunConfig, images: ImageSet, extractor: InceptionFeatures,
                    progress: bool = False) -> ReferenceStats:
-    """cfg's reference statistics of these images (eval.fid_ref_images of them), from the cache or computed now,
-    with eval.fid_final_samples held-out real images."""
+    """cfg's reference statistics of these images (eval.fid_ref_images of them), from the cache or computed now."""
     return reference_stats(images.images, images.key, cfg.eval.fid_ref_images, extractor,
-                           Path(cfg.data.cache_dir).expanduser(), progress=progress,
-                           held_out=cfg.eval.fid_final_samples)
+                           Path(cfg.data.cache_dir).expanduser(), progress=progress)
 
 
 def ensure_reference(cfg: RunConfig, images: ImageSet, progress: bool = False) -> None:
@@ -141,10 +103,7 @@ def ensure_reference(cfg: RunConfig, images: ImageSet, progress: bool = False) -
 
     A study or search calls this before its first run, so no run's time (or parallel worker) pays for them.
     """
-    path, _, n = reference_location(cfg, images)
-    num = cfg.eval.fid_final_samples
-    missing = not path.is_file() or (len(images.images) >= n + num and not held_out_path(path, num).is_file())
-    if num > 0 and missing:
+    if cfg.eval.fid_final_samples > 0 and not reference_location(cfg, images)[0].is_file():
         load_reference(cfg, images, InceptionFeatures.for_eval(cfg.eval, pick_device(cfg.train.device)), progress)
 
 

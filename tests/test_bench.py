@@ -148,3 +148,13 @@ def test_small_sample_frechet_distance_equals_the_full_eigensolve():
     # the full eigensolve takes square roots of rounding noise in S1's null space: agreement to ~1e-8
     assert frechet_distance(mu, sigma, *statistics(ref), feats1=feats) == pytest.approx(full, rel=1e-6)
     assert frechet_distance(mu, sigma, mu, sigma, feats1=feats) == pytest.approx(0, abs=1e-8)
+
+
+def test_metric_bench_times_every_registered_metric(capsys, tmp_path):
+    from core.metrics import list_metrics
+    from studies.bench.metrics import main
+    assert main(["--ref", "40", "--gen", "20", "--dim", "16", "--repeats", "2", "--out", str(tmp_path / "m.json")]) == 0
+    out = json.loads((tmp_path / "m.json").read_text())
+    assert set(out["seconds"]) == set(list_metrics()) and all(t["min"] > 0 for t in out["seconds"].values())
+    printed = capsys.readouterr().out
+    assert "40 reference x 20 generated features, 16-d, on " in printed and all(m in printed for m in list_metrics())

@@ -159,7 +159,7 @@ def test_fid_samples_g_in_its_protocol_mode_with_fixed_latents_and_restores_the_
 
 
 PROTOCOL_TAGS = ["num_gen", "num_ref", "ref_key", "g_mode", "quantise", "resize", "version", "kid_subsets",
-                 "kid_std_error", "pr_k", "dc_k", "num_held_out", "g_source", "standing_batches"]  # in this order
+                 "kid_std_error", "pr_k", "dc_k", "g_source", "standing_batches"]  # in this order
 
 
 def test_every_registered_metric_comes_from_one_inception_pass(monkeypatch):

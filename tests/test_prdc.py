@@ -150,3 +150,19 @@ def test_bad_input_raises_user_error(real, fake, k, chunk, match):
 def test_cuda_equals_cpu():
     real, fake = _features(9, n_real=3000, n_fake=2000, dim=2048)
     assert prdc(real, fake, 5, device="cuda", chunk=512) == prdc(real, fake, 5)
+
+
+def test_both_ks_from_one_pass_equal_each_k_alone():
+    from core.prdc import prdc_at
+    real, fake = _features(3)
+    both = prdc_at(real, fake, (3, 5))
+    assert both == {3: prdc(real, fake, 3), 5: prdc(real, fake, 5)}
+
+
+def test_knn_radii_are_the_kth_neighbour_distances_and_zero_for_copies():
+    from core.prdc import knn_radii
+    real, _ = _features(4)
+    expected = np.sort(cdist(real.astype(np.float64), real.astype(np.float64)), axis=1)[:, 5]  # self at column 0
+    np.testing.assert_allclose(knn_radii(real, 5), expected, rtol=1e-9)
+    one = np.repeat(real[:1], 20, axis=0)
+    assert (knn_radii(one, 5) == 0).all()  # one image repeated: no spread at all
