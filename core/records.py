@@ -122,6 +122,8 @@ VARIANT, SEED, SEEDS, VARIANTS = "variant", "seed", "seeds", "variants"
 PARENT, CHILD = "parent", "child"  # values of the `study` tag
 RUN_NAME, PARENT_RUN = "mlflow.runName", "mlflow.parentRunId"  # MLflow's own
 PRIMARY_METRIC_PARAM = "derived.primary_metric"
+RUN_KEY = "run_key"  # a child run's content key (core/identity.py): equal keys, the same run
+REUSED_FROM, REUSED_STUDY = "reused_from", "reused_from_study"  # a reused run: the original's run id and experiment
 REFERENCE_ARTIFACT = "fid_reference"  # the folder of a study's or search's parent run holding its reference statistics
 
 

@@ -187,6 +187,17 @@ class Store:
             return []
         return self.client.search_runs([exp.experiment_id], filter_string, max_results=10000)
 
+    def find_tagged(self, tag: str, value: str) -> list:
+        """Runs of every experiment whose tag `tag` is `value`, oldest first."""
+        ids = [e.experiment_id for e in self.client.search_experiments(max_results=50000)]
+        if not ids:
+            return []
+        runs = self.client.search_runs(ids, f"tags.`{tag}` = '{value}'", max_results=10000)
+        return sorted(runs, key=lambda r: r.info.start_time)
+
+    def experiment_name(self, experiment_id: str) -> str:
+        return self.client.get_experiment(experiment_id).name
+
     def runs_frame(self, experiment: str, filter_string: str = ""):
         """All runs of an experiment as a DataFrame (params., metrics., tags. columns), like mlflow.search_runs."""
         import mlflow

@@ -6,10 +6,15 @@
 A few timed training steps of every variant's real model (after a warm-up step, on the device and in the
 precision the run will use) give its img/s; one timed Inception batch gives the FID/KID pass's img/s. The
 arithmetic (`estimate`) is separate from the measuring (`measure`), so it is tested on made-up timings.
+
+Before a study that may be refused, `probe` times one step of the first variant at batch 8 and 8 images
+through Inception: seconds, where the full measurement of a 128 px model on a CPU takes minutes. A probe
+whose ETA is CLEAR_FACTOR times over the limit is the answer (a study of weeks needs no third decimal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +32,11 @@ from core.inception import InceptionFeatures
 
 TIMED_STEPS = 3  # training steps timed per variant, after one warm-up step
 LONG_ETA_S = 12 * 3600  # beyond this, a study asks for --yes
+PROBE_BATCH = 8  # images per step (and through Inception) of the probe
+CLEAR_FACTOR = 10  # a probe ETA this many times over LONG_ETA_S is refused without measuring further
+PROBE_ABOVE = 1e10  # pixels a study trains on (runs x images x resolution^2) above which the probe comes first:
+                    # the cpu preset's pooling study is 5.5e8 (its full measurement takes seconds), the default
+                    # preset's 2.9e11 (minutes on a CPU)
 
 
 @dataclass(frozen=True)
@@ -74,10 +84,40 @@ def estimate(configs: dict[str, RunConfig], runs_per_variant: int, timings: Timi
     return Estimate(train_s + eval_s, runs_per_variant * len(configs), train_s, eval_s)
 
 
-def measure(configs: dict[str, RunConfig], images: DeviceImages) -> Timings:
-    """Time TIMED_STEPS training steps of each variant and one Inception batch, here and now."""
-    speeds = {name: _train_img_per_s(cfg, images) for name, cfg in configs.items()}
-    return Timings(speeds, _inception_img_per_s(next(iter(configs.values())), images))
+def measure(configs: dict[str, RunConfig], images: DeviceImages, progress: bool = False) -> Timings:
+    """Time TIMED_STEPS training steps of each variant and one Inception batch, here and now (with a bar that
+    names what is being timed when `progress`: a 128 px model on a CPU takes minutes)."""
+    from tqdm import tqdm
+    speeds = {}
+    with tqdm(total=len(configs) + 1, desc="timing this machine", unit="model", leave=False, disable=not progress,
+              dynamic_ncols=True) as bar:
+        for name, cfg in configs.items():
+            bar.set_postfix_str(f"{name}: {TIMED_STEPS + 1} steps of batch {cfg.train.batch_size}")
+            speeds[name] = _train_img_per_s(cfg, images)
+            bar.update()
+        first = next(iter(configs.values()))
+        bar.set_postfix_str(f"an Inception batch of {first.eval.fid_batch}")
+        inception = _inception_img_per_s(first, images)
+        bar.update()
+    return Timings(speeds, inception)
+
+
+def worth_probing(configs: dict[str, RunConfig], runs_per_variant: int) -> bool:
+    """Whether a study is large enough (PROBE_ABOVE) that its full measurement may take minutes."""
+    pixels = sum(runs_per_variant * config_mod.derive(cfg).steps * cfg.train.batch_size * cfg.model.resolution ** 2
+                 for cfg in configs.values())
+    return pixels > PROBE_ABOVE
+
+
+def probe(configs: dict[str, RunConfig], images: DeviceImages) -> Timings:
+    """Rough timings from one step of the first variant at PROBE_BATCH, for every variant, and PROBE_BATCH
+    images through Inception. Per image, a small batch is slower than the run's, so the ETA errs long: it only
+    decides refusals that are clear by far (CLEAR_FACTOR)."""
+    cfg = next(iter(configs.values()))
+    small = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=min(PROBE_BATCH,
+                                                                                          cfg.train.batch_size)))
+    speed = _train_img_per_s(small, images, steps=1)
+    return Timings(dict.fromkeys(configs, speed), _inception_img_per_s(cfg, images, PROBE_BATCH))
 
 
 def _sync(device: torch.device) -> None:
@@ -85,28 +125,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_img_per_s(cfg: RunConfig, images: DeviceImages) -> float:
+def _train_img_per_s(cfg: RunConfig, images: DeviceImages, steps: int = TIMED_STEPS) -> float:
     trainer = build_run(cfg, images=images, with_fid=False)
     device = trainer.device
     try:
         trainer.train_step()  # warm-up: allocations, cuDNN autotuning
         _sync(device)
         start = time.perf_counter()
-        for _ in range(TIMED_STEPS):
+        for _ in range(steps):
             trainer.train_step()
         _sync(device)
-        return TIMED_STEPS * cfg.train.batch_size / (time.perf_counter() - start)
+        return steps * cfg.train.batch_size / (time.perf_counter() - start)
     finally:
         trainer.close()
         del trainer
         release_memory(device)
 
 
-def _inception_img_per_s(cfg: RunConfig, images: DeviceImages) -> float:
+def _inception_img_per_s(cfg: RunConfig, images: DeviceImages, batch: int | None = None) -> float:
     if cfg.eval.fid_final_samples == 0:
         return math.inf
     extractor = InceptionFeatures.for_eval(cfg.eval, images.device)
-    n = min(cfg.eval.fid_batch, len(images))
+    n = min(batch or cfg.eval.fid_batch, len(images))
     batch = torch.from_numpy(np.array(images.image_set.images[:n]))
     extractor(batch[: min(n, 2)])  # warm-up
     start = time.perf_counter()

@@ -86,7 +86,8 @@ def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path,
 
 def test_a_study_over_12_hours_needs_yes(tmp_path, monkeypatch, synthetic_root, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(eta, "measure", lambda configs, images: eta.Timings({k: 0.5 for k in configs}, 0.5))
+    monkeypatch.setattr(eta, "measure", lambda configs, images, progress=False: eta.Timings({k: 0.5 for k in configs},
+                                                                                            0.5))
     flags = ["pooling", "--preset", "quick", "--seeds", "1", "--data", str(synthetic_root), "--no-progress",
              "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     assert run_main(flags) == 2  # 3 runs x 12,000 images at 0.5 img/s: 20 hours of training alone
@@ -94,3 +95,40 @@ def test_a_study_over_12_hours_needs_yes(tmp_path, monkeypatch, synthetic_root, 
     assert len(err) == 1 and err[0].startswith("error: preset quick (asked for with --preset); ETA ")
     assert "over 12 hours" in err[0] and "--yes" in err[0]
     assert not (tmp_path / "mlflow.db").exists()  # refused before the tracking store is opened
+
+
+def test_a_study_far_over_the_limit_is_refused_from_a_probe_without_the_full_measurement(tmp_path, monkeypatch,
+                                                                                         synthetic_root, capsys):
+    monkeypatch.chdir(tmp_path)
+    probed = []
+    monkeypatch.setattr(eta, "probe", lambda configs, images: (probed.append(list(configs)),
+                                                               eta.Timings({k: 0.01 for k in configs}, 1.0))[1])
+    monkeypatch.setattr(eta, "measure", lambda *a, **kw: pytest.fail("measured although the probe was clear"))
+    flags = ["pooling", "--preset", "default", "--seeds", "1", "--data", str(synthetic_root), "--no-progress",
+             "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "train.device=cpu"]
+    assert run_main(flags) == 2  # 3 runs x 2,000 kimg at 0.01 img/s: 19 years
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ETA roughly" in err[0] and "not measured further" in err[0] and "--yes" in err[0]
+    assert probed == [["baseline", "maxpool", "avgpool"]]
+
+
+def test_the_probe_times_one_small_step_and_a_few_inception_images(tiny_cfg, monkeypatch):
+    from tests.helpers import images_for
+    cfg = tiny_cfg(train__batch_size=16, eval__fid_batch=16)
+    seen = []
+    real_train, real_inception = eta._train_img_per_s, eta._inception_img_per_s
+    monkeypatch.setattr(eta, "_train_img_per_s", lambda c, images, steps=eta.TIMED_STEPS: (
+        seen.append((c.train.batch_size, steps)), real_train(c, images, steps))[1])
+    monkeypatch.setattr(eta, "_inception_img_per_s", lambda c, images, batch=None: (
+        seen.append(("inception", batch)), 5.0)[1])
+    timings = eta.probe({"a": cfg, "b": cfg}, images_for(cfg))
+    assert seen == [(eta.PROBE_BATCH, 1), ("inception", eta.PROBE_BATCH)]
+    assert timings.train_img_per_s["a"] == timings.train_img_per_s["b"] > 0 and timings.inception_img_per_s == 5.0
+
+
+def test_only_a_large_study_is_probed_first():
+    quick, default = config_mod.resolve("quick"), config_mod.resolve("default")
+    cpu = config_mod.resolve("cpu")
+    assert not eta.worth_probing({"a": quick, "b": quick, "c": quick}, 3)
+    assert not eta.worth_probing({"a": cpu, "b": cpu, "c": cpu}, 3)  # its full measurement takes seconds
+    assert eta.worth_probing({"a": default}, 1)

@@ -166,3 +166,27 @@ def test_knn_radii_are_the_kth_neighbour_distances_and_zero_for_copies():
     np.testing.assert_allclose(knn_radii(real, 5), expected, rtol=1e-9)
     one = np.repeat(real[:1], 20, axis=0)
     assert (knn_radii(one, 5) == 0).all()  # one image repeated: no spread at all
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_identical_sets_score_1_on_precision_recall_and_coverage(k):
+    real, _ = _features(5)
+    out = prdc(real, real.copy(), k)
+    assert (out["precision"], out["recall"], out["coverage"]) == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_one_real_point_repeated_has_recall_and_coverage_near_0(k):
+    real, _ = _features(6)
+    out = prdc(real, np.repeat(real[7:8], 150, axis=0), k)
+    assert out["recall"] == 0.0  # balls of radius 0 hold no real image
+    assert out["coverage"] <= 5 / len(real)  # only reals whose own ball holds that one point: a handful at most
+    assert out["precision"] == 1.0  # the copy sits inside the balls of its real neighbours
+
+
+def test_a_random_half_of_the_reals_has_precision_1_and_recall_near_1_at_k5():
+    real, _ = _features(7, n_real=400)
+    half = real[np.random.default_rng(1).permutation(len(real))[:200]]
+    out = prdc(real, half, 5)
+    assert out["precision"] == 1.0  # every fake is a real point, inside its neighbours' balls
+    assert out["recall"] > 0.9 and out["coverage"] > 0.9

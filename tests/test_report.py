@@ -532,3 +532,22 @@ def test_recall_and_coverage_get_secondary_verdict_lines_from_welch_and_holm_wit
     rows = table_rows(text, RESULTS)
     strong = children[children["tags.variant"] == "strong"]["metrics.pr/final_precision"].to_numpy()
     assert rows["strong"][11] == f"{strong.mean():.4g} ± {strong.std(ddof=1):.2g}"
+
+
+def test_the_report_carries_its_runs_as_data_equal_to_what_mlflow_holds(study):
+    store, path, _ = study
+    _, children = search_runs(store)
+    csv = pd.read_csv(path.parent / NAME / "runs.csv")
+    assert f"({NAME}/runs.csv)" in path.read_text()
+    assert sorted(csv["run_id"]) == sorted(children["run_id"]) and (csv["preset"] == "quick").all()
+    held = children.set_index("run_id")
+    for _, row in csv.iterrows():
+        run = held.loc[row["run_id"]]
+        assert (row["variant"], str(row["seed"]), row["outcome"]) == (run["tags.variant"], run["tags.seed"],
+                                                                        run["tags.outcome"])
+        for column, key in (("final_kid", "kid/final"), ("final_kid_std", "kid/final_std"),
+                            ("final_recall", "pr/final_recall"), ("final_coverage", "dc/final_coverage")):
+            assert row[column] == pytest.approx(run[f"metrics.{key}"], rel=1e-12, nan_ok=True), (column, row["run"])
+        assert row["model.d_downsample"] == run["params.model.d_downsample"]  # the varied settings
+        assert row["optim.lr_d"] == pytest.approx(float(run["params.optim.lr_d"]))
+    assert "train.seed" not in csv and "data.root" not in csv  # seeds have their column; unvaried settings stay out

@@ -23,7 +23,7 @@ from core.records import LABEL, other_family
 from core.tracking import Store
 from studies.report import plots, stats
 from studies.report.index import INDEX_MARK, write_index
-from studies.report.sections import (ablated_section, get, md, mlflow_section, portable, run_params,
+from studies.report.sections import (ablated_section, evidence, get, md, mlflow_section, portable, run_params,
                                      setup_section, variant_order)
 
 def table_note(metric: str) -> str:
@@ -69,7 +69,10 @@ def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.Da
     groups = {v: list(runs[runs["variant"] == v]["run_id"]) for v in order}
     samples = int(run_params(children, runs["run_id"].iloc[0]).get("eval.fid_samples", 0) or 0)
     panels = [(rec.train_key(m, samples), m) for m in (metric, other_family(metric))]
-    hist = plots.histories(store, list(runs["run_id"]), [k for k, _ in panels] + [*plots.LOSS_KEYS, *plots.D_KEYS])
+    source = dict(zip(runs["run_id"], runs["source_id"]))  # a reused run's history and grids are its original's
+    held = plots.histories(store, sorted(set(source.values())),
+                           [k for k, _ in panels] + [*plots.LOSS_KEYS, *plots.D_KEYS])
+    hist = {rid: held[source[rid]] for rid in runs["run_id"]}
     # every run that trained to its end logged D's and G's statistics: none at all means they were logged under
     # other names, and the curves would be blank panels
     trained = list(runs.loc[runs["outcome"].isin(stats.EVALUATED), "run_id"])
@@ -107,9 +110,9 @@ def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.Da
         mine = runs[runs["variant"] == variant]
         ok = stats.counted(mine, metric)
         for _, run in pd.concat([mine[ok], mine[~ok]]).iterrows():
-            grids = plots.sample_artifacts(store, run["run_id"])
+            grids = plots.sample_artifacts(store, run["source_id"])
             if grids:
-                plots.copy_artifact(store, run["run_id"], grids[-1], out / f"samples-{variant}.png")
+                plots.copy_artifact(store, run["source_id"], grids[-1], out / f"samples-{variant}.png")
                 heads.append(f"{variant} (`{run['run']}`, {run['outcome']})")
                 cells.append(f"![{variant} samples]({experiment}/samples-{variant}.png)")
                 break
@@ -120,7 +123,7 @@ def _pictures(store: Store, experiment: str, children: pd.DataFrame, runs: pd.Da
     starred = stats.winner(rows)
     shown = starred.name if starred is not None else order[0]  # the starred variant, else the baseline
     done = final[final["variant"] == shown].sort_values(f"final_{metric}")
-    gif = plots.timelapse_gif(store, done["run_id"].iloc[0], out / "timelapse.gif") if len(done) else None
+    gif = plots.timelapse_gif(store, done["source_id"].iloc[0], out / "timelapse.gif") if len(done) else None
     if gif:
         lines += [f"Training timelapse of {'the starred variant' if starred else 'the baseline'}'s run with the "
                   f"lowest final {LABEL[metric]}, `{done['run'].iloc[0]}` ({done[f'final_{metric}'].iloc[0]:.4g}),"
@@ -154,6 +157,7 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
     staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
         pictures = _pictures(store, experiment, children, runs, rows, order, metric, staging)
+        evidence(children, runs, get(parent, f"tags.{rec.PRESET}")).to_csv(staging / "runs.csv", index=False)
         index = {"experiment": experiment, "parent": parent["run_id"], "preset": get(parent, f"tags.{rec.PRESET}"),
                  "started": pd.Timestamp(parent["start_time"]).strftime("%Y-%m-%d %H:%M"),
                  "seeds": int(runs.groupby("variant").size().max()), "variants": order, "metric": metric,
@@ -172,8 +176,12 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
                  *ablated_section(ablation, children, runs, order),
                  *setup_section(parent, children, runs, order, metric),
                  "## Every run", "", "Best values are the lowest of the training evaluations (same sample count), "
-                 "selected after the fact: they are not what a run delivers, and they never enter the test.", "",
+                 "selected after the fact: they are not what a run delivers, and they never enter the test. A run "
+                 "*reused from* another study was not trained again: the store had finished the same run (same "
+                 "config and seed, data, metric protocol and core code); its curves and grids are the original's.", "",
                  md(stats.display_runs(runs, metric)), "",
+                 f"The same runs as data, one row per run with every final metric and the varied settings: "
+                 f"[{experiment}/runs.csv]({experiment}/runs.csv).", "",
                  *mlflow_section(store, experiment, parent)]
         (staging / "report.md").write_text(portable("\n".join(lines)))
         img_dir = reports_dir / experiment

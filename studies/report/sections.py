@@ -69,6 +69,24 @@ def run_params(children: pd.DataFrame, run_id: str) -> dict[str, str]:
     return {c[len("params."):]: str(row[c]) for c in children if c.startswith("params.") and pd.notna(row[c])}
 
 
+def evidence(children: pd.DataFrame, runs: pd.DataFrame, preset: str) -> pd.DataFrame:
+    """The report's runs as data (reports/NAME/runs.csv): one row per child run with its outcome, every final
+    metric (KID with its standard error), its progress and speed, the settings its variants vary (params that
+    differ between runs, seeds aside) and its MLflow run id, read from the same run table the report shows."""
+    params = {rid: run_params(children, rid) for rid in runs["run_id"]}
+    keys = sorted({k for p in params.values() for k in p if not k.startswith(VARIANT_IGNORES)})
+    varied = [k for k in keys if len({p.get(k) for p in params.values()}) > 1]
+    finals = [c for c in runs if c.startswith("final_")]
+    out = runs[["variant", "seed", "run", "outcome", *finals, "kid_std", "kimg", "img_per_s", "diverged_at_kimg",
+                "run_id", "reused_from", "reused_study"]].copy()
+    out["outcome"] = out["outcome"].astype(str)
+    out = out.rename(columns={"kid_std": f"final_{rec.KID}_std"})
+    for k in varied:
+        out[k] = [params[rid].get(k, "") for rid in runs["run_id"]]
+    out.insert(0, "preset", preset)
+    return out
+
+
 def ablated_section(ablation: str, children: pd.DataFrame, runs: pd.DataFrame, order: list[str]) -> list[str]:
     """The ablation's rationale (its docstring) and, per variant, the params that differ from the baseline in MLflow."""
     from ablations import get_ablation
@@ -184,8 +202,9 @@ def mlflow_section(store: Store, experiment: str, parent: pd.Series) -> list[str
     pid, eid = parent["run_id"], parent["experiment_id"]
     if store.has_view(experiment, view_key(pid)):
         link = (f"<{view_url(eid, pid)}> opens the study's saved view: its child runs grouped by variant (mean "
-                "per group), sorted by name `VARIANT-sSEED`, with final FID and KID, outcome and the varied settings as "
-                "columns.")
+                "per group), sorted by name `VARIANT-sSEED`, led by the final primary metric and its standard error, "
+                "then final precision, recall and coverage, the other metric, outcome and the varied settings; best-of-"
+                "training values last.")
     else:
         link = f"<{filter_url(eid, pid)}> lists the study's child runs sorted by name `VARIANT-sSEED`."
     return ["## Open these runs in MLflow", "", "```bash", f"mlflow ui --backend-store-uri {store.uri} --host 127.0.0.1",

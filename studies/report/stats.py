@@ -83,7 +83,10 @@ def run_table(children: pd.DataFrame, order: list[str] | None, metric: str) -> p
         "diverged_at_kimg": _num(_column(children, tag(rec.DIVERGED_AT))) / 1000,
         "saturation": _column(children, tag(rec.SATURATION_EPISODES)).fillna("").values,
         "run_id": children["run_id"].values,
+        "reused_from": _column(children, tag(rec.REUSED_FROM)).fillna("").values,  # the original run of a reused one
+        "reused_study": _column(children, tag(rec.REUSED_STUDY)).fillna("").values,
     })
+    table["source_id"] = table["reused_from"].where(table["reused_from"] != "", table["run_id"])  # history, grids
     rank = {v: i for i, v in enumerate(order or sorted(table["variant"].unique()))}
     table["_rank"] = table["variant"].map(lambda v: rank.get(v, len(rank)))
     table = table.sort_values(["_rank", "variant", "seed"]).drop(columns="_rank").reset_index(drop=True)
@@ -254,6 +257,7 @@ def display_runs(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
         "D saturated": [_episodes(c) or "–" for c in runs["saturation"]],
         "kimg": [_g(v, ".3g") for v in runs["kimg"]], "diverged at kimg": [_g(v, ".3g") for v in runs["diverged_at_kimg"]],
         "img/s": [_g(v, ".0f") for v in runs["img_per_s"]], "MLflow run id": [f"`{r}`" for r in runs["run_id"]],
+        "reused from": [f"`{r}` ({s})" if r else "–" for r, s in zip(runs["reused_from"], runs["reused_study"])],
     })
 
 

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs (default: off)")
     p.add_argument("--fresh", action="store_true",
                    help="start a new study even if the same one was interrupted or finished (default: resume it)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="train every run, even one the store already finished under the same content key (same "
+                        "config, seed, data, metric protocol and core code) in another study (default: reuse it)")
     add_flags(p, "--no-progress")
     g = p.add_argument_group("learning rates from an Optuna search (python -m studies.search)")
     g.add_argument("--lr-from", metavar="STUDY", default=None,
@@ -89,7 +92,7 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
         names = [args.name]
     return [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=preset, base=base,
                       overrides=overrides_from(args), variants=tuple(v for v in args.variants.split(",") if v),
-                      workdir=args.workdir, notes={"preset_reason": why}) for name in names]
+                      workdir=args.workdir, notes={"preset_reason": why}, reuse=not args.no_reuse) for name in names]
 
 
 def take_lr(spec: StudySpec, args: argparse.Namespace) -> StudySpec:
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         return smoke(specs, configs, images)
     shared = share_images(first, images)  # on the device once for every study and run of this process
-    specs, eta_line = with_eta(specs, configs, shared, args.yes)
+    specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress)
     store = Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
     print(eta_line, file=sys.stderr)
     for spec in specs:
@@ -147,20 +150,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool) -> tuple[list[StudySpec], str]:
+def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool,
+             progress: bool = False) -> tuple[list[StudySpec], str]:
     """Measure the ETA of the whole invocation (specs carry it for the parent run, and its line to print);
     refuse one over 12 hours without --yes."""
     from studies import eta
-    estimates = []
+    estimates, probed = [], False
     for spec in specs:
         cfgs = configs[spec.experiment]
-        timings = eta.measure(cfgs, images)
-        estimates.append(eta.estimate(cfgs, len(spec.seeds), timings,
-                                      eta.reference_images_to_compute(next(iter(cfgs.values())), images)))
+        reference_images = eta.reference_images_to_compute(next(iter(cfgs.values())), images)
+        if not yes and eta.worth_probing(cfgs, len(spec.seeds)):  # refused from seconds, not minutes, of timing
+            rough = eta.estimate(cfgs, len(spec.seeds), eta.probe(cfgs, images), reference_images)
+            if rough.total_s > eta.CLEAR_FACTOR * eta.LONG_ETA_S:
+                estimates.append(rough)
+                probed = True
+                break
+        estimates.append(eta.estimate(cfgs, len(spec.seeds), eta.measure(cfgs, images, progress),
+                                      reference_images))
     total = sum(e.total_s for e in estimates)
     what = f"{len(specs)} studies" if len(specs) > 1 else f"study {specs[0].experiment}"
     line = (estimates[0].line(what) if len(specs) == 1
             else f"ETA {eta.format_duration(total)} for {what} ({sum(e.runs for e in estimates)} runs)")
+    if probed:
+        line = (f"ETA roughly {eta.format_duration(total)} for {what} (from one step at batch {eta.PROBE_BATCH} and "
+                f"{eta.PROBE_BATCH} images through Inception: far over 12 hours, so not measured further)")
     line = f"preset {specs[0].preset} ({specs[0].notes['preset_reason']}); {line}"
     if total > eta.LONG_ETA_S and not yes:
         raise UserError(f"{line}: over 12 hours on this machine; pass --yes to run it anyway, "

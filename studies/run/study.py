@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ablations import get_ablation
 from core import config as config_mod
+from core import identity
 from core import records as rec
 from core.config import RunConfig
 from core import reference
@@ -44,6 +45,7 @@ class StudySpec:
     workdir: Path = Path("runs")  # run directories: checkpoints, sample grids, curves
     notes: dict[str, object] = field(default_factory=dict)  # parent-run tags only: the preset's choice, the ETA
     provenance: dict[str, object] = field(default_factory=dict)  # where overrides came from (--lr-from): params+tags
+    reuse: bool = True  # a (config, seed) the store finished under the same content key is reused, not retrained
 
     @property
     def experiment(self) -> str:
@@ -95,7 +97,8 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
 
     Re-running the same study resumes it: its unfinished parent run is reopened, finished child runs are
     skipped, and an interrupted child continues from its last checkpoint in the same MLflow run. A crashing
-    run is recorded as failed and the study goes on; a diverged one is tagged and the study goes on.
+    run is recorded as failed and the study goes on; a diverged one is tagged and the study goes on. A run the
+    store already finished under the same content key (core/identity.py), in any study, is reused (spec.reuse).
     """
     configs = resolve_configs(spec)
     key = study_key(spec, configs)
@@ -146,16 +149,22 @@ def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: 
 def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, seed: int, cfg: RunConfig,
              images: DeviceImages, progress: bool, earlier=None) -> None:
     name = f"{variant}-s{seed}"
+    hooks = get_ablation(spec.ablation).hooks(variant)
+    key = identity.run_key(cfg, images.image_set.key, hooks)
     tags = {rec.ABLATION: spec.ablation, rec.VARIANT: variant, rec.SEED: seed, rec.PRESET: spec.preset,
-            rec.BASE: ",".join(f"{a}={v}" for a, v in spec.base) or "none", rec.STUDY: rec.CHILD, **spec.provenance}
+            rec.BASE: ",".join(f"{a}={v}" for a, v in spec.base) or "none", rec.STUDY: rec.CHILD,
+            rec.RUN_KEY: key, **spec.provenance}
     if earlier is not None:  # interrupted: same MLflow run and run directory, continued from its checkpoint
         child = store.resume_run(earlier.info.run_id)
     else:
+        original = reusable(store, key) if spec.reuse else None
+        if original is not None:
+            reuse_run(store, spec.experiment, name, tags, parent, original)
+            return
         child = store.start_run(spec.experiment, name, tags, parent=parent)
     run_dir = spec.workdir / spec.experiment / child.run_id
     bar = _progress_bar(name, cfg) if progress else None
     try:
-        hooks = get_ablation(spec.ablation).hooks(variant)
         execute_run(cfg, child, run_dir, images=images, hooks=HookList(hooks) if hooks else None,
                     on_log=bar and (lambda nimg, stats: _advance(bar, nimg, stats)), show_progress=progress)
         child.finish("FINISHED")
@@ -171,6 +180,31 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
     finally:
         if bar is not None:
             bar.close()
+
+
+def reusable(store: Store, key: str):
+    """The earliest run the store finished under content key `key` with a result (finished, diverged, collapsed,
+    saturated D), not itself a reuse; None when there is none. A crashed or killed run is never reused."""
+    for run in store.find_tagged(rec.RUN_KEY, key):
+        tags = run.data.tags
+        if (run.info.status == "FINISHED" and rec.REUSED_FROM not in tags
+                and rec.Outcome.read(tags.get(rec.OUTCOME)).terminal):
+            return run
+    return None
+
+
+def reuse_run(store: Store, experiment: str, name: str, tags: dict[str, object], parent: RunTracker,
+              original) -> None:
+    """Record `original` in this study as a child run tagged with where it came from: its params, its metrics'
+    last values and its outcome tags are copied; its training history and artifacts stay with the original,
+    which the report follows for curves and grids."""
+    source = {rec.REUSED_FROM: original.info.run_id, rec.REUSED_STUDY: store.experiment_name(original.info.experiment_id)}
+    kept = {k: v for k, v in original.data.tags.items() if not k.startswith("mlflow.") and k not in tags}
+    child = store.start_run(experiment, name, {**kept, **tags, **source}, parent=parent)
+    child.log_params(original.data.params)
+    step = round(float(original.data.tags.get(rec.KIMG_TAG, 0)) * 1000)
+    child.log_metrics(dict(original.data.metrics), step=step)
+    child.finish("FINISHED")
 
 
 def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: DeviceImages, logged: set[str]) -> None:

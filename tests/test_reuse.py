@@ -1,0 +1,78 @@
+"""Finished runs are reused, never retrained: a second study that needs a run the store already finished under
+the same content key (config with seed, data, metric protocol, hooks, core's code) records it, tagged with
+where it came from, instead of training it; any change of that key trains anew, and so does --no-reuse."""
+
+from __future__ import annotations
+
+from core import identity
+from studies.run.__main__ import main
+from tests.helpers import install_fake_fid
+from tests.test_study_outcomes import flags, in_dir, runs_of  # noqa: F401  (in_dir is a fixture)
+
+SETS = {"eval.fid_final_samples": 16, "train.sample_every_kimg": 0.016}  # scored, with grids to follow
+
+
+def _two_studies(cwd, synthetic_root, cache_dir, calls, *second_flags: str):
+    """pooling (baseline + maxpool), then label_smoothing (baseline + real_0.9), 2 seeds each, one store."""
+    data = ["--data", str(synthetic_root)]
+    assert main(["pooling", "--variants", "maxpool", *data, *flags(cache_dir, seeds=2, **SETS)]) == 0
+    trained_first = len(calls)
+    assert main(["label_smoothing", "--variants", "real_0.9", *data, *flags(cache_dir, seeds=2, **SETS),
+                 *second_flags]) == 0
+    return runs_of(cwd, "pooling")[1], runs_of(cwd, "label_smoothing")[1], trained_first
+
+
+def test_a_second_study_reuses_the_shared_baseline_and_reports_the_same_numbers(in_dir, synthetic_root, cache_dir,
+                                                                              monkeypatch):
+    calls = install_fake_fid(monkeypatch)
+    cwd = in_dir()
+    first, second, trained_first = _two_studies(cwd, synthetic_root, cache_dir, calls)
+    assert trained_first == 4 and len(calls) == 6  # the second study trained (and scored) only real_0.9's 2 seeds
+    from core.tracking import Store
+    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
+    for seed in (0, 1):
+        reused, original = second.loc[f"baseline-s{seed}"], first.loc[f"baseline-s{seed}"]
+        assert reused["tags.reused_from"] == original["run_id"] and reused["tags.reused_from_study"] == "pooling"
+        assert reused["tags.run_key"] == original["tags.run_key"] and reused["tags.outcome"] == "finished"
+        assert reused["metrics.kid/final"] == original["metrics.kid/final"]
+        assert reused["params.optim.lr_g"] == original["params.optim.lr_g"]
+        assert len(store.metric_history(reused["run_id"], "loss/d")) == 1  # no training history of its own
+        assert len(store.metric_history(original["run_id"], "loss/d")) > 1
+        assert not store.list_artifacts(reused["run_id"])  # grids and checkpoints stay with the original
+    assert "tags.reused_from" not in second or second.loc["real_0.9-s0"].isna()["tags.reused_from"]
+    # its report: the same baseline numbers as the first study's, the reuse named, the original's grids shown
+    pooling = md_rows(cwd / "reports" / "pooling.md")
+    smoothing = md_rows(cwd / "reports" / "label_smoothing.md")
+    for seed in (0, 1):
+        assert smoothing[f"baseline-s{seed}"]["final KID ± SE"] == pooling[f"baseline-s{seed}"]["final KID ± SE"]
+        assert smoothing[f"baseline-s{seed}"]["reused from"].endswith("(pooling)")
+    assert (cwd / "reports" / "label_smoothing" / "samples-baseline.png").is_file()
+
+
+def md_rows(path):
+    from tests.helpers import md_table
+    return md_table(path.read_text(), "Every run")
+
+
+def test_a_changed_key_or_no_reuse_trains_anew_and_an_unchanged_one_reuses_everything(in_dir, synthetic_root,
+                                                                                       cache_dir, monkeypatch):
+    calls = install_fake_fid(monkeypatch)
+    cwd = in_dir()
+    data = ["--data", str(synthetic_root)]
+    assert main(["pooling", "--variants", "maxpool", *data, *flags(cache_dir, seeds=1, **SETS)]) == 0
+
+    def trained(*extra: str, **sets) -> int:
+        before = len(calls)
+        assert main(["label_smoothing", "--variants", "real_0.9", "--fresh", *data,
+                     *flags(cache_dir, seeds=1, **{**SETS, **sets}), *extra]) == 0
+        return len(calls) - before
+
+    assert trained(**{"train.kimg": 0.048}) == 2  # a trained key changed (6 steps instead of 4): both train
+    with monkeypatch.context() as m:
+        m.setattr(identity, "code_digest", lambda: "an-edit-of-core")
+        assert trained() == 2  # core's code changed
+    assert trained("--no-reuse") == 2  # asked to
+    assert trained() == 0  # nothing changed: the baseline from pooling, real_0.9 from the --no-reuse study
+    second = runs_of(cwd, "label_smoothing")[1]
+    latest = second.sort_values("start_time").groupby(level=0).tail(1)
+    assert set(latest["tags.reused_from_study"]) == {"pooling", "label_smoothing"}
