@@ -31,7 +31,7 @@ from core.records import Outcome
 from core.tracking import Store
 from studies.report import stats
 from studies.report.__main__ import main as report_main
-from studies.report.build import write_report
+from studies.report.build import verdict_from_csv, write_report
 from studies.run.study import StudySpec, run_study
 from tests.helpers import git_head, md_table
 
@@ -551,3 +551,23 @@ def test_the_report_carries_its_runs_as_data_equal_to_what_mlflow_holds(study):
         assert row["model.d_downsample"] == run["params.model.d_downsample"]  # the varied settings
         assert row["optim.lr_d"] == pytest.approx(float(run["params.optim.lr_d"]))
     assert "train.seed" not in csv and "data.root" not in csv  # seeds have their column; unvaried settings stay out
+    assert _verdict_section(path.read_text()) == verdict_from_csv(path.parent / NAME / "runs.csv")
+
+
+def _verdict_section(text: str) -> list[str]:
+    section = text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
+    return [line[2:] for line in section.strip().splitlines()]
+
+
+def test_from_csv_prints_the_verdict_of_the_report_without_a_store(store, tmp_path, capsys):
+    _fake_study(store, "csv-study", {"baseline": [("finished", x) for x in (0.30, 0.31, 0.29)],
+                                     "better": [("finished", x) for x in (0.20, 0.21, 0.19)],
+                                     "fragile": [("diverged", 0.0), ("finished", 0.25), ("finished", 0.27)]})
+    text = write_report(store, "csv-study", tmp_path / "reports").read_text()
+    capsys.readouterr()
+    assert report_main(["csv-study", "--from-csv", "--reports", str(tmp_path / "reports"),
+                        "--tracking-uri", "sqlite:////nonexistent/never/opened.db"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert [line[2:] for line in printed] == _verdict_section(text)
+    assert any("Diversity (secondary)" in line for line in printed) and any("fragile" in line for line in printed)
+    assert report_main(["nothing-here", "--from-csv", "--reports", str(tmp_path / "reports")]) == 2

@@ -3,10 +3,12 @@
     python -m studies.report pooling                          # latest study of the 'pooling' experiment
     python -m studies.report pooling --parent RUN_ID          # a specific study invocation
     python -m studies.report pooling --tracking-uri sqlite:///elsewhere/mlflow.db --reports /tmp/reports
+    python -m studies.report pooling --from-csv               # the verdict again from reports/pooling/runs.csv
 
 `python -m studies.run` calls this at the end. Every number, curve and image is read back from the tracking
 store (params, tags, metric histories, artifacts), so a report can be rebuilt or audited at any later time;
-reports/README.md, an index over every report in the folder, is rewritten alongside.
+reports/README.md, an index over every report in the folder, is rewritten alongside. --from-csv recomputes
+the verdict from the runs a committed report carries as data, with no store at all, and prints it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from core.tracking import Store
 from studies.cli import add_flags, command
-from studies.report.build import write_report
+from studies.report.build import verdict_from_csv, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", default=None, help="parent run id of the study (default: the latest study)")
     add_flags(p, "--tracking-uri")
     p.add_argument("--reports", type=Path, default=Path("reports"), help="output folder (default: reports)")
+    p.add_argument("--from-csv", action="store_true", help="print the verdict recomputed from REPORTS/NAME/runs.csv "
+                   "instead of writing the report from the store (default: off)")
     return p
 
 
 def report(args: argparse.Namespace) -> int:
+    if args.from_csv:
+        print("\n".join(f"- {line}" for line in verdict_from_csv(args.reports / args.name / "runs.csv")))
+        return 0
     t0 = time.perf_counter()
     path = write_report(Store(args.tracking_uri), args.name, args.reports, args.parent)
     print(f"wrote {path} and {path.parent / 'README.md'} in {time.perf_counter() - t0:.1f} s")

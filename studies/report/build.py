@@ -139,6 +139,23 @@ def primary_metric(children: pd.DataFrame, order: list[str]) -> str:
     return run_params(children, first).get(rec.PRIMARY_METRIC_PARAM, rec.FID)
 
 
+def verdict_from_csv(path: Path) -> list[str]:
+    """The verdict's lines (primary, then secondary) recomputed from a report's runs.csv alone, no store."""
+    if not path.is_file():
+        raise UserError(f"no {path}: a report written before its runs were kept as data, or no report of that name")
+    try:
+        runs = pd.read_csv(path, keep_default_na=True)
+        runs["outcome"] = runs["outcome"].map(rec.Outcome.read)
+        runs = runs.rename(columns={f"final_{rec.KID}_std": "kid_std"})
+        metric, final_samples = str(runs["primary_metric"].iloc[0]), int(runs["final_samples"].iloc[0])
+    except (KeyError, ValueError, IndexError, pd.errors.ParserError) as exc:
+        raise UserError(f"{path} is not a report's runs.csv ({type(exc).__name__}: {exc})") from None
+    order = list(dict.fromkeys(runs["variant"]))  # the report's order, baseline first
+    rows = stats.variant_rows(runs, order, metric)
+    return (stats.verdict_lines(rows, metric, final_samples)
+            + stats.secondary_lines(stats.secondary_verdicts(runs, order)))
+
+
 def write_report(store: Store, experiment: str, reports_dir: Path = Path("reports"),
                  parent_id: str | None = None) -> Path:
     """Build reports/EXPERIMENT.md and reports/EXPERIMENT/ from the store, then refresh reports/README.md."""
@@ -157,7 +174,8 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
     staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
         pictures = _pictures(store, experiment, children, runs, rows, order, metric, staging)
-        evidence(children, runs, get(parent, f"tags.{rec.PRESET}")).to_csv(staging / "runs.csv", index=False)
+        evidence(children, runs, get(parent, f"tags.{rec.PRESET}"), metric, final_samples).to_csv(
+            staging / "runs.csv", index=False)
         index = {"experiment": experiment, "parent": parent["run_id"], "preset": get(parent, f"tags.{rec.PRESET}"),
                  "started": pd.Timestamp(parent["start_time"]).strftime("%Y-%m-%d %H:%M"),
                  "seeds": int(runs.groupby("variant").size().max()), "variants": order, "metric": metric,

@@ -69,10 +69,11 @@ def run_params(children: pd.DataFrame, run_id: str) -> dict[str, str]:
     return {c[len("params."):]: str(row[c]) for c in children if c.startswith("params.") and pd.notna(row[c])}
 
 
-def evidence(children: pd.DataFrame, runs: pd.DataFrame, preset: str) -> pd.DataFrame:
+def evidence(children: pd.DataFrame, runs: pd.DataFrame, preset: str, metric: str, final_samples: int) -> pd.DataFrame:
     """The report's runs as data (reports/NAME/runs.csv): one row per child run with its outcome, every final
     metric (KID with its standard error), its progress and speed, the settings its variants vary (params that
-    differ between runs, seeds aside) and its MLflow run id, read from the same run table the report shows."""
+    differ between runs, seeds aside) and its MLflow run id, read from the same run table the report shows; the
+    preset, primary metric and final sample count on every row, so the verdict can be recomputed from it."""
     params = {rid: run_params(children, rid) for rid in runs["run_id"]}
     keys = sorted({k for p in params.values() for k in p if not k.startswith(VARIANT_IGNORES)})
     varied = [k for k in keys if len({p.get(k) for p in params.values()}) > 1]
@@ -84,6 +85,8 @@ def evidence(children: pd.DataFrame, runs: pd.DataFrame, preset: str) -> pd.Data
     for k in varied:
         out[k] = [params[rid].get(k, "") for rid in runs["run_id"]]
     out.insert(0, "preset", preset)
+    out.insert(1, "primary_metric", metric)
+    out.insert(2, "final_samples", final_samples)
     return out
 
 
