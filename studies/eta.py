@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,18 +48,20 @@ class Timings:
 
 @dataclass(frozen=True)
 class Estimate:
-    total_s: float  # the whole study: every run plus the reference statistics
-    runs: int
+    total_s: float  # the whole study: every run to train plus the reference statistics
+    runs: int  # runs to train
     train_s: float  # of which training
     eval_s: float  # of which FID/KID feature passes (evaluations and reference)
+    reused: int = 0  # runs the store (or an earlier study of the invocation) already has: they cost nothing
 
     def line(self, what: str) -> str:
-        return (f"ETA {format_duration(self.total_s)} for {what} ({self.runs} runs: training "
+        runs = f"{self.runs} runs" + (f" to train, {self.reused} reused" if self.reused else "")
+        return (f"ETA {format_duration(self.total_s)} for {what} ({runs}: training "
                 f"{format_duration(self.train_s)}, FID/KID {format_duration(self.eval_s)}; measured on this machine)")
 
     def tags(self) -> dict[str, object]:
         return {"eta.total_s": round(self.total_s), "eta.train_s": round(self.train_s),
-                "eta.eval_s": round(self.eval_s), "eta.runs": self.runs}
+                "eta.eval_s": round(self.eval_s), "eta.runs": self.runs, "eta.reused": self.reused}
 
 
 def evaluations(cfg: RunConfig) -> int:
@@ -72,16 +75,20 @@ def evaluations(cfg: RunConfig) -> int:
     return intermediate * e.fid_samples + e.fid_final_samples
 
 
-def estimate(configs: dict[str, RunConfig], runs_per_variant: int, timings: Timings,
-             reference_images: int) -> Estimate:
-    """Seconds for runs_per_variant runs of each config plus `reference_images` through Inception (0 = cached)."""
+def estimate(configs: dict[str, RunConfig], runs_per_variant: int | Mapping[str, int], timings: Timings,
+             reference_images: int, reused: int = 0) -> Estimate:
+    """Seconds for runs_per_variant runs of each config (one count, or one per variant) plus `reference_images`
+    through Inception (0 = cached); `reused` runs cost nothing and are only counted."""
+    counts = runs_per_variant if isinstance(runs_per_variant, Mapping) else dict.fromkeys(configs, runs_per_variant)
     train_s = eval_images = 0.0
     for name, cfg in configs.items():
+        if not counts[name]:
+            continue
         nimg = config_mod.derive(cfg).steps * cfg.train.batch_size
-        train_s += runs_per_variant * nimg / timings.train_img_per_s[name]
-        eval_images += runs_per_variant * evaluations(cfg)
-    eval_s = (eval_images + reference_images) / timings.inception_img_per_s
-    return Estimate(train_s + eval_s, runs_per_variant * len(configs), train_s, eval_s)
+        train_s += counts[name] * nimg / timings.train_img_per_s[name]
+        eval_images += counts[name] * evaluations(cfg)
+    eval_s = (eval_images + reference_images) / timings.inception_img_per_s if eval_images + reference_images else 0.0
+    return Estimate(train_s + eval_s, sum(counts.values()), train_s, eval_s, reused)
 
 
 def measure(configs: dict[str, RunConfig], images: DeviceImages, progress: bool = False) -> Timings:

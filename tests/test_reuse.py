@@ -76,3 +76,22 @@ def test_a_changed_key_or_no_reuse_trains_anew_and_an_unchanged_one_reuses_every
     second = runs_of(cwd, "label_smoothing")[1]
     latest = second.sort_values("start_time").groupby(level=0).tail(1)
     assert set(latest["tags.reused_from_study"]) == {"pooling", "label_smoothing"}
+
+
+def test_a_list_of_studies_trains_each_distinct_run_once_and_its_eta_counts_only_those(in_dir, synthetic_root,
+                                                                                    cache_dir, monkeypatch, capsys):
+    from studies import eta
+    calls = install_fake_fid(monkeypatch)
+    timed: list[list[str]] = []
+    real_measure = eta.measure
+    monkeypatch.setattr(eta, "measure", lambda configs, images, progress=False: (
+        timed.append(list(configs)), real_measure(configs, images, progress))[1])
+    cwd = in_dir()
+    assert main(["pooling,label_smoothing", "--data", str(synthetic_root), *flags(cache_dir, seeds=1, **SETS)]) == 0
+    err = capsys.readouterr().err
+    assert "ETA " in err and "for 2 studies (6 runs to train, 1 reused)" in err  # 3 + 4 variants, one baseline
+    assert timed[0] == ["baseline", "maxpool", "avgpool"]  # every pooling variant trains, so each is timed ...
+    assert len(timed[1]) == 3 and "baseline" not in timed[1]  # ... and the shared baseline only once
+    assert len(calls) == 6  # trained and scored: 6 distinct runs
+    second = runs_of(cwd, "label_smoothing")[1]
+    assert second.loc["baseline-s0", "tags.reused_from_study"] == "pooling"

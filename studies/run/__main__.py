@@ -5,7 +5,9 @@
     python -m studies.run pooling --preset default --yes   # the 128 px GPU preset even where its ETA is days
     python -m studies.run pooling --data ~/celeba/img_align_celeba.zip --set train.kimg=500
     python -m studies.run pooling --base ttur=ttur         # pooling variants on top of TTUR learning rates
-    python -m studies.run all --preset quick               # every study in turn
+    python -m studies.run all --preset quick               # every study in turn, each distinct run trained once
+    python -m studies.run pooling,ttur,n_dis               # these three, their shared baseline trained once
+    python -m studies.run pooling --no-reuse               # train even runs another study already finished
     python -m studies.run --list                           # every ablation and its variants
     python -m studies.run pooling --dry-run                # print the resolved configs and exit
     python -m studies.run pooling --smoke                  # preflight every variant on this device (minutes)
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -27,13 +30,14 @@ from core.device import choose_preset
 from core.errors import UserError
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.lr_handoff import LrRequest, check_study
-from studies.run.study import StudySpec, resolve_configs, run_study
+from studies.run.study import StudySpec, resolve_configs, run_study, runs_to_train
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", nargs="?", help="ablation to study (see --list), or 'all' for every study in turn")
+    p.add_argument("name", nargs="?", help="ablation to study (see --list), a comma-separated list of them "
+                   "(pooling,ttur,n_dis), or 'all' for every study in turn; each distinct run trains once")
     p.add_argument("--list", action="store_true", help="list ablations with their variants and exit")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant, 0..N-1 (default: 3)")
     add_flags(p, "--preset", "--data")
@@ -77,19 +81,23 @@ def list_text() -> str:
 
 
 def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
-    """One StudySpec per study to run: the named one, or every registered study for 'all'."""
+    """One StudySpec per study to run: the named ones, or every registered study for 'all'."""
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds} must be >= 1")
     base = parse_base(args.base)
     preset, why = choose_preset(args.preset)
-    if args.name == "all":
+    asked = [n for n in args.name.split(",") if n]
+    if len(asked) > 1 and args.variants:
+        raise UserError("--variants names variants of one study; it cannot be combined with several studies")
+    if asked == ["all"]:
         if args.variants:
             raise UserError("--variants names variants of one study; it cannot be combined with 'all'")
         # the baseline-only study adds nothing that every other study does not already run
         names = [n for n in list_ablations() if n != "baseline" and n not in {a for a, _ in base}]
     else:
-        get_ablation(args.name)  # unknown names fail here, listing the known ones
-        names = [args.name]
+        for name in asked:
+            get_ablation(name)  # unknown names fail here, listing the known ones ('all' only alone)
+        names = list(dict.fromkeys(asked))
     return [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=preset, base=base,
                       overrides=overrides_from(args), variants=tuple(v for v in args.variants.split(",") if v),
                       workdir=args.workdir, notes={"preset_reason": why}, reuse=not args.no_reuse) for name in names]
@@ -140,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         return smoke(specs, configs, images)
     shared = share_images(first, images)  # on the device once for every study and run of this process
-    specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress)
+    plans = runs_to_train(specs, configs, images.key, existing_store(args.tracking_uri))
+    specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress, plans=plans)
     store = Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
     print(eta_line, file=sys.stderr)
     for spec in specs:
@@ -150,27 +159,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool,
-             progress: bool = False) -> tuple[list[StudySpec], str]:
+def existing_store(uri: str | None):
+    """The tracking store, where one exists already (a server, or a SQLite file on disk), to look up runs to reuse;
+    None for a SQLite file not created yet: nothing to reuse, and a refused study must not create it."""
+    from core.tracking import Store, store_uri
+    resolved = store_uri(uri)
+    if resolved.startswith("sqlite:///") and not Path(resolved[len("sqlite:///"):]).is_file():
+        return None
+    return Store(resolved)
+
+
+def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool, progress: bool = False,
+             plans: list[dict[str, int]] | None = None) -> tuple[list[StudySpec], str]:
     """Measure the ETA of the whole invocation (specs carry it for the parent run, and its line to print);
-    refuse one over 12 hours without --yes."""
+    refuse one over 12 hours without --yes. plans: per study, per variant, the runs that will train (the
+    others are reused: not timed, not counted); None = every run trains."""
     from studies import eta
     estimates, probed = [], False
-    for spec in specs:
+    for i, spec in enumerate(specs):
         cfgs = configs[spec.experiment]
+        plan = plans[i] if plans is not None else dict.fromkeys(cfgs, len(spec.seeds))
+        reused = len(cfgs) * len(spec.seeds) - sum(plan.values())
+        training = {v: c for v, c in cfgs.items() if plan[v]}  # only what will train is timed
         reference_images = eta.reference_images_to_compute(next(iter(cfgs.values())), images)
-        if not yes and eta.worth_probing(cfgs, len(spec.seeds)):  # refused from seconds, not minutes, of timing
-            rough = eta.estimate(cfgs, len(spec.seeds), eta.probe(cfgs, images), reference_images)
+        if not training:
+            estimates.append(eta.estimate(cfgs, plan, eta.Timings({}, math.inf), 0, reused))
+            continue
+        if not yes and eta.worth_probing(training, len(spec.seeds)):  # refused from seconds, not minutes, of timing
+            rough = eta.estimate(cfgs, plan, eta.probe(training, images), reference_images, reused)
             if rough.total_s > eta.CLEAR_FACTOR * eta.LONG_ETA_S:
                 estimates.append(rough)
                 probed = True
                 break
-        estimates.append(eta.estimate(cfgs, len(spec.seeds), eta.measure(cfgs, images, progress),
-                                      reference_images))
+        estimates.append(eta.estimate(cfgs, plan, eta.measure(training, images, progress), reference_images, reused))
     total = sum(e.total_s for e in estimates)
     what = f"{len(specs)} studies" if len(specs) > 1 else f"study {specs[0].experiment}"
+    reused = sum(e.reused for e in estimates)
     line = (estimates[0].line(what) if len(specs) == 1
-            else f"ETA {eta.format_duration(total)} for {what} ({sum(e.runs for e in estimates)} runs)")
+            else f"ETA {eta.format_duration(total)} for {what} ({sum(e.runs for e in estimates)} runs to train"
+                 + (f", {reused} reused" if reused else "") + ")")
     if probed:
         line = (f"ETA roughly {eta.format_duration(total)} for {what} (from one step at batch {eta.PROBE_BATCH} and "
                 f"{eta.PROBE_BATCH} images through Inception: far over 12 hours, so not measured further)")

@@ -130,7 +130,7 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
                 earlier = done.get((variant, seed))
                 if earlier is not None and rec.Outcome.read(earlier.data.tags.get(rec.OUTCOME)).terminal:
                     continue
-                run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+                run_cfg = seeded(cfg, seed)
                 _run_one(spec, store, parent, variant, seed, run_cfg, images, progress, earlier)
                 _log_reference_once(parent, run_cfg, images, logged_refs)
     return parent.run_id
@@ -182,6 +182,32 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
             bar.close()
 
 
+def seeded(cfg: RunConfig, seed: int) -> RunConfig:
+    """A variant's config for one of the study's seeds."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+
+
+def runs_to_train(specs: list[StudySpec], configs: dict[str, dict[str, RunConfig]], data_key: str,
+                  store: Store | None) -> list[dict[str, int]]:
+    """Per study, per variant: how many of its seeds will train, the others being reused from the store (`None`:
+    no store yet) or from an earlier study of the same invocation, which trains each distinct run once."""
+    planned: set[str] = set()
+    out = []
+    for spec in specs:
+        counts = {}
+        for variant, cfg in configs[spec.experiment].items():
+            hooks = get_ablation(spec.ablation).hooks(variant)
+            counts[variant] = 0
+            for seed in spec.seeds:
+                key = identity.run_key(seeded(cfg, seed), data_key, hooks)
+                if spec.reuse and (key in planned or (store is not None and reusable(store, key) is not None)):
+                    continue
+                planned.add(key)
+                counts[variant] += 1
+        out.append(counts)
+    return out
+
+
 def reusable(store: Store, key: str):
     """The earliest run the store finished under content key `key` with a result (finished, diverged, collapsed,
     saturated D), not itself a reuse; None when there is none. A crashed or killed run is never reused."""
@@ -200,10 +226,11 @@ def reuse_run(store: Store, experiment: str, name: str, tags: dict[str, object],
     which the report follows for curves and grids."""
     source = {rec.REUSED_FROM: original.info.run_id, rec.REUSED_STUDY: store.experiment_name(original.info.experiment_id)}
     kept = {k: v for k, v in original.data.tags.items() if not k.startswith("mlflow.") and k not in tags}
-    child = store.start_run(experiment, name, {**kept, **tags, **source}, parent=parent)
+    child = store.start_run(experiment, name, tags, parent=parent)
     child.log_params(original.data.params)
     step = round(float(original.data.tags.get(rec.KIMG_TAG, 0)) * 1000)
     child.log_metrics(dict(original.data.metrics), step=step)
+    child.set_tags({**kept, **source})  # the outcome last: a copy killed halfway is not a result, and is redone
     child.finish("FINISHED")
 
 
