@@ -31,6 +31,7 @@ from studies.verdict import BASELINE, VariantRecord, VariantVerdict, best, verdi
 NOT_RECORDED = "not recorded"  # the cell of a key that is optional by design and absent from this store
 SHOWN = (rec.PRECISION, rec.RECALL, rec.COVERAGE)  # fidelity and diversity beside the distances in the variant table
 SECONDARY = (rec.RECALL, rec.COVERAGE)  # diversity, tested against the baseline apart from the primary verdict
+NEAR_ZERO = 0.01  # a secondary metric whose every variant mean is below this cannot tell them apart: said so
 EVALUATED = (Outcome.FINISHED, Outcome.COLLAPSED, Outcome.D_SATURATED)  # outcomes that ran the final evaluation
 
 
@@ -324,12 +325,25 @@ def secondary_lines(secondary: Mapping[str, Sequence[VariantVerdict]]) -> list[s
                          f"baseline's: {_g(v.mean, '.3g')} against {_g(base.mean, '.3g')}, Δ {_g(w.diff, '+.3g')} "
                          f"(95% CI {_g(w.lo, '+.3g')} to {_g(w.hi, '+.3g')}, Holm p {_g(v.p_holm, '.3g')}).")
     if len(lines) == 1:
-        missed = "; ".join(f"{LABEL[m]} {_g(min((v.mde for v in vs if math.isfinite(v.mde)), default=math.nan), '.2g')}"
-                           f" to {_g(max((v.mde for v in vs if math.isfinite(v.mde)), default=math.nan), '.2g')}"
-                           for m, vs in secondary.items())
-        lines.append(f"No variant's {names} differs significantly from the baseline's; differences smaller than "
-                     f"the smallest detectable ones ({missed}) could have been missed.")
+        lines.append(f"No variant differs significantly from the baseline in {names}; differences smaller than "
+                     f"these could have been missed: {'; '.join(_mde_range(m, vs) for m, vs in secondary.items())}.")
+    floor = [LABEL[m] for m, vs in secondary.items() if max((v.mean for v in vs if math.isfinite(v.mean)),
+                                                             default=math.nan) < NEAR_ZERO]
+    if floor:
+        which = " and ".join(floor)
+        lines.append(f"{which[0].upper()}{which[1:]} {'is' if len(floor) == 1 else 'are'} below {NEAR_ZERO} in every "
+                     "variant's mean: the samples reach almost no real image's neighbourhood, so this metric "
+                     "cannot tell the variants apart here.")
     return lines
+
+
+def _mde_range(metric: str, verdicts: Sequence[VariantVerdict]) -> str:
+    """'recall 0.0014', 'coverage 0.077 to 0.16': the smallest detectable differences across the variants."""
+    mdes = [v.mde for v in verdicts if math.isfinite(v.mde)]
+    if not mdes:
+        return f"{LABEL[metric]} –"
+    lo, hi = _g(min(mdes), ".2g"), _g(max(mdes), ".2g")
+    return f"{LABEL[metric]} {lo}" + ("" if lo == hi else f" to {hi}")
 
 
 def headline(rows: Sequence[VariantRow], metric: str) -> dict[str, object]:
