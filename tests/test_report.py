@@ -272,10 +272,10 @@ def test_diverged_runs_are_listed_and_left_out_of_the_mean(study):
     hot = children[children["tags.variant"] == "hot"]
     assert (hot["tags.outcome"] == "diverged").all() and len(hot) == 2  # the absurd learning rate really diverged
     text = path.read_text()
-    every = table_rows(text, "Every run")
+    every = md_table(text, "Every run")
     for _, run in hot.iterrows():
         cells = every[run["tags.mlflow.runName"]]
-        assert cells[3] == "diverged" and cells[4] == "no" and f"`{run['run_id']}`" in cells[-1]
+        assert (cells["outcome"], cells["in test"], cells["MLflow run id"]) == ("diverged", "no", f"`{run['run_id']}`")
     row = table_rows(text, RESULTS)["hot"]
     assert row[1] == "2" and row[2] == "0 / 2 / 0 / 0 / 0" and row[5] == "–"
     assert "`hot` failed in 2 of 2 seeds (diverged 2)" in text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]

@@ -132,7 +132,7 @@ def test_fresh_starts_a_new_study_a_finished_one_is_not_trained_again_and_report
     assert len(trained) == 2 and list(parents["run_id"]) == [first] and sorted(again["run_id"]) == sorted(kids["run_id"])
     assert list(parents["status"]) == ["FINISHED"] and parents["end_time"].iloc[0] == ended
 
-    assert main([*args, "--fresh"]) == 0  # a new study: a new parent run and new child runs
+    assert main([*args, "--fresh", "--no-reuse"]) == 0  # a new study: a new parent run and new child runs, trained
     parents, both = runs_of(cwd, "pooling")
     assert len(trained) == 4 and len(parents) == 2 and parents["run_id"].iloc[0] == first
     second = parents["run_id"].iloc[1]

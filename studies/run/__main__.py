@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "FID/KID of every variant on this device; one line each; exit 0 only if all pass; writes no "
                    "runs (default: off)")
     p.add_argument("--fresh", action="store_true",
-                   help="start a new study even if the same one was interrupted or finished (default: resume it)")
+                   help="start a new study even if the same one was interrupted or finished; with --no-reuse its runs train "
+                        "again (default: resume it)")
     p.add_argument("--no-reuse", action="store_true",
                    help="train every run, even one the store already finished under the same content key (same "
                         "config, seed, data, metric protocol and core code) in another study (default: reuse it)")

@@ -105,7 +105,7 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
     previous = [] if fresh else store.find_runs(spec.experiment, f"tags.{rec.STUDY_KEY} = '{key}'")
     previous = sorted((r for r in previous if r.data.tags.get(rec.STUDY) == rec.PARENT), key=lambda r: -r.info.start_time)
     if previous and previous[0].info.status == "FINISHED":
-        return previous[0].info.run_id  # already complete: nothing to train (use --fresh to repeat it)
+        return previous[0].info.run_id  # already complete: nothing to train (--fresh --no-reuse repeats it)
     if previous:
         parent = store.resume_run(previous[0].info.run_id)
         done = {(r.data.tags[rec.VARIANT], int(r.data.tags[rec.SEED])): r
