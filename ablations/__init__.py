@@ -1,6 +1,6 @@
 """Ablation plugins: importing this package registers the built-ins (one small module each)."""
 
-from ablations import (augment, baseline, batch_size, ema, label_smoothing, leaky_bn, loss,  # noqa: F401 (register)
+from ablations import (augment, baseline, batch_size, cspup, ema, label_smoothing, leaky_bn, loss,  # noqa: F401
                        n_dis, pooling, r1, spectral_norm, ttur, weight_decay)
 from ablations.registry import Ablation, get_ablation, list_ablations, register_ablation
 

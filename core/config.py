@@ -19,6 +19,7 @@ LOSSES = ("bce", "hinge", "lsgan")  # train.loss: core/losses.py computes each
 ACTIVATIONS = ("relu", "leaky")
 NORMS = ("none", "after_conv", "after_act")
 DOWNSAMPLES = ("stride", "maxpool", "avgpool")
+G_BLOCKS = ("open", "closed", "sum_bn")
 WD_MODES = ("l2", "decoupled")
 LR_SCALINGS = ("none", "sqrt", "linear")
 G_MODES = ("eval", "train", "standing")
@@ -40,6 +41,8 @@ class ModelConfig:
     d_act: str = "relu"  # discriminator activation: relu | leaky
     leaky_slope: float = 0.2  # negative slope of LeakyReLU; in [0, 1)
     g_norm: str = "after_conv"  # BatchNorm in G: none | after_conv | after_act
+    g_block: str = "open"  # the CSPup block (core/models.py): open (path A and the end of path B unnormalised) |
+                           # closed (BatchNorm closes both paths, 3x3 entry conv) | sum_bn (BatchNorm + act after A + B)
     d_norm: str = "after_conv"  # BatchNorm in D (never on its first layer): none | after_conv | after_act
     d_downsample: str = "stride"  # how D halves resolution: stride (4x4/2 conv) | maxpool | avgpool
     d_spectral_norm: bool = False  # spectral norm on every D conv (one power iteration per D forward)
@@ -333,7 +336,7 @@ def validate(cfg: RunConfig) -> None:
     for key, value, allowed in [
         ("model.g_act", m.g_act, ACTIVATIONS), ("model.d_act", m.d_act, ACTIVATIONS),
         ("model.g_norm", m.g_norm, NORMS), ("model.d_norm", m.d_norm, NORMS),
-        ("model.d_downsample", m.d_downsample, DOWNSAMPLES),
+        ("model.d_downsample", m.d_downsample, DOWNSAMPLES), ("model.g_block", m.g_block, G_BLOCKS),
         ("optim.weight_decay_mode", o.weight_decay_mode, WD_MODES),
         ("optim.lr_scaling", o.lr_scaling, LR_SCALINGS), ("eval.g_mode", e.g_mode, G_MODES),
         ("train.amp", t.amp, AMPS), ("train.channels_last", t.channels_last, CHANNELS_LAST),
@@ -343,6 +346,9 @@ def validate(cfg: RunConfig) -> None:
         if value not in allowed:
             raise UserError(f"{key}='{value}' is not one of: {', '.join(allowed)}")
     check_loss_labels(t.loss, t.real_label, t.fake_label)  # hinge has margins, not targets: no smoothing
+    if m.g_block != "open" and m.g_norm == "none":
+        raise UserError(f"model.g_block='{m.g_block}' adds BatchNorm to G's blocks, which model.g_norm='none' "
+                        "takes away; leave one of them")
     uses_bn = m.g_norm != "none" or m.d_norm != "none"
     if uses_bn and t.batch_size < 4:
         raise UserError(f"train.batch_size={t.batch_size} is too small for BatchNorm; use >= 4 or *_norm=none")

@@ -53,36 +53,53 @@ def _wide(make: Callable[[int], nn.Module], channels: int, halves: bool) -> nn.M
     return Halves(make, channels) if halves else make(channels)
 
 
+def _bn_after(layer: nn.Module, channels: int) -> nn.Module:
+    return nn.Sequential(layer, nn.BatchNorm2d(channels))
+
+
 class CSPup(nn.Module):
     """Cross-stage-partial upsampling: half the channels take a cheap ConvT shortcut, half a deeper path.
 
-    A: ConvT(4,2,1) to out channels. B: 1x1 conv -> act -> ConvT(4,2,1) -> 3x3 conv -> act -> 3x3 conv.
-    Output A + B. Splitting halves the cost of the deep path while the shortcut keeps gradients short.
-    With `halves_out` the output is (first half, second half) of A + B as two tensors, ready for the next
-    block (see Halves); the input may be one tensor or such a pair.
+    block="open" (the default): A: ConvT(4,2,1) to out channels. B: 1x1 conv -> act -> ConvT(4,2,1) -> 3x3 conv
+    -> act -> 3x3 conv (with BatchNorm where `norm` puts it). Output A + B. Path A is then a chain of linear
+    layers from the 4x4 map to the image, and nothing normalises the sum.
+    block="closed", the researchers' BatchNorm-closed reading: A: ConvT + BN. B: 3x3 conv -> BN -> act -> ConvT
+    -> BN -> 3x3 conv -> BN -> act -> 3x3 conv -> BN. Output A + B.
+    block="sum_bn": the open block with BatchNorm + act after A + B, the usual fix for a linear shortcut.
+    Splitting halves the cost of the deep path while the shortcut keeps gradients short. With `halves_out` the
+    output is (first half, second half) of the block's output as two tensors, ready for the next block (see
+    Halves); the input may be one tensor or such a pair.
     """
 
     def __init__(self, in_ch: int, out_ch: int, norm: str = "after_conv", act: str = "relu", slope: float = 0.2,
-                 halves_out: bool = False):
+                 halves_out: bool = False, block: str = "open"):
         super().__init__()
         half_a = in_ch // 2
         half_b = in_ch - half_a
         self.split = half_a
         self.out_channels = out_ch
-        self.path_a = _wide(lambda c: nn.ConvTranspose2d(half_a, c, 4, 2, 1), out_ch, halves_out)
+        closed = block == "closed"
+        closing = (lambda layer, c: _bn_after(layer, c)) if closed else (lambda layer, c: layer)  # BN on closed
+        self.path_a = _wide(lambda c: closing(nn.ConvTranspose2d(half_a, c, 4, 2, 1), c), out_ch, halves_out)
         self.path_b = nn.Sequential(
-            *conv_norm_act(nn.Conv2d(half_b, out_ch, 1), out_ch, norm, act, slope),
-            nn.ConvTranspose2d(out_ch, out_ch, 4, 2, 1),
+            *conv_norm_act(nn.Conv2d(half_b, out_ch, 3, 1, 1) if closed else nn.Conv2d(half_b, out_ch, 1),
+                           out_ch, norm, act, slope),
+            *([nn.ConvTranspose2d(out_ch, out_ch, 4, 2, 1)] + ([nn.BatchNorm2d(out_ch)] if closed else [])),
             *conv_norm_act(nn.Conv2d(out_ch, out_ch, 3, 1, 1), out_ch, norm, act, slope),
-            _wide(lambda c: nn.Conv2d(out_ch, c, 3, 1, 1), out_ch, halves_out),
+            _wide(lambda c: closing(nn.Conv2d(out_ch, c, 3, 1, 1), c), out_ch, halves_out),
         )
+        post = (lambda c: nn.Sequential(nn.BatchNorm2d(c), _act(act, slope)))
+        sizes = (out_ch // 2, out_ch - out_ch // 2) if halves_out else (out_ch,)
+        self.post = nn.ModuleList(post(c) for c in sizes) if block == "sum_bn" else None  # per half: same function
 
     def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         a, b = x if isinstance(x, tuple) else (x[:, : self.split], x[:, self.split :])
         out_a, out_b = self.path_a(a), self.path_b(b)
         if isinstance(out_a, tuple):
-            return out_a[0] + out_b[0], out_a[1] + out_b[1]
-        return out_a + out_b
+            out = (out_a[0] + out_b[0], out_a[1] + out_b[1])
+            return out if self.post is None else tuple(p(h) for p, h in zip(self.post, out))
+        out = out_a + out_b
+        return out if self.post is None else self.post[0](out)
 
 
 class Generator(nn.Module):
@@ -103,7 +120,8 @@ class Generator(nn.Module):
                                                                     cfg.leaky_slope))
                                        for c in (self.stem.lo.out_features // 16, self.stem.hi.out_features // 16))
         self.blocks = nn.Sequential(*[
-            CSPup(cin, cout, cfg.g_norm, cfg.g_act, cfg.leaky_slope, halves_out=i < n_blocks - 1)  # last: to_rgb
+            CSPup(cin, cout, cfg.g_norm, cfg.g_act, cfg.leaky_slope, halves_out=i < n_blocks - 1,  # last: to_rgb
+                  block=cfg.g_block)
             for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:]))])
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
 

@@ -16,7 +16,7 @@ from ablations import Ablation, get_ablation, list_ablations, register_ablation
 from ablations import registry
 from tests.helpers import build as build_on_images
 from core.errors import UserError
-from core.config import flatten, resolve
+from core.config import flatten, resolve, validate
 from studies.run.study import StudySpec, resolve_configs
 
 CASES = [(name, variant) for name in list_ablations() for variant in get_ablation(name).variants]
@@ -302,3 +302,42 @@ def test_stabiliser_bases_compose_and_nonsense_is_refused():
         resolve_configs(StudySpec(ablation="pooling", base=(("loss", "hinge"), ("loss", "lsgan"))))
     with pytest.raises(UserError, match="removes D's BatchNorm"):
         resolve_configs(StudySpec(ablation="leaky_bn", base=(("spectral_norm", "sn_no_bn"),)))
+
+
+def test_cspup_blocks_have_the_batchnorm_they_claim(tiny_cfg):
+    """Per CSPup block: BatchNorm count and where it sits (what the cspup ablation's variants claim)."""
+    from core.models import CSPup
+    cfg = tiny_cfg()
+    blocks = {v: build_on_images(tiny_cfg(**{k.replace(".", "__"): x for k, x in get_ablation("cspup").overrides(v).items()}),
+                       with_fid=False).G.blocks for v in get_ablation("cspup").variants}
+
+    def bns(module) -> int:
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+    first = {v: b[0] for v, b in blocks.items()}  # a block that hands halves on
+    last = {v: b[-1] for v, b in blocks.items()}  # the last one, into to_rgb
+    assert all(isinstance(b, CSPup) for b in (*first.values(), *last.values())) and cfg.model.g_block == "open"
+    # open: BatchNorm only after path B's two inner convs; path A and B's last conv are bare
+    assert bns(first["baseline"].path_a) == 0 and bns(first["baseline"].path_b) == 2 and first["baseline"].post is None
+    assert isinstance(last["baseline"].path_b[-1], torch.nn.Conv2d) and first["baseline"].path_b[0].kernel_size == (1, 1)
+    # closed: A = ConvT + BN; B = 3x3 + BN + act, ConvT + BN, 3x3 + BN + act, 3x3 + BN (halves: one BN per half)
+    assert bns(last["closed"].path_a) == 1 and bns(last["closed"].path_b) == 4
+    assert bns(first["closed"].path_a) == 2 and bns(first["closed"].path_b) == 3 + 2
+    kinds = [type(m).__name__ for m in last["closed"].path_b]
+    assert kinds[:5] == ["Conv2d", "BatchNorm2d", "ReLU", "ConvTranspose2d", "BatchNorm2d"]
+    assert last["closed"].path_b[0].kernel_size == (3, 3)
+    assert [type(m).__name__ for m in last["closed"].path_b[-1]] == ["Conv2d", "BatchNorm2d"]
+    # sum_bn: the open paths, then BatchNorm + act on the sum (per half where the block hands halves on)
+    assert bns(last["sum_bn"].path_a) == 0 and bns(last["sum_bn"].path_b) == 2
+    assert [type(m).__name__ for m in last["sum_bn"].post[0]] == ["BatchNorm2d", "ReLU"] and len(first["sum_bn"].post) == 2
+    z = torch.randn(4, cfg.model.z_dim)
+    for v, b in blocks.items():
+        x = build_on_images(tiny_cfg(**{k.replace(".", "__"): x for k, x in get_ablation("cspup").overrides(v).items()}),
+                  with_fid=False).G(z)
+        assert x.shape == (4, 3, 32, 32) and torch.isfinite(x).all(), v
+
+
+def test_a_closed_block_without_batchnorm_in_g_is_refused(tiny_cfg):
+    from core.errors import UserError
+    with pytest.raises(UserError, match="model.g_block='closed' adds BatchNorm to G's blocks"):
+        validate(tiny_cfg(model__g_block="closed", model__g_norm="none"))

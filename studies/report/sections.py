@@ -90,6 +90,13 @@ def evidence(children: pd.DataFrame, runs: pd.DataFrame, preset: str, metric: st
     return out
 
 
+def _count(value: str | None) -> str:
+    try:
+        return f"{int(value):,}"
+    except (TypeError, ValueError):
+        return "–"
+
+
 def ablated_section(ablation: str, children: pd.DataFrame, runs: pd.DataFrame, order: list[str]) -> list[str]:
     """The ablation's rationale (its docstring) and, per variant, the params that differ from the baseline in MLflow."""
     from ablations import get_ablation
@@ -109,7 +116,8 @@ def ablated_section(ablation: str, children: pd.DataFrame, runs: pd.DataFrame, o
         code = ", ".join(f"`{k}={v}`" for k, v in declared.get(variant, {}).items())
         rows.append({"variant": variant, "overrides declared by the ablation": code or "–",
                      "settings that differ from the baseline run (MLflow params)":
-                     shown or ("(the baseline)" if variant == order[0] else "(none: same config)")})
+                     shown or ("(the baseline)" if variant == order[0] else "(none: same config)"),
+                     "G / D parameters": " / ".join(_count(mine.get(k)) for k in ("model.g_params", "model.d_params"))})
     return ["## What was ablated and why", "", doc, "", md(pd.DataFrame(rows)), ""]
 
 
