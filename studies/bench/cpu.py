@@ -239,7 +239,7 @@ def _asdict(cfg: config_mod.RunConfig) -> dict:
     return json.loads(config_mod.to_json(cfg))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -290,7 +290,7 @@ def run_bench(args: argparse.Namespace, command: str) -> dict:
         image_files(cfg)  # bad --data fails here, before minutes of measuring
     if args.inception_images:
         find_weights(next(iter(cfgs.values())).eval.weights)
-    result: dict = {"command": command, "cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+    result: dict = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
                     "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
                     "load_start": os.getloadavg()[0], "trainer": {}, "inception": None, "memory": {}}

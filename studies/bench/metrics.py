@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from core.metrics import list_metrics, measure
 from core.reference import ReferenceStats
 from core.reference import statistics as feature_statistics
+from studies.bench.cpu import cpu_name
 from studies.cli import command
 
 
@@ -34,16 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per metric after one warm-up (default: 5)")
     p.add_argument("--out", type=Path, default=None, help="also write the timings as JSON here")
     return p
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def bench(args: argparse.Namespace) -> dict:
