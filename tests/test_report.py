@@ -571,3 +571,14 @@ def test_from_csv_prints_the_verdict_of_the_report_without_a_store(store, tmp_pa
     assert [line[2:] for line in printed] == _verdict_section(text)
     assert any("Diversity (secondary)" in line for line in printed) and any("fragile" in line for line in printed)
     assert report_main(["nothing-here", "--from-csv", "--reports", str(tmp_path / "reports")]) == 2
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (Path(__file__).parents[1] / "reports").glob("*/runs.csv")))
+def test_every_committed_report_carries_runs_that_give_its_verdict(name):
+    """The committed reports' runs.csv rebuild their verdicts: the failures and the primary answer word for word.
+    (Transcribed ones hold values to 4 significant digits, so their intervals may differ in the third digit.)"""
+    reports = Path(__file__).parents[1] / "reports"
+    shown = _verdict_section((reports / f"{name}.md").read_text())
+    again = verdict_from_csv(reports / name / "runs.csv")
+    assert again[:2] == shown[:2] and len(again) == len(shown)
+    assert any("Diversity (secondary)" in line for line in again) == any("Diversity (secondary)" in line for line in shown)

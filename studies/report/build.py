@@ -150,6 +150,11 @@ def verdict_from_csv(path: Path) -> list[str]:
         metric, final_samples = str(runs["primary_metric"].iloc[0]), int(runs["final_samples"].iloc[0])
     except (KeyError, ValueError, IndexError, pd.errors.ParserError) as exc:
         raise UserError(f"{path} is not a report's runs.csv ({type(exc).__name__}: {exc})") from None
+    # a report from before a metric existed has no column for it: not recorded, as run_table says of a store
+    absent = [m for m in (*rec.FAMILIES, *rec.FIDELITY_DIVERSITY) if f"final_{m}" not in runs]
+    for m in absent:
+        runs[f"final_{m}"] = float("nan")
+    runs.attrs["not_recorded"] = [f"metrics.{rec.final_key(m)}" for m in absent]
     order = list(dict.fromkeys(runs["variant"]))  # the report's order, baseline first
     rows = stats.variant_rows(runs, order, metric)
     return (stats.verdict_lines(rows, metric, final_samples)
