@@ -149,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         return smoke(specs, configs, images)
     shared = share_images(first, images)  # on the device once for every study and run of this process
-    plans = runs_to_train(specs, configs, images.key, existing_store(args.tracking_uri))
+    store = existing_store(args.tracking_uri)  # what it already finished is reused, and not in the ETA
+    plans = runs_to_train(specs, configs, images.key, store)
     specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress, plans=plans)
-    store = Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
+    store = store or Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
     print(eta_line, file=sys.stderr)
     for spec in specs:
         parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh)
