@@ -1,21 +1,25 @@
 """The run factory: `build_run` turns a RunConfig and the shared device images into a ready Trainer.
 
-It builds G and D (seeded, DCGAN init), their optimizers, the batch source and the evaluator, and decides the
-run's precision on its device once. Images are decoded and copied to the device before it, once per process
-(`share_images`); reference statistics are core/reference.py's, metrics core/metrics.py's.
+It builds G and D (seeded, DCGAN init), their optimizers, the batch source and the evaluator, on the run's path
+(precision, memory format, compiled or not: core/fastpath.py measures which is fastest here, once per model).
+Images are decoded and copied to the device before it, once per process (`share_images`); reference
+statistics are core/reference.py's, metrics core/metrics.py's.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from core import config as config_mod
 from core.config import Derived, RunConfig
 from core.data import BatchSource, DeviceImages, ImageSet
-from core.device import pick_device, run_precision
+from core.device import ExecPath, pick_device
+from core.fastpath import PathChoice, choose_path, recorded_path
 from core.hooks import Hooks
 from core.metrics import FidEvaluator
 from core.models import Discriminator, Generator, init_weights
@@ -42,10 +46,15 @@ def make_optimizers(cfg: RunConfig, derived: Derived, G: torch.nn.Module,
     return opt_g, opt_d
 
 
+CALIBRATION_IMAGES = 256  # real images the path measurement draws its batches from (its own small device copy)
+
+
 def share_images(cfg: RunConfig, images: ImageSet) -> DeviceImages:
-    """The images on cfg's device in its memory format: made once per process, handed to each run's build_run."""
+    """The images on cfg's device in the memory format of cfg's path, as far as it is known without measuring
+    (explicit, or cached from an earlier measurement): made once per process, handed to each run's build_run.
+    A run on the other layout converts each batch it draws (one copy of a batch, small beside a step)."""
     device = pick_device(cfg.train.device)
-    return DeviceImages(images, device, run_precision(cfg.train, device).channels_last)
+    return DeviceImages(images, device, choose_path(cfg, device, None).path.channels_last)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
@@ -53,21 +62,59 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_path(cfg: RunConfig, images: ImageSet, device: torch.device | None = None, run_dir: Path | None = None,
+             say: Callable[[str], None] | None = _say) -> PathChoice:
+    """The path a run of cfg takes: its checkpoint's when it resumes one (bit-identical continuation), else
+    core.fastpath.choose_path's (explicit settings, the measurement cache, or a measurement now, announced
+    through `say`)."""
+    device = device or pick_device(cfg.train.device)
+    recorded = recorded_path(run_dir)
+    if recorded is not None:
+        return PathChoice(recorded, "resumed")
+    choice = choose_path(cfg, device, path_builder(cfg, images, device), progress=say)
+    if choice.source == "measured" and say:
+        say(choice.line())
+    return choice
+
+
+def path_builder(cfg: RunConfig, images: ImageSet, device: torch.device) -> Callable[[ExecPath], Trainer]:
+    """build(path): a trainer of cfg on that path, without FID, drawing from its own small copy of the first
+    CALIBRATION_IMAGES images in the path's layout: what core.fastpath times."""
+    small = ImageSet(np.asarray(images.images[:CALIBRATION_IMAGES]), 0, images.source, images.key)
+
+    def build(path: ExecPath) -> Trainer:
+        return _assemble(cfg, device, DeviceImages(small, device, path.channels_last), PathChoice(path, "measuring"))
+    return build
+
+
 def build_run(cfg: RunConfig, *, images: DeviceImages, hooks: Hooks | None = None, tracker=None,
               run_dir: Path | None = None, with_fid: bool = True, show_progress: bool = False,
-              on_log: Callable[[int, dict[str, float]], None] | None = None) -> Trainer:
-    """G and D (seeded, DCGAN init), optimizers, batch source and evaluator, wired into a Trainer.
+              on_log: Callable[[int, dict[str, float]], None] | None = None,
+              path: PathChoice | None = None) -> Trainer:
+    """G and D (seeded, DCGAN init), optimizers, batch source and evaluator, wired into a Trainer on its path.
 
     `images` are shared by every run of the process (share_images) and only read; on another device than
     cfg's they are copied for this run. show_progress: bars while Inception runs (the reference statistics,
-    each evaluation); on_log(nimg, stats): called at every log interval of training.
+    each evaluation); on_log(nimg, stats): called at every log interval of training. path: run_path's choice
+    (decided here when not given).
     """
     config_mod.validate(cfg)
-    derived = config_mod.derive(cfg)
     device = pick_device(cfg.train.device)
-    precision = run_precision(cfg.train, device)
+    path = path or run_path(cfg, images.image_set, device, run_dir)
     if not _same_device(images.device, device):
-        images = DeviceImages(images.image_set, device, precision.channels_last)  # this run's own copy
+        images = DeviceImages(images.image_set, device, path.path.channels_last)  # this run's own copy
+    return _assemble(cfg, device, images, path, hooks=hooks, tracker=tracker, run_dir=run_dir, with_fid=with_fid,
+                     show_progress=show_progress, on_log=on_log)
+
+
+def _assemble(cfg: RunConfig, device: torch.device, images: DeviceImages, path: PathChoice, *,
+              hooks: Hooks | None = None, tracker=None, run_dir: Path | None = None, with_fid: bool = False,
+              show_progress: bool = False, on_log: Callable[[int, dict[str, float]], None] | None = None) -> Trainer:
+    derived = config_mod.derive(cfg)
     hooks = hooks or Hooks()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest conv algorithms; GPU runs are not bit-reproducible
@@ -78,11 +125,11 @@ def build_run(cfg: RunConfig, *, images: DeviceImages, hooks: Hooks | None = Non
     if cfg.model.d_spectral_norm:  # after init (SN divides the initialised weight), before the optimizers see D
         apply_spectral_norm(D, keep_batchnorm=cfg.model.d_sn_keep_bn)
     G, D = hooks.on_models_built(G, D)
-    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if path.path.channels_last else torch.contiguous_format
     G, D = G.to(device, memory_format=memory_format), D.to(device, memory_format=memory_format)
     opt_g, opt_d = make_optimizers(cfg, derived, G, D)
-    batches = BatchSource(images, seed=cfg.train.seed + 2, channels_last=precision.channels_last)
+    batches = BatchSource(images, seed=cfg.train.seed + 2, channels_last=path.path.channels_last)
     evaluate = (FidEvaluator(cfg, images.image_set, device, progress=show_progress)
                 if with_fid and cfg.eval.fid_final_samples > 0 else None)
     return Trainer(cfg, G, D, opt_g, opt_d, batches, device, hooks=hooks, tracker=tracker, evaluate=evaluate,
-                   run_dir=run_dir, progress=on_log, precision=precision)
+                   run_dir=run_dir, progress=on_log, path=path)

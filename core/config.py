@@ -25,7 +25,7 @@ LR_SCALINGS = ("none", "sqrt", "linear")
 G_MODES = ("eval", "train", "standing")
 AUGMENTS = ("none", "xflip", "diffaug")
 AMPS = ("auto", "bf16", "fp32")
-CHANNELS_LAST = ("auto", "on", "off")
+CHANNELS_LAST = COMPILES = ("auto", "on", "off")
 SWITCH_ALIASES = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}  # old bool values
 FID_RESIZES = ("clean", "torch")
 PRIMARY_METRICS = ("auto", "fid", "kid")
@@ -84,9 +84,10 @@ class TrainConfig:
     ema_rampup: float = 0.0  # G_ema half-life at most this fraction of images seen (stylegan ramp-up); 0 = none
     seed: int = 0  # seeds weights, batches, z; >= 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32 autocast
-    channels_last: str = "auto"  # NHWC memory format: auto (wherever amp=auto picks bf16) | on | off
-    compile: bool = False  # torch.compile G and D for training (CUDA only; + channels_last failed on torch 2.11)
+    # the path a run computes on; auto = the fastest measured on this machine (core/fastpath.py), per model and batch
+    amp: str = "auto"  # autocast dtype: auto | bf16 | fp32
+    channels_last: str = "auto"  # NHWC memory format: auto | on | off
+    compile: str = "auto"  # torch.compile G and D for training: auto | on | off (R1's double backward stays eager)
     log_every_kimg: float = 10.0  # losses and throughput logged every this many kimg
     sample_every_kimg: float = 100.0  # fixed-z sample grid every this many kimg
     checkpoint_every_kimg: float = 500.0  # resumable checkpoint every this many kimg
@@ -145,9 +146,15 @@ PRESETS: dict[str, dict[str, object]] = {
         "optim.lr_ref_batch": 32,
         "eval.fid_every_kimg": 6.0, "eval.fid_samples": 128, "eval.fid_final_samples": 256,
         "eval.fid_ref_images": 512, "eval.fid_batch": 64, "eval.grid_size": 36,
+        # one fixed path, nothing measured: measuring 4-8 paths takes longer than a quick run saves by it, and the
+        # tests (which build dozens of models on this preset) would otherwise compile every one. bf16 + NHWC eager:
+        # what `auto` meant for this preset on every CPU it ran on so far (AMD EPYC, Intel Xeon, both AVX512_BF16),
+        # so its runs stay what they were; in fp32 the quick run on real faces (tests/test_resilience.py) ends at
+        # dc/nn_ratio 0.31 instead of 0.44-0.46, nearer the collapse threshold (one run each, this EPYC)
+        "train.amp": "bf16", "train.channels_last": "on", "train.compile": "off",
     },
     # What a machine without a GPU runs by default (--preset auto): a 3-variant x 3-seed study in about an hour
-    # on 2 CPU cores with the bf16 + NHWC fast path. Evidence about tricks at 32 px on a small model, not about
+    # on 2 CPU cores on the fastest path measured there (bf16 + NHWC eager on an AMD EPYC). Evidence about tricks at 32 px on a small model, not about
     # the 128 px GPU result. Every value is there for time or for quality, chosen from KID-against-kimg curves of
     # single runs on this machine (python -m studies.bench.kid_curve; KID on 500 samples vs 1,000 real images,
     # where an untrained G scores 0.50-0.52 and held-out real images 0.0005):
@@ -190,8 +197,8 @@ def _field_type(cfg: RunConfig, key: str) -> type:
 
 def _coerce(key: str, value: object, want: type) -> object:
     """Turn CLI strings (and ints for floats) into the field's type, or say which key is wrong."""
-    if key == "train.channels_last" and str(value).lower() in SWITCH_ALIASES:
-        return SWITCH_ALIASES[str(value).lower()]  # --set train.channels_last=true, configs from before 'auto'
+    if key in ("train.channels_last", "train.compile") and str(value).lower() in SWITCH_ALIASES:
+        return SWITCH_ALIASES[str(value).lower()]  # --set train.compile=true, configs from before 'auto'
     if isinstance(value, want) and not (want is int and isinstance(value, bool)):
         return value
     try:
@@ -248,8 +255,9 @@ def resolve(preset: str = "default", *layers: dict[str, object]) -> RunConfig:
 class Derived:
     """Values computed from the config alone by one rule, logged next to it (the same on every machine).
 
-    What depends on the machine (train.amp and train.channels_last resolved for a device) is decided where the
-    run is built (core.device.run_precision) and logged beside these as derived.amp / derived.channels_last."""
+    What depends on the machine (train.amp, channels_last and compile resolved for a device) is decided where
+    the run is built (core.fastpath.choose_path) and logged beside these as derived.amp, derived.channels_last,
+    derived.compile and derived.path_source."""
     steps: int  # G steps = ceil(kimg * 1000 / batch_size)
     lr_g: float  # after lr_scaling
     lr_d: float
@@ -340,6 +348,7 @@ def validate(cfg: RunConfig) -> None:
         ("optim.weight_decay_mode", o.weight_decay_mode, WD_MODES),
         ("optim.lr_scaling", o.lr_scaling, LR_SCALINGS), ("eval.g_mode", e.g_mode, G_MODES),
         ("train.amp", t.amp, AMPS), ("train.channels_last", t.channels_last, CHANNELS_LAST),
+        ("train.compile", t.compile, COMPILES),
         ("eval.fid_resize", e.fid_resize, FID_RESIZES), ("train.loss", t.loss, LOSSES),
         ("train.augment", t.augment, AUGMENTS), ("eval.primary_metric", e.primary_metric, PRIMARY_METRICS),
     ]:

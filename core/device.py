@@ -1,14 +1,15 @@
-"""Where a run computes and in which precision and memory format; and giving a finished run's memory back.
+"""Where a run computes and on which path (precision, memory format, compiled or eager); giving memory back.
 
-`train.amp=auto` and `train.channels_last=auto` pick the fast path the hardware has: bf16 autocast and NHWC
-on CUDA, and on a CPU with native bf16 arithmetic (AVX512_BF16 or AMX); plain fp32 NCHW elsewhere, where bf16
-would be emulated and slower than fp32.
+The paths a run may take are listed here (`candidate_paths`); which one is fastest on this machine is measured
+by core/fastpath.py, never assumed from CPU flags: on one 2-core AMD EPYC bf16 + NHWC trained 1.7x faster than
+fp32, on a 2-core Intel Xeon with the same AVX512_BF16 flag 1.2x slower.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def choose_preset(name: str) -> tuple[str, str]:
     return "cpu", "no CUDA device, so the 32 px CPU preset; --preset default is the 128 px GPU one"
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (/proc/cpuinfo; the platform's processor string elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def device_type(name: str) -> str:
     """'cuda' or 'cpu' for a train.device value, without raising (validation is pick_device's job)."""
     if name == "auto":
@@ -65,27 +79,50 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def resolve_precision(amp: str, channels_last: str, kind: str) -> tuple[str, bool]:
-    """(autocast dtype name, NHWC?) actually used for train.amp / train.channels_last on a 'cuda' or 'cpu' device."""
-    fast = kind == "cuda" or cpu_has_native_bf16()
-    return (("bf16" if fast else "fp32") if amp == "auto" else amp,
-            fast if channels_last == "auto" else channels_last == "on")
-
-
 @dataclass(frozen=True)
-class Precision:
-    """What a run computes in on its device: train.amp and train.channels_last with `auto` resolved."""
+class ExecPath:
+    """How a run computes on its device: autocast dtype, memory format, and whether G and D are compiled.
+
+    train.amp, train.channels_last and train.compile with `auto` resolved (core/fastpath.py measures which path
+    is fastest here). The arithmetic differs between paths only by rounding; what a run learns does not.
+    """
     amp: str  # bf16 | fp32: the autocast dtype of G and D
     channels_last: bool  # NHWC models and images
+    compile: bool = False  # torch.compile'd G and D for the training steps (R1's double backward stays eager)
+
+    @property
+    def name(self) -> str:
+        return f"{self.amp}+{'NHWC' if self.channels_last else 'NCHW'}+{'compiled' if self.compile else 'eager'}"
+
+    @classmethod
+    def parse(cls, name: str) -> "ExecPath":
+        """The inverse of `name`: 'bf16+NHWC+eager' -> ExecPath('bf16', True, False)."""
+        amp, layout, mode = name.split("+")
+        if amp not in ("bf16", "fp32") or layout not in ("NHWC", "NCHW") or mode not in ("eager", "compiled"):
+            raise ValueError(f"not a path name: {name!r}")
+        return cls(amp, layout == "NHWC", mode == "compiled")
 
     def params(self) -> dict[str, object]:
         """As the run's MLflow params, beside the config's derived values."""
-        return {"derived.amp": self.amp, "derived.channels_last": self.channels_last}
+        return {"derived.amp": self.amp, "derived.channels_last": self.channels_last, "derived.compile": self.compile}
 
 
-def run_precision(train: TrainConfig, device: torch.device) -> Precision:
-    """The precision a run of `train` uses on `device` (the machine is asked here, never by the config)."""
-    return Precision(*resolve_precision(train.amp, train.channels_last, device.type))
+def candidate_paths(train: TrainConfig, can_compile: bool = True) -> list[ExecPath]:
+    """Every path train.amp / channels_last / compile allow: an explicit value
+    fixes its dimension, `auto` leaves both choices open (compiled ones only where torch.compile can run)."""
+    amps = ("bf16", "fp32") if train.amp == "auto" else (train.amp,)
+    layouts = (True, False) if train.channels_last == "auto" else (train.channels_last == "on",)
+    compiles = ((True, False) if can_compile else (False,)) if train.compile == "auto" else (train.compile == "on",)
+    return [ExecPath(a, c, m) for m in compiles for a in amps for c in layouts]
+
+
+def unmeasured_path(train: TrainConfig, kind: str) -> ExecPath:
+    """A path without measuring (explicit values; for `auto` eager, and bf16 + NHWC on CUDA, fp32 NCHW on a
+    CPU): for a rough timing (the ETA's probe) where measuring every path would cost more than the answer."""
+    fast = kind == "cuda"
+    return ExecPath(("bf16" if fast else "fp32") if train.amp == "auto" else train.amp,
+                    fast if train.channels_last == "auto" else train.channels_last == "on",
+                    train.compile == "on")
 
 
 def release_memory(device: torch.device | str | None = None) -> None:

@@ -113,6 +113,7 @@ DIVERGED_AT = "diverged_at_nimg"
 SATURATION_EPISODES = "saturation_episodes"
 KIMG_TAG = "kimg"
 DEVICE, DEVICE_NAME = "device", "device_name"
+PATH_CANDIDATES = "path.candidates"  # every candidate path's img/s (or why it was rejected): core/fastpath.py
 ERROR = "error"
 PROTOCOL = "fid_protocol."  # prefix of the evaluation protocol's tags
 ENV = "env."  # prefix of a study parent's provenance tags

@@ -7,14 +7,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 
 from core import config as config_mod
 from core import records as rec
 from core.build import build_run
 from core.config import Derived, RunConfig
 from core.data import DeviceImages, ImageSet
-from core.device import Precision, pick_device, release_memory, run_precision
+from core.device import device_name, release_memory
+from core.fastpath import PathChoice
 from core.hooks import Hooks
 from core.models import count_params
 from core.plots import plot_run_curves
@@ -24,17 +24,14 @@ from core.trainer import RunResult, Trainer
 SHOWN_EPISODES = 100  # saturation episodes in the run's tag (the last ones); MLflow caps a tag's length
 
 
-def run_params(cfg: RunConfig, images: ImageSet, *, derived: Derived | None = None,
-               precision: Precision | None = None) -> dict[str, object]:
-    """The whole resolved config, the derived values, the precision and the data actually used, as flat params.
-
-    derived and precision default to what cfg gives on cfg's device; execute_run passes the trainer's own.
-    """
+def run_params(cfg: RunConfig, images: ImageSet, path: PathChoice, *,
+               derived: Derived | None = None) -> dict[str, object]:
+    """The whole resolved config, the derived values, the path the run computes on and the data actually used,
+    as flat params. derived defaults to what cfg gives; execute_run passes the trainer's own."""
     derived = derived or config_mod.derive(cfg)
-    precision = precision or run_precision(cfg.train, pick_device(cfg.train.device))
     params = dict(config_mod.flatten(cfg))
     params.update({f"derived.{k}": v for k, v in dataclasses.asdict(derived).items()})
-    params.update(precision.params())
+    params.update(path.params())
     params.update({"dataset.source": images.source, "dataset.images": len(images.images),
                    "dataset.skipped": images.skipped, "dataset.key": images.key})
     return params
@@ -63,14 +60,14 @@ def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: DeviceImages,
 def _train_and_record(trainer: Trainer, cfg: RunConfig, tracker, run_dir: Path, images: ImageSet) -> RunResult:
     if not trainer.try_resume():
         run_dir.mkdir(parents=True, exist_ok=True)
-        params = run_params(cfg, images, derived=trainer.derived, precision=trainer.precision)
+        params = run_params(cfg, images, trainer.path_choice, derived=trainer.derived)
         params.update({"model.g_params": count_params(trainer.G), "model.d_params": count_params(trainer.D)})
         tracker.log_params(params)
         (run_dir / "config.json").write_text(config_mod.to_json(cfg))
         tracker.log_artifact(run_dir / "config.json")
+        tracker.set_tags(trainer.path_choice.tags())  # every candidate path's img/s, when they were measured
     device = trainer.device
-    tracker.set_tags({rec.OUTCOME: rec.Outcome.RUNNING, rec.DEVICE: str(device),
-                      rec.DEVICE_NAME: torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
+    tracker.set_tags({rec.OUTCOME: rec.Outcome.RUNNING, rec.DEVICE: str(device), rec.DEVICE_NAME: device_name(device)})
     result = trainer.run()
 
     checkpoint = trainer.save_checkpoint()

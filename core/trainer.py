@@ -25,16 +25,17 @@ from core import records as rec
 from core.bookkeeping import MetricLog, SaturationWatch, StepStats
 from core.config import RunConfig
 from core.data import BatchSource
-from core.device import Precision, run_precision
+from core.device import unmeasured_path
 from core.ema import ema_beta, make_ema, update_ema
 from core.errors import UserError
+from core.fastpath import PathChoice, record_path, use_compile_cache
 from core.hooks import Hooks
 from core.losses import min_d_loss
 from core.metrics import MetricResult
 from core.sampling import evaluated_g
 
 GRID_SEED = 2024  # every run's sample grids use the same z, so variants compare image by image (FID: core.metrics)
-CHECKPOINT_FORMAT = 2  # the layout of Trainer.state_dict; raised when it changes, so an older file is refused
+CHECKPOINT_FORMAT = 3  # the layout of Trainer.state_dict; raised when it changes, so an older file is refused
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Trainer:
                  opt_d: torch.optim.Optimizer, batches: BatchSource, device: torch.device, *,
                  hooks: Hooks | None = None, tracker=None, evaluate: Callable[[nn.Module, int], MetricResult] | None = None,
                  run_dir: Path | None = None, progress: Callable[[int, dict], None] | None = None,
-                 precision: Precision | None = None):
+                 path: PathChoice | None = None):
         from core.tracking import NullTracker
 
         self.cfg, self.G, self.D, self.opt_g, self.opt_d = cfg, G, D, opt_g, opt_d
@@ -88,18 +89,23 @@ class Trainer:
         self.run_dir = run_dir
         self.progress = progress or (lambda nimg, stats: None)
         self.derived = config_mod.derive(cfg)  # steps, LRs, primary metric: one rule, logged beside the config
-        self.precision = precision or run_precision(cfg.train, device)
+        # the path (precision, memory format, compiled?) decided for this device by core.build.run_path; a Trainer
+        # built by hand takes the explicit settings, eager, fp32 NCHW on a CPU
+        self.path_choice = path or PathChoice(unmeasured_path(cfg.train, device.type), "unmeasured")
+        self.path = self.path_choice.path
         self.batch = cfg.train.batch_size
         self.step = 0
         self.nimg = 0
         self.zgen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
         self.augment_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 3)  # x-flip, DiffAugment
         self.G_ema = make_ema(G) if cfg.train.ema_kimg > 0 else None
-        cuda = device.type == "cuda"
-        # train.amp=auto resolved for this device (core.device); bf16 autocast runs on CPUs too
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision.amp == "bf16")
-        self.G_train = torch.compile(G) if cuda and cfg.train.compile else G
-        self.D_train = torch.compile(D) if cuda and cfg.train.compile else D
+        # bf16 autocast runs on CPUs too
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.path.amp == "bf16")
+        self.G_train, self.D_train = G, D
+        if self.path.compile:  # compiled lazily at the first step; G and D keep the eager modules' parameters
+            use_compile_cache(cfg.data.cache_dir)
+            torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, never fails the run
+            self.G_train, self.D_train = torch.compile(G), torch.compile(D)
         self.failures: dict[rec.Outcome, int] = {}  # failure mode -> nimg where first seen
         self.stats = StepStats(device)  # the step's scalars since the last log point
         # D's loss can fall no lower than the entropy of its targets (0.325 nats for real 0.9): saturation is
@@ -320,7 +326,7 @@ class Trainer:
             "failures": {mode.value: nimg for mode, nimg in self.failures.items()},  # plain str: weights_only loads it
             "run_id": self.tracker.run_id or "",
             "stats": self.stats.state_dict(), "saturation": self.saturation.state_dict(),
-            "metrics": self.metric_log.state_dict(),
+            "metrics": self.metric_log.state_dict(), "path": self.path.name,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -334,6 +340,9 @@ class Trainer:
             shown = ", ".join(f"{k}={theirs.get(k)!r} (now {ours[k]!r})" for k in differ[:4])
             raise UserError(f"checkpoint was made with a different config: {shown}; "
                             "delete the run directory or rerun with the same settings")
+        if state["path"] != self.path.name:  # core.build.run_path builds a resumed run on its checkpoint's path
+            raise UserError(f"{where} was trained on path {state['path']}, this run is built on {self.path.name}; "
+                            "rerun with train.amp/channels_last/compile set to that path, or delete the run directory")
         self.step, self.nimg = state["step"], state["nimg"]
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
@@ -359,8 +368,13 @@ class Trainer:
         return None if self.run_dir is None else self.run_dir / "checkpoint.pt"
 
     def save_checkpoint(self) -> Path | None:
+        """The checkpoint, and beside it the path it was trained on (read before the resumed run is built)."""
         path = self.checkpoint_path()
-        return None if path is None else checkpoint.write(self.state_dict(), path)
+        if path is None:
+            return None
+        written = checkpoint.write(self.state_dict(), path)
+        record_path(path.parent, self.path)
+        return written
 
     def try_resume(self) -> bool:
         """Continue from run_dir/checkpoint.pt if there is one; False when starting fresh."""
@@ -374,6 +388,10 @@ class Trainer:
         """Let go of G, D, optimizers, batches and evaluator now, even while a traceback still holds the trainer."""
         self.G = self.D = self.G_ema = self.G_train = self.D_train = self.opt_g = self.opt_d = None
         self.batches = self.evaluate = None
+        if self.path.compile:
+            # compiled graphs hold the models; and every distinct model compiled in one process counts towards
+            # dynamo's recompile limit, past which it silently runs eagerly (a study builds many models)
+            torch._dynamo.reset()
 
 
 PHASE_STEPS: dict[str, Callable[[Trainer, int], None]] = {"D": Trainer._d_step, "Dreg": Trainer._dreg_step,

@@ -3,8 +3,9 @@
     python -m studies.run pooling                 # prints 'preset cpu (...): ETA 52 min for 9 runs ...' first
     python -m studies.run pooling --preset default --yes   # a 128 px study on a CPU: its ETA, then it runs anyway
 
-A few timed training steps of every variant's real model (after a warm-up step, on the device and in the
-precision the run will use) give its img/s; one timed Inception batch gives the FID/KID pass's img/s. The
+A few timed training steps of every variant's real model (after a warm-up step, on the device and the path
+the run will use: measured first where this machine does not know it yet) give its img/s, and the warm-up
+step beyond a timed one what each run spends compiling; one timed Inception batch gives the FID/KID pass's img/s. The
 arithmetic (`estimate`) is separate from the measuring (`measure`), so it is tested on made-up timings.
 
 Before a study that may be refused, `probe` times one step of the first variant at batch 8 and 8 images
@@ -16,19 +17,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from core import config as config_mod
 from core import reference
-from core.build import build_run
+from core.build import build_run, run_path
 from core.config import RunConfig
 from core.data import DeviceImages
-from core.device import release_memory
+from core.device import release_memory, unmeasured_path
+from core.fastpath import PathChoice
 from core.inception import InceptionFeatures
 
 TIMED_STEPS = 3  # training steps timed per variant, after one warm-up step
@@ -44,6 +47,8 @@ PROBE_ABOVE = 1e10  # pixels a study trains on (runs x images x resolution^2) ab
 class Timings:
     train_img_per_s: dict[str, float]  # variant -> training images per second
     inception_img_per_s: float  # generated or real images per second through the FID/KID feature pass
+    setup_s: dict[str, float] = field(default_factory=dict)  # variant -> seconds each run spends before its steps
+                                                              # run at speed (compiling, on a compiled path)
 
 
 @dataclass(frozen=True)
@@ -85,28 +90,31 @@ def estimate(configs: dict[str, RunConfig], runs_per_variant: int | Mapping[str,
         if not counts[name]:
             continue
         nimg = config_mod.derive(cfg).steps * cfg.train.batch_size
-        train_s += counts[name] * nimg / timings.train_img_per_s[name]
+        train_s += counts[name] * (nimg / timings.train_img_per_s[name] + timings.setup_s.get(name, 0.0))
         eval_images += counts[name] * evaluations(cfg)
     eval_s = (eval_images + reference_images) / timings.inception_img_per_s if eval_images + reference_images else 0.0
     return Estimate(train_s + eval_s, sum(counts.values()), train_s, eval_s, reused)
 
 
 def measure(configs: dict[str, RunConfig], images: DeviceImages, progress: bool = False) -> Timings:
-    """Time TIMED_STEPS training steps of each variant and one Inception batch, here and now (with a bar that
-    names what is being timed when `progress`: a 128 px model on a CPU takes minutes)."""
+    """Time TIMED_STEPS training steps of each variant on the path its runs will take (chosen by measurement
+    first where this machine has not measured that model yet: core/fastpath.py) and one Inception batch, here
+    and now (with a bar that names what is being timed when `progress`: a 128 px model on a CPU takes minutes).
+    The first step of each variant, beyond a timed one, is what every run of it spends compiling."""
     from tqdm import tqdm
-    speeds = {}
+    speeds, setup = {}, {}
     with tqdm(total=len(configs) + 1, desc="timing this machine", unit="model", leave=False, disable=not progress,
               dynamic_ncols=True) as bar:
         for name, cfg in configs.items():
-            bar.set_postfix_str(f"{name}: {TIMED_STEPS + 1} steps of batch {cfg.train.batch_size}")
-            speeds[name] = _train_img_per_s(cfg, images)
+            bar.set_postfix_str(f"{name}: its path, then {TIMED_STEPS + 1} steps of batch {cfg.train.batch_size}")
+            path = run_path(cfg, images.image_set, say=lambda line: tqdm.write(line, file=sys.stderr))
+            speeds[name], setup[name] = _train_img_per_s(cfg, images, path=path)
             bar.update()
         first = next(iter(configs.values()))
         bar.set_postfix_str(f"an Inception batch of {first.eval.fid_batch}")
         inception = _inception_img_per_s(first, images)
         bar.update()
-    return Timings(speeds, inception)
+    return Timings(speeds, inception, setup)
 
 
 def worth_probing(configs: dict[str, RunConfig], runs_per_variant: int) -> bool:
@@ -123,7 +131,8 @@ def probe(configs: dict[str, RunConfig], images: DeviceImages) -> Timings:
     cfg = next(iter(configs.values()))
     small = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=min(PROBE_BATCH,
                                                                                           cfg.train.batch_size)))
-    speed = _train_img_per_s(small, images, steps=1)
+    path = PathChoice(unmeasured_path(small.train, images.device.type), "unmeasured")  # measuring paths takes minutes
+    speed, _ = _train_img_per_s(small, images, steps=1, path=path)
     return Timings(dict.fromkeys(configs, speed), _inception_img_per_s(cfg, images, PROBE_BATCH))
 
 
@@ -132,17 +141,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_img_per_s(cfg: RunConfig, images: DeviceImages, steps: int = TIMED_STEPS) -> float:
-    trainer = build_run(cfg, images=images, with_fid=False)
+def _train_img_per_s(cfg: RunConfig, images: DeviceImages, steps: int = TIMED_STEPS,
+                     path: PathChoice | None = None) -> tuple[float, float]:
+    """(img/s of `steps` steps after a warm-up step, seconds the warm-up step took beyond a timed one)."""
+    trainer = build_run(cfg, images=images, with_fid=False, path=path)
     device = trainer.device
     try:
-        trainer.train_step()  # warm-up: allocations, cuDNN autotuning
+        start = time.perf_counter()
+        trainer.train_step()  # warm-up: allocations, cuDNN autotuning, compilation
         _sync(device)
+        warmup_s = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
         _sync(device)
-        return steps * cfg.train.batch_size / (time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return steps * cfg.train.batch_size / seconds, max(0.0, warmup_s - seconds / steps)
     finally:
         trainer.close()
         del trainer

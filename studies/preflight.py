@@ -4,7 +4,8 @@
     python -m studies.run pooling --smoke --preset quick   # the same check on a CPU (under 3 minutes here)
     python -m studies.search --smoke                       # the search's configuration
 
-Each variant is built exactly as its run would be (preset, --base, variant, --set), then: a few training steps
+Each variant is built exactly as its run would be (preset, --base, variant, --set, and the path it will take,
+measured first where this machine has not yet: core/fastpath.py), then: a few training steps
 through the real loop (logging, a sample grid, a checkpoint half-way, the final FID/KID on a few samples),
 and a second trainer resumed from that checkpoint that must finish the same way (bit-identical on a CPU). One
 line per variant: `ok` with its training img/s, or the error. Everything is written to a temporary folder;
@@ -24,10 +25,11 @@ import torch
 
 from core import config as config_mod
 from core import records as rec
-from core.build import build_run, share_images
+from core.build import build_run, run_path, share_images
 from core.config import RunConfig
 from core.data import DeviceImages, ImageSet
 from core.device import release_memory
+from core.fastpath import PathChoice
 from core.hooks import Hooks, HookList
 
 SMOKE_STEPS = 4  # training steps per variant: a checkpoint after the 2nd, a timed log interval over the last 2
@@ -41,10 +43,11 @@ class SmokeResult:
     ok: bool
     img_per_s: float | None = None
     error: str = ""
+    path: str = ""  # the path it trained on (core/fastpath.py)
 
     def line(self) -> str:
         if self.ok:
-            return f"ok    {self.variant:24s} {self.img_per_s:8.1f} img/s"
+            return f"ok    {self.variant:24s} {self.img_per_s:8.1f} img/s  on {self.path}"
         return f"FAIL  {self.variant:24s} {self.error}"
 
 
@@ -59,11 +62,14 @@ def smoke_config(cfg: RunConfig, cache_dir: Path) -> RunConfig:
     })
 
 
-def check_variant(name: str, cfg: RunConfig, images: DeviceImages, workdir: Path, hooks: Hooks | None) -> SmokeResult:
-    """Train, checkpoint, resume and evaluate one variant; any exception becomes a FAIL line, never a traceback wall."""
+def check_variant(name: str, cfg: RunConfig, images: DeviceImages, workdir: Path, hooks: Hooks | None,
+                  path: PathChoice | None = None) -> SmokeResult:
+    """Train, checkpoint, resume and evaluate one variant (on `path`, else its own choice); any exception becomes
+    a FAIL line, never a traceback wall."""
     run_dir = workdir / name
     try:
-        first = build_run(cfg, hooks=hooks, run_dir=run_dir, images=images)
+        first = build_run(cfg, hooks=hooks, run_dir=run_dir, images=images, path=path)
+        path_name = first.path.name
         result = first.run()
         if result.status not in (rec.Outcome.FINISHED, rec.Outcome.COLLAPSED):  # collapse is a finding, not a broken setup
             raise RuntimeError(f"run ended '{result.status}' after {result.nimg} images")
@@ -81,7 +87,7 @@ def check_variant(name: str, cfg: RunConfig, images: DeviceImages, workdir: Path
         if exact and any(not torch.equal(finished[k], v) for k, v in second.G.state_dict().items()):
             raise RuntimeError("the resumed run did not end bit-identical to the uninterrupted one")
         second.close()
-        return SmokeResult(name, True, img_per_s=result.img_per_s)
+        return SmokeResult(name, True, img_per_s=result.img_per_s, path=path_name)
     except Exception as exc:  # a broken variant is a finding of the preflight: report it and check the rest
         detail = traceback.extract_tb(exc.__traceback__)[-1]
         where = f" ({Path(detail.filename).name}:{detail.lineno})" if detail else ""
@@ -101,7 +107,13 @@ def preflight(configs: dict[str, RunConfig], images: ImageSet, hooks_for: Callab
         for name, cfg in smoke.items():
             hooks = hooks_for(name)
             start = time.perf_counter()
-            result = check_variant(name, cfg, shared, workdir / "runs", HookList(hooks) if hooks else None)
+            try:  # the path the real runs will take: measured (or read) in the real cache folder, not the smoke's
+                path = run_path(configs[name], images, say=report)
+            except Exception as exc:  # noqa: BLE001 (reported as the variant's failure below)
+                results.append(SmokeResult(name, False, error=f"choosing its path: {type(exc).__name__}: {exc}"[:300]))
+                report(results[-1].line())
+                continue
+            result = check_variant(name, cfg, shared, workdir / "runs", HookList(hooks) if hooks else None, path)
             results.append(result)
             report(f"{result.line()}   ({time.perf_counter() - start:.0f} s)")
         del shared

@@ -22,6 +22,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores: more
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 TINY = {  # 32x32, narrow, a handful of steps: seconds on two CPU cores
     "model.resolution": 32, "model.width": 0.125, "train.device": "cpu",
+    "train.amp": "fp32", "train.channels_last": "off", "train.compile": "off",  # one path: nothing measured
     "train.batch_size": 8, "train.kimg": 0.032, "train.log_every_kimg": 0.008, "train.sample_every_kimg": 0.016,
     "train.checkpoint_every_kimg": 0.016, "optim.lr_ref_batch": 8,
     "eval.fid_every_kimg": 0.0, "eval.fid_samples": 16, "eval.fid_final_samples": 16,

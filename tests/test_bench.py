@@ -43,7 +43,7 @@ def test_bench_cpu_smoke_writes_json(tmp_path, synthetic_root):
     assert result["device_type"] == "cpu" and result["flops_per_img"] > 0
     assert [row["batch"] for row in result["plain"]] == [8] and result["plain"][0]["img_per_s"] > 0
     eager, *compiled = result["suite"]
-    assert eager["error"] is None and eager["variant"] == "eager NCHW fp32" and eager["finite"]
+    assert eager["error"] is None and eager["variant"] == "fp32+NCHW+eager" and eager["finite"]
     for key in ("img_per_s", "ratio", "mfu", "seconds"):
         assert eager[key] > 0 and math.isfinite(eager[key]), key
     # CPU runs both loops in fp32 on the same batches: the first losses agree

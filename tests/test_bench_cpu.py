@@ -11,13 +11,21 @@ def test_bench_cpu_smoke_writes_json(tmp_path, monkeypatch, capsys):
     root = write_synthetic_celeba(tmp_path / "celeba", 64)  # one batch of the larger model
     out = tmp_path / "bench_cpu.json"
     assert main(["--data", str(root), "--rounds", "1", "--steps", "1", "--warmup", "3", "--workers", "0",
+                 "--models", "32px w0.125 b32,32px w0.25 b64", "--no-compile",
                  "--inception-images", "2", "--inception-batch", "2", "--no-memory", "--out", str(out),
                  "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
     result = json.loads(out.read_text())
-    for rows in result["trainer"].values():
+    assert list(result["trainer"]) == list(result["paths"]) == ["32px w0.125 b32", "32px w0.25 b64"]
+    for model, rows in result["trainer"].items():
         assert [r["key"] for r in rows] == ["suite auto", "suite fp32", "plain"]
         assert all(r["img_per_s"] > 0 for r in rows) and rows[2]["ratio_vs_plain"] == 1.0
         assert rows[1]["loss_check_max_rel_diff"] < 1e-5  # fp32 NCHW: the plain step's arithmetic
+        paths = result["paths"][model]
+        assert sorted(r["path"] for r in paths["paths"]) == ["bf16+NCHW+eager", "bf16+NHWC+eager",
+                                                             "fp32+NCHW+eager", "fp32+NHWC+eager"]  # --no-compile
+        assert rows[0]["loop"] == f"suite {paths['chosen']} (auto)"
+        assert paths["chosen"] == max(paths["paths"], key=lambda r: r["img_per_s"] or 0)["path"]
+    assert not (tmp_path / "cache" / "fastpath.json").exists()  # the bench measures; it leaves the cache alone
     assert result["inception"]["max_feature_diff_of_scale"] <= 1e-4
     assert "vs plain" in capsys.readouterr().out
 

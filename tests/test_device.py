@@ -21,33 +21,42 @@ from tests.conftest import step_losses
 from tests.helpers import build
 
 
-@pytest.mark.parametrize("native,want", [(True, ("bf16", True)), (False, ("fp32", False))])
-def test_auto_picks_bf16_and_nhwc_only_where_the_cpu_has_native_bf16(monkeypatch, native, want):
-    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: native)
-    cfg = config_mod.resolve("quick", {"train.device": "cpu"})
-    assert (cfg.train.amp, cfg.train.channels_last) == ("auto", "auto")
-    precision = device_mod.run_precision(cfg.train, torch.device("cpu"))
-    assert (precision.amp, precision.channels_last) == want
-    assert device_mod.resolve_precision("auto", "auto", "cuda") == ("bf16", True)  # CUDA: always
-    assert device_mod.resolve_precision("fp32", "on", "cpu") == ("fp32", True)  # explicit values win
+def test_auto_is_measured_not_read_from_cpu_flags(tiny_cfg, monkeypatch):
+    """Whatever the CPU's flags say, auto leaves every path open to measurement (tests/test_fastpath.py); only a
+    rough timing that may not measure (the ETA's probe) takes a fixed guess, and explicit values always win."""
+    monkeypatch.setattr(device_mod, "cpu_has_native_bf16", lambda: pytest.fail("auto must not read CPU flags"))
+    cfg = config_mod.resolve("cpu", {"train.device": "cpu"})
+    assert (cfg.train.amp, cfg.train.channels_last, cfg.train.compile) == ("auto", "auto", "auto")
+    assert len(device_mod.candidate_paths(cfg.train)) == 8
+    assert device_mod.unmeasured_path(cfg.train, "cpu") == device_mod.ExecPath("fp32", False, False)
+    assert device_mod.unmeasured_path(cfg.train, "cuda") == device_mod.ExecPath("bf16", True, False)
+    quick = config_mod.resolve("quick").train  # tests and --smoke: one fixed path, nothing to measure
+    assert device_mod.candidate_paths(quick) == [device_mod.ExecPath("bf16", True, False)]
+    pinned = config_mod.resolve("cpu", {"train.amp": "fp32", "train.channels_last": "on", "train.compile": "off"})
+    assert device_mod.unmeasured_path(pinned.train, "cuda") == device_mod.ExecPath("fp32", True, False)
 
 
-def test_channels_last_takes_on_off_auto_and_the_old_booleans():
+def test_channels_last_and_compile_take_on_off_auto_and_the_old_booleans():
     for given, stored in [("true", "on"), ("False", "off"), (True, "on"), (False, "off"), ("auto", "auto")]:
         assert config_mod.resolve("quick", {"train.channels_last": given}).train.channels_last == stored
+        assert config_mod.resolve("quick", {"train.compile": given}).train.compile == stored
+    with pytest.raises(UserError, match="train.compile='maybe' is not one of: auto, on, off"):
+        config_mod.resolve("quick", {"train.compile": "maybe"})
     with pytest.raises(UserError, match="train.channels_last='sometimes' is not one of: auto, on, off"):
         config_mod.resolve("quick", {"train.channels_last": "sometimes"})
     with pytest.raises(UserError, match="train.amp='fp16' is not one of"):
         config_mod.resolve("quick", {"train.amp": "fp16"})
 
 
-def test_what_auto_chose_is_a_run_param(tiny_cfg):
+def test_the_path_a_run_takes_is_a_run_param(tiny_cfg):
+    from core.fastpath import PathChoice
     from core.runner import run_params
     cfg = tiny_cfg()
-    params = run_params(cfg, load_images(cfg.data, cfg.model.resolution))
-    precision = device_mod.run_precision(cfg.train, torch.device(cfg.train.device))
-    assert params["derived.amp"] == precision.amp and params["derived.channels_last"] == precision.channels_last
-    assert params["train.amp"] == "auto"
+    path = PathChoice(device_mod.ExecPath("bf16", True, False), "measured")
+    params = run_params(cfg, load_images(cfg.data, cfg.model.resolution), path)
+    assert {k: params[k] for k in ("derived.amp", "derived.channels_last", "derived.compile", "derived.path_source")} == {
+        "derived.amp": "bf16", "derived.channels_last": True, "derived.compile": False, "derived.path_source": "measured"}
+    assert params["train.amp"] == "fp32"  # what was asked for stays beside what was used
 
 
 def test_bf16_channels_last_on_the_cpu_tracks_fp32(tiny_cfg):
@@ -91,8 +100,8 @@ def test_build_run_decides_precision_once_and_copies_images_from_another_device(
     images = load_images(cfg.data, cfg.model.resolution)
     elsewhere = DeviceImages(images, torch.device("meta"))  # shared on another device than cfg's (cpu), NCHW
     trainer = build_run(cfg, with_fid=False, images=elsewhere)
-    assert trainer.precision == device_mod.run_precision(cfg.train, torch.device("cpu"))
-    assert trainer.precision.channels_last and not trainer.autocast._enabled
+    assert trainer.path == device_mod.ExecPath("fp32", True, False) and trainer.path_choice.source == "explicit"
+    assert trainer.path.channels_last and not trainer.autocast._enabled
     copy = trainer.batches.images
     assert copy is not elsewhere and copy.device == torch.device("cpu") and copy.image_set is images
     assert copy.channels_last and copy.pixels.shape == (len(images.images), 32, 32, 3)  # this run's layout

@@ -34,6 +34,8 @@ def test_estimate_is_training_plus_every_inception_pass():
     assert est.eval_s == pytest.approx((3 * 300 + 3 * 200 + 500) / 10)  # 200
     assert est.total_s == pytest.approx(260.0)
     assert eta.estimate({"a": a}, 1, timings, 0).eval_s == pytest.approx(30.0)  # cached reference costs nothing
+    compiled = eta.Timings({"a": 640.0, "b": 320.0}, 10.0, setup_s={"a": 7.0})  # a compiles 7 s in every run
+    assert eta.estimate({"a": a, "b": b}, 3, compiled, 500).train_s == pytest.approx(60 + 3 * 7)
 
 
 def test_no_evaluation_costs_nothing_and_durations_read_well():
@@ -60,13 +62,16 @@ def test_cpu_preset_study_runs_end_to_end_with_its_eta_before_training(tmp_path,
     monkeypatch.chdir(tmp_path)
     printed: list[str] = []
     real_train = eta._train_img_per_s
-    monkeypatch.setattr(eta, "_train_img_per_s", lambda cfg, images: (printed.append("timed"), real_train(cfg, images))[1])
+    monkeypatch.setattr(eta, "_train_img_per_s", lambda cfg, images, path=None: (printed.append("timed"),
+                                                                                real_train(cfg, images, path=path))[1])
     code = run_main(["pooling", "--preset", "cpu", "--seeds", "1", "--data", str(synthetic_root),  # bars on
                      "--set", "train.kimg=0.256", "--set", "eval.fid_final_samples=8", "--set", "eval.fid_ref_images=16",
                      "--set", "eval.fid_batch=8", "--set", "eval.grid_size=4", "--set", "train.device=cpu",
                      "--set", "eval.collapse_nn_ratio=0",  # 4 steps have not left the collapsed start
                      "--set", "eval.standing_batches=2",  # of the preset's 64 images each: what the test needs
-                     "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+                     "--set", f"data.cache_dir={tmp_path / 'cache'}",
+                     # one path: measuring all of them on the preset's model would take minutes (test_fastpath.py)
+                     "--set", "train.amp=fp32", "--set", "train.channels_last=off", "--set", "train.compile=off"])
     err = capsys.readouterr().err
     assert code == 0, err
     eta_at, ref_at = err.find("preset cpu (asked for with --preset); ETA "), err.find("FID reference statistics")
@@ -117,12 +122,12 @@ def test_the_probe_times_one_small_step_and_a_few_inception_images(tiny_cfg, mon
     cfg = tiny_cfg(train__batch_size=16, eval__fid_batch=16)
     seen = []
     real_train, real_inception = eta._train_img_per_s, eta._inception_img_per_s
-    monkeypatch.setattr(eta, "_train_img_per_s", lambda c, images, steps=eta.TIMED_STEPS: (
-        seen.append((c.train.batch_size, steps)), real_train(c, images, steps))[1])
+    monkeypatch.setattr(eta, "_train_img_per_s", lambda c, images, steps=eta.TIMED_STEPS, path=None: (
+        seen.append((c.train.batch_size, steps, path.source)), real_train(c, images, steps, path))[1])
     monkeypatch.setattr(eta, "_inception_img_per_s", lambda c, images, batch=None: (
         seen.append(("inception", batch)), 5.0)[1])
     timings = eta.probe({"a": cfg, "b": cfg}, images_for(cfg))
-    assert seen == [(eta.PROBE_BATCH, 1), ("inception", eta.PROBE_BATCH)]
+    assert seen == [(eta.PROBE_BATCH, 1, "unmeasured"), ("inception", eta.PROBE_BATCH)]  # no path measured
     assert timings.train_img_per_s["a"] == timings.train_img_per_s["b"] > 0 and timings.inception_img_per_s == 5.0
 
 

@@ -438,18 +438,29 @@ def browse(steps: list[tuple[str, list[str]]], screenshot: Path, timeout_s: floa
     """Open each url in turn in headless Chromium, waiting until all its strings are in the page text; then
     close MLflow's assistant side panel (it hides a third of the table) and screenshot the last page."""
     import tempfile
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout, sync_playwright
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     with tempfile.TemporaryDirectory() as profile, sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, args=args, headless=True,
                                                        viewport={"width": 1500, "height": 820})
         try:
-            page = browser.new_page()
             for url, expect in steps:
+                # a fresh page per step: a hash-only goto on a page still loading its first view can be ignored
+                # by the single-page app (seen once in CI under load), so every view is loaded from scratch
+                page = browser.new_page()
                 page.goto(url)
-                page.wait_for_function("words => words.every(w => document.body.innerText.includes(w))",
-                                       arg=expect, timeout=timeout_s * 1000)
+                for attempt in range(2):  # one reload if the first load never shows the words
+                    try:
+                        page.wait_for_function("words => words.every(w => document.body.innerText.includes(w))",
+                                               arg=expect, timeout=timeout_s * 1000 / 2)
+                        break
+                    except PlaywrightTimeout:
+                        if attempt:
+                            text = page.inner_text("body")
+                            missing = [w for w in expect if w not in text]
+                            pytest.fail(f"{url} never showed {missing}; the page said: {text[:1500]!r}")
+                        page.reload()
             close = page.locator('button[data-component-id="mlflow.assistant.chat_panel.close"]')
             if close.count():
                 close.first.click()

@@ -275,10 +275,12 @@ def test_new_settings_are_validated(tiny_cfg, overrides, message):
 
 
 def test_new_settings_are_logged_as_params(tiny_cfg):
-    from core.runner import run_params
     from core.data import load_images
+    from core.device import ExecPath
+    from core.fastpath import PathChoice
+    from core.runner import run_params
     cfg = tiny_cfg(train__loss="hinge", train__ema_kimg=0.02, eval__g_mode="standing", model__d_spectral_norm=True)
-    params = run_params(cfg, load_images(cfg.data, cfg.model.resolution))
+    params = run_params(cfg, load_images(cfg.data, cfg.model.resolution), PathChoice(ExecPath("fp32", False), "explicit"))
     assert {k: params[k] for k in ("train.loss", "train.ema_kimg", "train.ema_rampup", "train.r1_gamma",
                                     "train.r1_interval", "train.augment", "eval.g_mode", "eval.standing_batches",
                                     "model.d_spectral_norm", "model.d_sn_keep_bn")} == {

@@ -84,7 +84,7 @@ def skip_timed_steps(monkeypatch) -> None:
     """The ETA's timed training steps of every variant stand in at 1,000 img/s: tests/test_eta.py times them for
     real; here they would only add a build and four steps per variant."""
     from studies import eta
-    monkeypatch.setattr(eta, "_train_img_per_s", lambda cfg, images: 1000.0)
+    monkeypatch.setattr(eta, "_train_img_per_s", lambda cfg, images, path=None: (1000.0, 0.0))
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,16 @@
 """CPU benchmark of the fast path: the suite's trainer against the plain PyTorch loop, Inception before and
 after, peak memory. One run, on this machine, the same data for every loop.
 
-    python -m studies.bench.cpu                     # issue 12's numbers: two models, Inception, memory
-    python -m studies.bench.cpu --rounds 1 --steps 3 --warmup 3 --inception-images 4 --no-memory   # smoke
+    python -m studies.bench.cpu                     # three models, every path, Inception, memory
+    python -m studies.bench.cpu --models "32px w1 b64" --no-memory --inception-images 0   # the cpu preset's paths
+    python -m studies.bench.cpu --rounds 1 --steps 3 --warmup 3 --inception-images 4 --no-memory --no-compile  # smoke
     python -m studies.bench.cpu --data ~/celeba/img_align_celeba --out bench_cpu.json
 
-Trainer rows, per model: the suite's trainer as configured (train.amp/channels_last=auto: bf16 + NHWC on a
-CPU with native bf16, else fp32 NCHW), the suite's trainer forced to fp32 NCHW, and the plain loop
+Paths, per model: every path train.amp/channels_last/compile=auto may take, timed as core/fastpath.py times
+them (alternating rounds, first losses against fp32 eager; nothing read from or written to its cache), with
+the one auto takes; compiled paths show their first step (compilation; inductor's cache in data.cache_dir).
+Trainer rows, per model: the suite's trainer on the path auto took, the suite's trainer on fp32 eager NCHW, and
+the plain loop
 (studies/bench/plain.py: a DataLoader decoding the same JPEG files the suite's cache was made from, fp32,
 NCHW). Each is warmed up, then timed for --steps steps in each of --rounds rounds; the rounds alternate
 between the loops, so load from other processes falls on all of them alike. The table shows the median
@@ -26,7 +30,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -39,20 +42,22 @@ import torch
 
 from core import config as config_mod
 from core import records as rec
-from core.build import build_run, share_images
+from core.build import build_run, path_builder, share_images
 from core.config import apply_overrides
 from core.data import find_source, load_images
-from core.device import cpu_has_native_bf16, run_precision
+from core.device import ExecPath, candidate_paths, cpu_has_native_bf16, device_name
+from core.fastpath import REFERENCE, can_compile, fastest, ordered, time_paths, use_compile_cache
 from core.errors import UserError
 from core.inception import InceptionFeatures, find_weights
 from studies.bench.plain import image_files, measure_plain, plain_losses
 from studies.cli import add_flags, command, data_roots, overrides_from
 
-MODELS = {  # the quick preset's model and batch, then a wider one at a larger batch
+MODELS = {  # the quick preset's model and batch, a wider one at a larger batch, and the cpu preset's
     "32px w0.125 b32": {},
     "32px w0.25 b64": {"model.width": 0.25, "train.batch_size": 64},
+    "32px w1 b64": {"model.width": 1.0, "train.batch_size": 64},
 }
-FP32 = {"train.amp": "fp32", "train.channels_last": "off"}
+FP32 = {"train.amp": "fp32", "train.channels_last": "off", "train.compile": "off"}
 LOSS_CHECK_STEPS = 3
 
 
@@ -69,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real images per Inception round; 0 = skip Inception (default: 128)")
     p.add_argument("--inception-batch", type=int, default=64,
                    help="images per FID chunk, eval.fid_batch (default: 64, the quick preset's)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help=f"comma-separated models to time, of: {'; '.join(MODELS)} (default: all)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the torch.compile paths (a minute or more each to compile cold; default: --compile)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory in fresh processes (default: --memory)")
     add_flags(p, "--set")
@@ -83,18 +92,37 @@ def _check_args(args: argparse.Namespace) -> None:
                     "--inception-images must be >= 0"), (args.inception_batch >= 1, "--inception-batch must be >= 1")]:
         if not ok:
             raise UserError(msg)
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        raise UserError(f"--models: unknown model {unknown[0]!r}; choose from: {'; '.join(MODELS)}")
 
 
 def configs(args: argparse.Namespace) -> dict[str, config_mod.RunConfig]:
     base = {**overrides_from(args), "train.device": "cpu"}
     if not base.get("data.root"):  # the default places, resolved once: every loop then reads the same folder
         base["data.root"] = str(find_source(config_mod.resolve("quick", base).data, data_roots()).path)
-    return {name: config_mod.resolve("quick", base, layer) for name, layer in MODELS.items()}
+    auto = {"train.amp": "auto", "train.channels_last": "auto", "train.compile": "auto" if args.compile else "off"}
+    return {name: config_mod.resolve("quick", {**auto, **base}, MODELS[name]) for name in args.models.split(",")}
 
 
-def describe(cfg: config_mod.RunConfig) -> str:
-    p = run_precision(cfg.train, torch.device("cpu"))
-    return f"{p.amp} + {'NHWC' if p.channels_last else 'NCHW'}"
+def measure_paths(cfg: config_mod.RunConfig, images, rounds: int) -> dict:
+    """Every path train.amp/channels_last/compile=auto allow, timed now as core.fastpath does (nothing read from
+    or written to its cache), and the one auto takes."""
+    device = torch.device("cpu")
+    use_compile_cache(cfg.data.cache_dir)  # compiled kernels are kept: a second bench compiles in seconds
+    allowed = candidate_paths(cfg.train, can_compile(device))
+    start = time.perf_counter()
+    timings = time_paths(allowed, path_builder(cfg, images, device), device, rounds=rounds)
+    seconds = time.perf_counter() - start
+    ref = timings[REFERENCE].img_per_s
+    rows = [{**t.to_json(), "vs_fp32_eager": t.img_per_s / ref if t.usable and ref else None}
+            for t in ordered([timings[p] for p in allowed])]
+    return {"chosen": fastest([timings[p] for p in allowed], allowed).name, "measure_s": seconds, "paths": rows}
+
+
+def explicit(cfg: config_mod.RunConfig, path: ExecPath) -> config_mod.RunConfig:
+    return apply_overrides(cfg, {"train.amp": path.amp, "train.channels_last": "on" if path.channels_last else "off",
+                                 "train.compile": "on" if path.compile else "off"})
 
 
 def suite_losses_and_warmup(trainer, warmup: int) -> list[tuple[float, float]]:
@@ -120,19 +148,22 @@ def max_rel_diff(ours: list, ref: list) -> float:
     return max(abs(a - b) / max(abs(b), 1e-12) for mine, theirs in zip(ours, ref) for a, b in zip(mine, theirs))
 
 
-def measure_model(cfg: config_mod.RunConfig, args: argparse.Namespace) -> list[dict]:
-    """The three loops on one model, warmed up, then timed in alternating rounds."""
+def measure_model(cfg: config_mod.RunConfig, args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """Every path as auto measures it; then three loops (the path auto chose, fp32 eager NCHW, the plain loop),
+    warmed up, then timed in alternating rounds."""
     device = torch.device("cpu")
     images = load_images(cfg.data, cfg.model.resolution)
     files = image_files(cfg)
+    paths = measure_paths(cfg, images, args.rounds)
+    cfg_auto = explicit(cfg, ExecPath.parse(paths["chosen"]))
     cfg_fp32 = apply_overrides(cfg, FP32)
     plain_ref = plain_losses(cfg_fp32, images.images, device, LOSS_CHECK_STEPS)
-    suites = {"suite auto": build_run(cfg, with_fid=False, images=share_images(cfg, images)),
+    suites = {"suite auto": build_run(cfg_auto, with_fid=False, images=share_images(cfg_auto, images)),
               "suite fp32": build_run(cfg_fp32, with_fid=False, images=share_images(cfg_fp32, images))}
-    rows = {name: {"loop": f"{name.split()[0]} {describe(c)}" + (" (auto)" if name == "suite auto" else ""),
+    rows = {name: {"loop": f"suite {t.path.name}" + (" (auto)" if name == "suite auto" else ""),
                    "img_per_s_rounds": [], "loss_check_max_rel_diff": max_rel_diff(
                        suite_losses_and_warmup(suites[name], args.warmup), plain_ref)}
-            for name, c in (("suite auto", cfg), ("suite fp32", cfg_fp32))}
+            for name, t in suites.items()}
     rows["plain"] = {"loop": f"plain fp32 + NCHW, DataLoader {args.workers} workers", "img_per_s_rounds": [],
                      "loss_check_max_rel_diff": None}
     for _ in range(args.rounds):
@@ -146,7 +177,7 @@ def measure_model(cfg: config_mod.RunConfig, args: argparse.Namespace) -> list[d
         row["img_per_s"] = statistics.median(row["img_per_s_rounds"])
         row["best_img_per_s"] = max(row["img_per_s_rounds"])
         row["ratio_vs_plain"] = row["img_per_s"] / plain
-    return list(rows.values())
+    return paths, list(rows.values())
 
 
 def measure_inception(cfg: config_mod.RunConfig, args: argparse.Namespace) -> dict:
@@ -225,8 +256,7 @@ def memory_jobs(cfgs: dict[str, config_mod.RunConfig], args: argparse.Namespace)
     jobs = [("import only", {**base, "what": "none", "config": _asdict(quick)})]
     for name, cfg in cfgs.items():
         fp32 = apply_overrides(cfg, FP32)
-        jobs += [(f"{name} / suite auto", {**base, "what": "suite", "config": _asdict(cfg)}),
-                 (f"{name} / suite fp32", {**base, "what": "suite", "config": _asdict(fp32)}),
+        jobs += [(f"{name} / suite fp32", {**base, "what": "suite", "config": _asdict(fp32)}),
                  (f"{name} / plain", {**base, "what": "plain", "config": _asdict(fp32)})]
     if args.inception_images:
         for label, fast in (("before", False), ("after", True)):
@@ -240,13 +270,7 @@ def _asdict(cfg: config_mod.RunConfig) -> dict:
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return device_name(torch.device("cpu"))
 
 
 def table(result: dict) -> str:
@@ -265,6 +289,16 @@ def table(result: dict) -> str:
             lines.append(f"{model:<17} {row['loop']:<44} {row['img_per_s']:>7.0f} {row['best_img_per_s']:>7.0f} "
                          f"{row['ratio_vs_plain']:>7.2f}x {'-' if diff is None else format(diff, '.1e'):>9} "
                          f" {peak_text}")
+    for model, measured in result["paths"].items():
+        lines.append(f"{model}: every path as train.*=auto times it ({measured['measure_s']:.0f} s), auto takes "
+                     f"{measured['chosen']}")
+        for row in measured["paths"]:
+            if row["error"]:
+                lines.append(f"    {row['path']:<22} rejected: {row['error']}")
+                continue
+            lines.append(f"    {row['path']:<22} {row['img_per_s']:>7.0f} img/s  {row['vs_fp32_eager']:.2f}x fp32 eager"
+                         f"  first step {row['first_step_s']:5.1f} s  loss diff {row['loss_diff']:.1e}"
+                         + ("  <- auto" if row["path"] == measured["chosen"] else ""))
     inc = result.get("inception")
     if inc:
         mem = result["memory"]
@@ -293,13 +327,13 @@ def run_bench(args: argparse.Namespace, command: str) -> dict:
     result: dict = {"command": command, "cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "native_bf16": cpu_has_native_bf16(),
                     "rounds": args.rounds, "steps": args.steps, "warmup": args.warmup,
-                    "load_start": os.getloadavg()[0], "trainer": {}, "inception": None, "memory": {}}
+                    "load_start": os.getloadavg()[0], "paths": {}, "trainer": {}, "inception": None, "memory": {}}
     if args.memory:  # first: children inherit the parent's peak RSS (see the module docstring)
         for label, job in memory_jobs(cfgs, args):
             result["memory"][label] = peak_memory(job)
             print(f"peak memory, {label}: {result['memory'][label]}", file=sys.stderr, flush=True)
     for name, cfg in cfgs.items():
-        result["trainer"][name] = measure_model(cfg, args)
+        result["paths"][name], result["trainer"][name] = measure_model(cfg, args)
         print(f"{name}: " + ", ".join(f"{r['key']} {r['img_per_s']:.0f} img/s" for r in result["trainer"][name]),
               file=sys.stderr, flush=True)
     if args.inception_images:

@@ -43,7 +43,7 @@ class BenchSpec:
     fid_samples: int = 10000  # generated images of the timed FID; 0 = skip, else >= 2
     fid_resizes: tuple[str, ...] = FID_RESIZES  # eval.fid_resize values to time FID with
     workers: int = DEFAULT_WORKERS  # DataLoader worker processes of the plain loop
-    compile: bool = False  # also time torch.compile variants, NCHW and channels_last (CUDA only)
+    compile: bool = False  # also time torch.compile variants, NCHW and channels_last (CUDA only here)
     peak_tflops: float = H100_BF16_TFLOPS  # the device's peak for MFU, TFLOP/s
     check_resize: int = 0  # real images per side for the clean vs torch resize FID check; 0 = skip
     check_resolution: int = 128  # image side of that check, px
@@ -121,7 +121,7 @@ def bench_batch(spec: BenchSpec, cfg: RunConfig, images: ImageSet, files: list, 
     for layer in variants(spec.compile):
         cfg_v = apply_overrides(cfg, layer)
         row, trained = time_variant(spec, cfg_v, images, device, plain_ref, result["flops_per_img"])
-        if trained is not None and not row["compile"]:
+        if trained is not None and row["compile"] == "off":
             G = trained  # FID samples with the eager module either way; keep the last trained one
         result["suite"].append(row)
         free_memory(device)
@@ -140,13 +140,13 @@ def time_variant(spec: BenchSpec, cfg: RunConfig, images: ImageSet, device: torc
                  plain_ref: list[tuple[float, float]], flops_per_img: float) -> tuple[dict, torch.nn.Module | None]:
     """One trainer variant's row (its error instead, if it fails: a result, not a crash) and its trained G."""
     t = cfg.train
-    row = {"batch": t.batch_size, "variant": describe(cfg, device), "compile": t.compile,
+    row = {"batch": t.batch_size, "variant": describe(cfg), "compile": t.compile,
            "channels_last": t.channels_last, "amp": t.amp, "error": None}
-    if t.compile and device.type != "cuda":
-        row["error"] = "skipped: the trainer compiles only on CUDA"
+    if t.compile == "on" and device.type != "cuda":
+        row["error"] = "skipped: this bench compiles on CUDA only (python -m studies.bench.cpu times the CPU's)"
         return row, None
     try:
-        if t.compile:
+        if t.compile == "on":
             torch._dynamo.reset()  # fresh caches: no recompile limit carried over from another config
         measured, G = measure_suite(cfg, images, device, steps=spec.steps, warmup=spec.warmup, plain_ref=plain_ref)
     except Exception as exc:  # e.g. compile + channels_last failing inside Inductor

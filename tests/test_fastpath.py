@@ -1,0 +1,182 @@
+"""The fastest path, chosen by measurement: the chooser on made-up timings, the measurement on real tiny
+trainers, what a run records, resume on its checkpoint's path, and the compiled path against eager."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import core.fastpath as fastpath
+from core import records as rec
+from core.build import build_run, path_builder, run_path
+from core.device import ExecPath, candidate_paths
+from core.errors import UserError
+from core.fastpath import PathChoice, Timing, choose_path, fastest, time_paths
+from core.runner import execute_run
+from core.tracking import NullTracker
+from tests.conftest import step_losses
+from tests.helpers import _decoded, images_for
+
+AUTO = {"train__amp": "auto", "train__channels_last": "auto", "train__compile": "auto"}
+CPU = torch.device("cpu")
+BF16_NHWC, FP32_NCHW = ExecPath("bf16", True), ExecPath("fp32", False)
+
+
+def test_candidates_are_every_path_the_explicit_settings_leave_open(tiny_cfg):
+    assert len(candidate_paths(tiny_cfg(**AUTO).train)) == 8
+    assert len(candidate_paths(tiny_cfg(**AUTO).train, can_compile=False)) == 4  # no C++ compiler: eager only
+    pinned = candidate_paths(tiny_cfg(**{**AUTO, "train__amp": "bf16"}).train)
+    assert len(pinned) == 4 and {p.amp for p in pinned} == {"bf16"}
+    assert candidate_paths(tiny_cfg(train__amp="bf16", train__channels_last="on", train__compile="on").train) == [
+        ExecPath("bf16", True, True)]
+    for path in candidate_paths(tiny_cfg(**AUTO).train):
+        assert ExecPath.parse(path.name) == path
+
+
+def _fake(img_per_s: dict[str, float | None], errors: dict[str, str] | None = None):
+    """time_paths' stand-in: made-up img/s per path name (None: that path failed), recording what it was asked."""
+    asked = []
+
+    def time_paths(paths, build, device, **kw):
+        asked.append(sorted(p.name for p in paths))
+        return {p: Timing(p, img_per_s.get(p.name), 1.0, 0.0, (errors or {}).get(p.name, "")
+                          or ("" if img_per_s.get(p.name) else "RuntimeError: boom")) for p in paths}
+    return time_paths, asked
+
+
+def test_the_chooser_keeps_the_fastest_usable_path_caches_it_and_honours_explicit_settings(tiny_cfg, tmp_path,
+                                                                                          monkeypatch):
+    speeds = {"bf16+NHWC+eager": 300.0, "bf16+NCHW+eager": 250.0, "fp32+NHWC+eager": 120.0, "fp32+NCHW+eager": 100.0,
+              "bf16+NHWC+compiled": None, "bf16+NCHW+compiled": 900.0, "fp32+NHWC+compiled": 280.0,
+              "fp32+NCHW+compiled": 150.0}
+    fake, asked = _fake(speeds, errors={"bf16+NCHW+compiled": "first losses differ from fp32 eager by 9.0e-02"})
+    monkeypatch.setattr(fastpath, "time_paths", fake)
+    monkeypatch.setattr(fastpath, "can_compile", lambda device: True)
+    cfg = tiny_cfg(**AUTO, data__cache_dir=str(tmp_path))
+    choice = choose_path(cfg, CPU, build=lambda path: pytest.fail("time_paths builds, not the chooser"))
+    # the fastest (900) is rejected by its losses and one compiled path failed: the fastest usable one wins
+    assert choice.path == BF16_NHWC and choice.source == "measured" and len(asked) == 1 and len(asked[0]) == 8
+    tag = choice.tags()[rec.PATH_CANDIDATES]
+    assert tag.startswith("bf16+NHWC+eager 300 img/s; fp32+NHWC+compiled 280 img/s, first step 1 s")
+    assert "bf16+NCHW+compiled rejected: first losses differ" in tag and "bf16+NHWC+compiled rejected: Runtime" in tag
+    assert choice.params() == {"derived.amp": "bf16", "derived.channels_last": True, "derived.compile": False,
+                               "derived.path_source": "measured"}
+    # measured once: the same model and batch later come from the cache, also in another process (the file)
+    again = choose_path(cfg, CPU, build=lambda path: pytest.fail("measured twice"))
+    assert (again.path, again.source, len(asked)) == (BF16_NHWC, "cached", 1)
+    saved = json.loads((tmp_path / fastpath.CACHE_FILE).read_text())["entries"]
+    (entry,) = saved.values()
+    assert entry["description"]["batch"] == 8 and entry["description"]["device"] and len(entry["timings"]) == 8
+    # explicit settings narrow the choice, from the same measurements
+    fp32 = choose_path(tiny_cfg(**{**AUTO, "train__amp": "fp32"}, data__cache_dir=str(tmp_path)), CPU, build=None)
+    assert (fp32.path, fp32.source, len(asked)) == (ExecPath("fp32", True, True), "cached", 1)
+    eager = choose_path(tiny_cfg(**{**AUTO, "train__compile": "off"}, data__cache_dir=str(tmp_path)), CPU, build=None)
+    assert eager.path == BF16_NHWC
+    pinned = choose_path(tiny_cfg(data__cache_dir=str(tmp_path)), CPU, build=lambda p: pytest.fail("measured"))
+    assert (pinned.path, pinned.source) == (FP32_NCHW, "explicit")
+    # another batch is another measurement; without a builder nothing is measured (shared images' layout)
+    other = tiny_cfg(**AUTO, data__cache_dir=str(tmp_path), train__batch_size=16)
+    assert choose_path(other, CPU, build=None).source == "unmeasured" and len(asked) == 1
+    assert choose_path(other, CPU, build=lambda p: None).source == "measured" and len(asked) == 2
+    assert fastest([Timing(BF16_NHWC, error="boom")], [BF16_NHWC, FP32_NCHW]) == BF16_NHWC  # none usable: eager
+
+
+def test_time_paths_measures_real_trainers_and_rejects_other_losses_and_failures(tiny_cfg):
+    cfg = tiny_cfg(**AUTO)
+    images = _decoded(cfg.data, cfg.model.resolution)
+    builder = path_builder(cfg, images, CPU)
+    other_losses = path_builder(tiny_cfg(**AUTO, train__real_label=0.5), images, CPU)  # D's targets differ
+
+    def build(path):
+        if path == ExecPath("fp32", True):
+            return other_losses(path)
+        if path == ExecPath("bf16", False):
+            raise RuntimeError("boom\nwith a long traceback")
+        return builder(path)
+    timings = time_paths([BF16_NHWC, ExecPath("bf16", False), ExecPath("fp32", True), FP32_NCHW], build, CPU,
+                         rounds=1, round_s=0.02)
+    assert timings[FP32_NCHW].usable and timings[FP32_NCHW].loss_diff == 0  # the reference itself
+    assert timings[BF16_NHWC].usable and 0 < timings[BF16_NHWC].loss_diff <= fastpath.LOSS_RTOL
+    assert timings[BF16_NHWC].img_per_s > 0 and timings[BF16_NHWC].first_step_s > 0
+    assert timings[ExecPath("bf16", False)].error == "RuntimeError: boom"  # one line
+    assert not timings[ExecPath("fp32", True)].usable and "first losses differ" in timings[ExecPath("fp32", True)].error
+
+
+class Recorder(NullTracker):
+    def __init__(self):
+        self.params, self.tags = {}, {}
+
+    def log_params(self, params):
+        self.params.update(params)
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+
+def test_a_run_on_auto_measures_once_and_records_its_path_and_every_candidate(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(fastpath, "can_compile", lambda device: False)  # eager paths: compiling is tested below
+    monkeypatch.setattr(fastpath, "ROUND_S", 0.02)
+    cfg = tiny_cfg(**AUTO, data__cache_dir=str(tmp_path / "cache"))
+    images = images_for(cfg)
+    tracker = Recorder()
+    result = execute_run(cfg, tracker, tmp_path / "run", images=images, with_fid=False)
+    assert result.status == rec.Outcome.FINISHED
+    chosen = ExecPath(tracker.params["derived.amp"], tracker.params["derived.channels_last"],
+                      tracker.params["derived.compile"])
+    assert tracker.params["derived.path_source"] == "measured" and tracker.params["train.amp"] == "auto"
+    shown = tracker.tags[rec.PATH_CANDIDATES].split("; ")
+    assert len(shown) == 4 and shown[0].startswith(chosen.name)  # the chosen one is the fastest shown
+    second = Recorder()
+    execute_run(cfg, second, tmp_path / "run2", images=images, with_fid=False)
+    assert second.params["derived.path_source"] == "cached" and second.params["derived.amp"] == chosen.amp
+
+
+def test_a_resumed_run_stays_on_its_checkpoints_path_bit_identically(tiny_cfg, tmp_path, monkeypatch):
+    """The cache may say another path is fastest by the time a run resumes: it continues on its own."""
+    cfg = tiny_cfg(**AUTO, data__cache_dir=str(tmp_path / "cache"))
+    images = images_for(cfg)
+    on_bf16 = PathChoice(BF16_NHWC, "measured")
+    whole = build_run(cfg, images=images, with_fid=False, path=on_bf16, run_dir=tmp_path / "whole")
+    whole.run()
+    first = build_run(cfg, images=images, with_fid=False, path=on_bf16, run_dir=tmp_path / "cut")
+    for _ in range(2):
+        first.train_step()
+    first.save_checkpoint()
+    first.close()
+    fake, _ = _fake({"fp32+NCHW+eager": 1000.0, "bf16+NHWC+eager": 1.0, "bf16+NCHW+eager": 1.0,
+                     "fp32+NHWC+eager": 1.0})
+    monkeypatch.setattr(fastpath, "time_paths", fake)
+    monkeypatch.setattr(fastpath, "can_compile", lambda device: False)
+    assert run_path(cfg, images.image_set, run_dir=tmp_path / "fresh").path == FP32_NCHW  # what a new run takes
+    second = build_run(cfg, images=images, with_fid=False, run_dir=tmp_path / "cut")
+    assert second.path_choice == PathChoice(BF16_NHWC, "resumed") and second.try_resume()
+    second.run()
+    for a, b in zip(whole.G.state_dict().values(), second.G.state_dict().values()):
+        assert torch.equal(a, b)
+    elsewhere = build_run(cfg, images=images, with_fid=False, path=PathChoice(FP32_NCHW, "measured"),
+                          run_dir=tmp_path / "cut")
+    with pytest.raises(UserError, match="was trained on path bf16\\+NHWC\\+eager, this run is built on fp32"):
+        elsewhere.try_resume()
+
+
+def test_the_compiled_path_trains_like_eager_and_resumes_bit_identically(tiny_cfg, tmp_path):
+    """torch.compile on the CPU (inductor's C++), end to end on a tiny model: its losses are eager's to
+    within float rounding, and a checkpointed run continues exactly."""
+    cfg = tiny_cfg(train__compile="on", data__cache_dir=str(tmp_path / "cache"))
+    eager = step_losses(build_run(cfg, images=images_for(cfg), with_fid=False,
+                                  path=PathChoice(FP32_NCHW, "explicit")), 4)
+    whole = build_run(cfg, images=images_for(cfg), with_fid=False, run_dir=tmp_path / "whole")
+    assert whole.path == ExecPath("fp32", False, True) and whole.G_train is not whole.G
+    np.testing.assert_allclose(step_losses(whole, 4), eager, rtol=1e-4)
+    assert (tmp_path / "cache" / "inductor").is_dir()  # inductor's kernels under the suite's cache folder
+    cut = build_run(cfg, images=images_for(cfg), with_fid=False, run_dir=tmp_path / "cut")
+    step_losses(cut, 2)
+    cut.save_checkpoint()  # not closed: close() resets dynamo, and the next build would compile again (seconds)
+    resumed = build_run(cfg, images=images_for(cfg), with_fid=False, run_dir=tmp_path / "cut")
+    assert resumed.path_choice.source == "resumed" and resumed.try_resume()
+    step_losses(resumed, 2)
+    for a, b in zip(whole.G.state_dict().values(), resumed.G.state_dict().values()):
+        assert torch.equal(a, b)
