@@ -4,13 +4,15 @@
 they allow (core.device.candidate_paths: {bf16, fp32} x {NHWC, NCHW} x {eager, compiled}) is built from the
 run's own config and timed for a few training steps here, in alternating rounds so that load from other
 processes falls on all of them alike. A path whose first losses differ from the fp32 eager NCHW step's by
-more than LOSS_RTOL is rejected (so is one that fails, e.g. a compile error); the fastest of the rest wins.
-Explicit values always win: with all three set nothing is measured.
+more than LOSS_RTOL is rejected (so is one that fails, e.g. a compile error); of the rest, the one that
+trains a run of the config's length soonest wins: img/s, plus for a compiled path the compile every run pays
+(measured again with inductor's cache warm, as runs after the first find it), which a short run may not
+earn back. Explicit values always win: with all three set nothing is measured.
 
 What was measured is kept in `<data.cache_dir>/fastpath.json`, per (device name, threads, torch version, model
 config, batch size): a study measures once per model, and later studies on this machine not at all. The
 measuring itself is `time_paths`, the choice `fastest`: separate, so the choice is tested on made-up timings.
-Why measure: on a 2-core AMD EPYC bf16 + NHWC eager trained the cpu preset's model 1.7x faster than fp32; on
+Why measure: on a 2-core AMD EPYC bf16 + NHWC trained the cpu preset's model 1.9x faster than fp32 eager; on
 a 2-core Intel Xeon with the same AVX512_BF16 flag, compiled fp32 NCHW was fastest and bf16 + NHWC 1.3x slower.
 """
 
@@ -24,11 +26,12 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from core import config as config_mod
 from core import records as rec
 from core.config import RunConfig
 from core.device import ExecPath, candidate_paths, device_name, unmeasured_path
@@ -43,7 +46,7 @@ MAX_ROUND_STEPS = 50
 RECOMPILE_LIMIT = 64  # dynamo's graphs per compiled function while every path is measured at once
 REFERENCE = ExecPath("fp32", False, False)  # the arithmetic every other path is checked against
 CACHE_FILE = "fastpath.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 PATH_FILE = "path.json"  # beside a run's checkpoint: the path it was trained on, kept on resume
 
 
@@ -55,6 +58,8 @@ class Timing:
     first_step_s: float = 0.0  # the first step: compilation for a compiled path, allocations for an eager one
     loss_diff: float = 0.0  # largest relative difference of its first losses from the fp32 eager path's
     error: str = ""
+    setup_s: float = 0.0  # what each run on this path spends before its steps run at speed: a compiled path's
+                          # compile with inductor's cache warm (as every run after the first has it); 0 eager
 
     @property
     def usable(self) -> bool:
@@ -63,8 +68,12 @@ class Timing:
     def describe(self) -> str:
         if not self.usable:
             return f"{self.path.name} rejected: {self.error}"
-        first = f", first step {self.first_step_s:.0f} s" if self.path.compile else ""
+        first = f", compiles {self.setup_s:.0f} s a run ({self.first_step_s:.0f} s cold)" if self.path.compile else ""
         return f"{self.path.name} {self.img_per_s:.0f} img/s{first}"
+
+    def run_seconds(self, images: int) -> float:
+        """Seconds a run of `images` training images takes on this path: its setup, then its steps."""
+        return self.setup_s + images / self.img_per_s
 
     def to_json(self) -> dict:
         return {**asdict(self), "path": self.path.name}
@@ -101,11 +110,14 @@ def ordered(timings: Sequence[Timing]) -> list[Timing]:
     return sorted(timings, key=lambda t: (not t.usable, -(t.img_per_s or 0.0)))
 
 
-def fastest(timings: Sequence[Timing], allowed: Sequence[ExecPath]) -> ExecPath:
-    """The fastest usable path among `allowed`; when none is usable (every one failed), the first allowed eager
-    one, so that the run reports its own error instead of this choice hiding it."""
+def fastest(timings: Sequence[Timing], allowed: Sequence[ExecPath], images: int = 0) -> ExecPath:
+    """The usable path among `allowed` that trains a run of `images` images soonest, its compile included (0:
+    the highest img/s); when none is usable (every one failed), the first allowed eager one, so that the run
+    reports its own error instead of this choice hiding it."""
     usable = [t for t in timings if t.path in allowed and t.usable]
     if usable:
+        if images:
+            return min(usable, key=lambda t: t.run_seconds(images)).path
         return max(usable, key=lambda t: t.img_per_s).path
     return next((p for p in allowed if not p.compile), allowed[0])
 
@@ -253,8 +265,36 @@ def time_paths(paths: Sequence[ExecPath], build: Callable[[ExecPath], object], d
         diff = _rel_diff(trial.losses, ref) if ref else math.inf
         error = "" if diff <= LOSS_RTOL else (f"first losses differ from fp32 eager by {diff:.1e} (> {LOSS_RTOL:g})"
                                                if ref else "the fp32 eager reference failed")
-        out[trial.path] = Timing(trial.path, statistics.median(trial.rounds), trial.first_step_s, diff, error)
-    return out
+        out[trial.path] = Timing(trial.path, statistics.median(trial.rounds), trial.first_step_s, diff, error,
+                                 setup_s=trial.first_step_s if trial.path.compile else 0.0)
+    return _warm_setup(out, build, device)
+
+
+def _warm_setup(timings: dict[ExecPath, Timing], build: Callable[[ExecPath], object],
+                device: torch.device) -> dict[ExecPath, Timing]:
+    """For each compiled path faster than every eager one, what a later run pays to compile it: a fresh trainer's
+    first step, inductor's cache now warm, beyond its second step. (A slower compiled path keeps its cold first
+    step as an upper bound: it loses either way.)"""
+    eager = max((t.img_per_s for t in timings.values() if t.usable and not t.path.compile), default=0.0)
+    for path, timing in timings.items():
+        if not (path.compile and timing.usable and timing.img_per_s > eager):
+            continue
+        torch._dynamo.reset()  # as between two runs (Trainer.close)
+        trainer = build(path)
+        try:
+            seconds = []
+            for _ in range(2):
+                start = time.perf_counter()
+                trainer.train_step()
+                trainer.read_stats()
+                seconds.append(time.perf_counter() - start)
+        except Exception as exc:  # noqa: BLE001 (a path that compiled once and not twice is not one to trust)
+            timings[path] = replace(timing, img_per_s=None, error=_first_line(exc))
+            continue
+        finally:
+            trainer.close()
+        timings[path] = replace(timing, setup_s=max(0.0, seconds[0] - seconds[1]))
+    return timings
 
 
 def _close(trial: _Trial) -> None:
@@ -290,7 +330,8 @@ def choose_path(cfg: RunConfig, device: torch.device, build: Callable[[ExecPath]
         spent = time.perf_counter() - start
         cache.put(key, description, known)
     timings = tuple(known[p] for p in allowed)
-    return PathChoice(fastest(timings, allowed), "measured" if missing else "cached", timings, spent)
+    images = config_mod.derive(cfg).steps * cfg.train.batch_size  # the run's length decides whether compiling pays
+    return PathChoice(fastest(timings, allowed, images), "measured" if missing else "cached", timings, spent)
 
 
 def recorded_path(run_dir: Path | None) -> ExecPath | None:

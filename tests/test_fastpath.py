@@ -60,7 +60,7 @@ def test_the_chooser_keeps_the_fastest_usable_path_caches_it_and_honours_explici
     # the fastest (900) is rejected by its losses and one compiled path failed: the fastest usable one wins
     assert choice.path == BF16_NHWC and choice.source == "measured" and len(asked) == 1 and len(asked[0]) == 8
     tag = choice.tags()[rec.PATH_CANDIDATES]
-    assert tag.startswith("bf16+NHWC+eager 300 img/s; fp32+NHWC+compiled 280 img/s, first step 1 s")
+    assert tag.startswith("bf16+NHWC+eager 300 img/s; fp32+NHWC+compiled 280 img/s, compiles 0 s a run (1 s cold)")
     assert "bf16+NCHW+compiled rejected: first losses differ" in tag and "bf16+NHWC+compiled rejected: Runtime" in tag
     assert choice.params() == {"derived.amp": "bf16", "derived.channels_last": True, "derived.compile": False,
                                "derived.path_source": "measured"}
@@ -82,6 +82,17 @@ def test_the_chooser_keeps_the_fastest_usable_path_caches_it_and_honours_explici
     assert choose_path(other, CPU, build=None).source == "unmeasured" and len(asked) == 1
     assert choose_path(other, CPU, build=lambda p: None).source == "measured" and len(asked) == 2
     assert fastest([Timing(BF16_NHWC, error="boom")], [BF16_NHWC, FP32_NCHW]) == BF16_NHWC  # none usable: eager
+
+
+def test_a_compiled_path_wins_only_where_the_run_is_long_enough_to_earn_its_compile_back():
+    compiled = Timing(ExecPath("bf16", True, True), 260.0, first_step_s=50.0, setup_s=20.0)
+    eager = Timing(BF16_NHWC, 245.0)
+    both = [compiled.path, eager.path]
+    assert fastest([compiled, eager], both) == compiled.path  # by img/s alone
+    # 60 kimg: 20 + 230.8 s compiled against 244.9 s eager; 30 kimg: 20 + 115.4 against 122.4
+    assert fastest([compiled, eager], both, images=60_000) == eager.path
+    assert fastest([compiled, eager], both, images=30_000) == eager.path
+    assert fastest([compiled, eager], both, images=2_000_000) == compiled.path
 
 
 def test_time_paths_measures_real_trainers_and_rejects_other_losses_and_failures(tiny_cfg):

@@ -55,7 +55,7 @@ from studies.cli import add_flags, command, data_roots, overrides_from
 MODELS = {  # the quick preset's model and batch, a wider one at a larger batch, and the cpu preset's
     "32px w0.125 b32": {},
     "32px w0.25 b64": {"model.width": 0.25, "train.batch_size": 64},
-    "32px w1 b64": {"model.width": 1.0, "train.batch_size": 64},
+    "32px w1 b64": {"model.width": 1.0, "train.batch_size": 64, "train.kimg": 60.0},  # a cpu preset run's length
 }
 FP32 = {"train.amp": "fp32", "train.channels_last": "off", "train.compile": "off"}
 LOSS_CHECK_STEPS = 3
@@ -117,7 +117,9 @@ def measure_paths(cfg: config_mod.RunConfig, images, rounds: int) -> dict:
     ref = timings[REFERENCE].img_per_s
     rows = [{**t.to_json(), "vs_fp32_eager": t.img_per_s / ref if t.usable and ref else None}
             for t in ordered([timings[p] for p in allowed])]
-    return {"chosen": fastest([timings[p] for p in allowed], allowed).name, "measure_s": seconds, "paths": rows}
+    images = config_mod.derive(cfg).steps * cfg.train.batch_size
+    return {"chosen": fastest([timings[p] for p in allowed], allowed, images).name, "measure_s": seconds,
+            "run_kimg": images / 1000, "paths": rows}
 
 
 def explicit(cfg: config_mod.RunConfig, path: ExecPath) -> config_mod.RunConfig:
@@ -290,14 +292,15 @@ def table(result: dict) -> str:
                          f"{row['ratio_vs_plain']:>7.2f}x {'-' if diff is None else format(diff, '.1e'):>9} "
                          f" {peak_text}")
     for model, measured in result["paths"].items():
-        lines.append(f"{model}: every path as train.*=auto times it ({measured['measure_s']:.0f} s), auto takes "
-                     f"{measured['chosen']}")
+        lines.append(f"{model}: every path as train.*=auto times it ({measured['measure_s']:.0f} s); for a run of "
+                     f"{measured['run_kimg']:g} kimg, compile included, auto takes {measured['chosen']}")
         for row in measured["paths"]:
             if row["error"]:
                 lines.append(f"    {row['path']:<22} rejected: {row['error']}")
                 continue
             lines.append(f"    {row['path']:<22} {row['img_per_s']:>7.0f} img/s  {row['vs_fp32_eager']:.2f}x fp32 eager"
-                         f"  first step {row['first_step_s']:5.1f} s  loss diff {row['loss_diff']:.1e}"
+                         f"  first step {row['first_step_s']:5.1f} s  compile/run {row['setup_s']:5.1f} s"
+                         f"  loss diff {row['loss_diff']:.1e}"
                          + ("  <- auto" if row["path"] == measured["chosen"] else ""))
     inc = result.get("inception")
     if inc:
