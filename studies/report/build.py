@@ -22,6 +22,7 @@ from core.errors import UserError
 from core.records import LABEL, other_family
 from core.tracking import Store
 from studies.report import plots, stats
+from studies.report.evidence import read_runs_csv
 from studies.report.index import INDEX_MARK, write_index
 from studies.report.sections import (ablated_section, evidence, get, md, mlflow_section, portable, run_params,
                                      setup_section, variant_order)
@@ -141,24 +142,10 @@ def primary_metric(children: pd.DataFrame, order: list[str]) -> str:
 
 def verdict_from_csv(path: Path) -> list[str]:
     """The verdict's lines (primary, then secondary) recomputed from a report's runs.csv alone, no store."""
-    if not path.is_file():
-        raise UserError(f"no {path}: a report written before its runs were kept as data, or no report of that name")
-    try:
-        runs = pd.read_csv(path, keep_default_na=True)
-        runs["outcome"] = runs["outcome"].map(rec.Outcome.read)
-        runs = runs.rename(columns={f"final_{rec.KID}_std": "kid_std"})
-        metric, final_samples = str(runs["primary_metric"].iloc[0]), int(runs["final_samples"].iloc[0])
-    except (KeyError, ValueError, IndexError, pd.errors.ParserError) as exc:
-        raise UserError(f"{path} is not a report's runs.csv ({type(exc).__name__}: {exc})") from None
-    # a report from before a metric existed has no column for it: not recorded, as run_table says of a store
-    absent = [m for m in (*rec.FAMILIES, *rec.FIDELITY_DIVERSITY) if f"final_{m}" not in runs]
-    for m in absent:
-        runs[f"final_{m}"] = float("nan")
-    runs.attrs["not_recorded"] = [f"metrics.{rec.final_key(m)}" for m in absent]
-    order = list(dict.fromkeys(runs["variant"]))  # the report's order, baseline first
-    rows = stats.variant_rows(runs, order, metric)
-    return (stats.verdict_lines(rows, metric, final_samples)
-            + stats.secondary_lines(stats.secondary_verdicts(runs, order)))
+    study = read_runs_csv(path)
+    rows = stats.variant_rows(study.runs, study.order, study.metric)
+    return (stats.verdict_lines(rows, study.metric, study.final_samples)
+            + stats.secondary_lines(stats.secondary_verdicts(study.runs, study.order)))
 
 
 def write_report(store: Store, experiment: str, reports_dir: Path = Path("reports"),

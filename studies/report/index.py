@@ -1,4 +1,5 @@
-"""reports/README.md: one table over every report in the folder, rebuilt whenever a report is written.
+"""reports/README.md: one table over every report in the folder and the campaign summary (studies/report/summary.py),
+rebuilt whenever a report is written.
 
     python -m studies.report pooling     # rewrites reports/pooling.md, then reports/README.md from every report
 
@@ -13,6 +14,8 @@ import re
 from pathlib import Path
 
 import pandas as pd
+
+from studies.report.summary import summary_section
 
 INDEX_MARK = "report-index:"
 _LINE = re.compile(r"<!-- " + re.escape(INDEX_MARK) + r" (\{.*\}) -->")
@@ -45,10 +48,12 @@ def write_index(reports_dir: Path) -> Path:
     text = "\n".join([
         "# Ablation reports", "",
         "One row per study reported so far; each report is regenerated from MLflow with "
-        "`python -m studies.report NAME`, which also rewrites this index. Best variant: the one with the largest "
-        "improvement in the study's primary metric that is significant (Welch's t-test over seeds, Holm-adjusted "
-        "across the variants) and that does not fail significantly more often than the baseline; effect: its mean "
-        "final value minus the baseline's, with the 95% Welch interval (negative is better).", "", table, ""])
+        "`python -m studies.report NAME`, which also rewrites this index and the campaign summary below. Best "
+        "variant: the one with the largest improvement in the study's primary metric that is significant (Welch's "
+        "t-test over seeds, Holm-adjusted across the variants) and that does not fail significantly more often "
+        "than the baseline; effect: its mean final value minus the baseline's, with the 95% Welch interval "
+        "(negative is better). Every variant, improvements and harms, is in the summary.", "", table, "",
+        *summary_section(reports_dir)])
     path = reports_dir / "README.md"
     path.write_text(text, encoding="utf-8")
     return path

@@ -12,6 +12,7 @@ import math
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -209,3 +210,34 @@ def timelapse_gif(store: Store, run_id: str, dst: Path, seconds_per_frame: float
     durations = [int(seconds_per_frame * 1000)] * (len(frames) - 1) + [int(seconds_per_frame * 3000)]
     frames[0].save(dst, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=True)
     return dst, len(frames)
+
+
+@dataclass(frozen=True)
+class ForestRow:
+    label: str
+    group: str  # rows of one group share a colour
+    delta: float
+    lo: float
+    hi: float
+    significant: bool  # drawn filled
+    strong: bool  # drawn as a star (significant in the larger family too)
+
+
+def plot_forest(rows: list[ForestRow], xlabel: str, title: str, path: Path) -> Path:
+    """One row per effect, first at the top: the estimate as a point, its interval as a bar, zero marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.36 * len(rows) + 1.4))
+    groups = list(dict.fromkeys(r.group for r in rows))
+    colors = _colors(groups)
+    for y, r in enumerate(reversed(rows)):
+        color = colors[r.group]
+        if math.isfinite(r.lo) and math.isfinite(r.hi):
+            ax.plot([r.lo, r.hi], [y, y], color=color, lw=2.5, alpha=0.8)
+        ax.plot([r.delta], [y], marker="*" if r.strong else "o", ms=12 if r.strong else 7, color=color,
+                markerfacecolor=color if r.significant else "white", markeredgewidth=1.5)
+    ax.axvline(0.0, color="black", lw=1)
+    ax.set_yticks(range(len(rows)), [r.label for r in reversed(rows)])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)

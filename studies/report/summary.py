@@ -1,0 +1,200 @@
+"""The campaign summary: every variant of every report, against its study's baseline, in one table and one picture.
+
+    python -m studies.report pooling     # rewrites reports/pooling.md, then reports/README.md with this summary
+
+Built from the committed evidence alone (each report's reports/NAME/runs.csv), so it needs no tracking store
+and a reader can recompute it. Per preset (a study on another preset answers another question): one row per
+variant that is not a baseline, with its effect on the study's primary metric (mean difference from the
+baseline, Welch 95% interval), Holm's p within its study (the study's own verdict, as its report gives it)
+and Holm's p across every variant of the preset's campaign (the stricter family: it holds the error rate of
+the whole table), its failures, and its recall and coverage; sorted by effect, improvements and harms both
+shown. A forest plot per preset, grouped by study. Then a paragraph written from the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core import records as rec
+from core.errors import UserError
+from studies.report import plots, stats
+from studies.report.evidence import read_runs_csv
+from studies.verdict import ALPHA, VariantVerdict, holm, verdict
+
+SUMMARY_PNG = "summary.png"
+
+
+@dataclass(frozen=True)
+class Effect:
+    """One variant of one study against that study's baseline."""
+    study: str
+    preset: str
+    metric: str  # the study's primary metric (fid | kid): lower is better
+    baseline_mean: float
+    verdict: VariantVerdict  # Welch against the baseline, Holm within the study
+    recall: float  # mean over the seeds the test counts; NaN where not recorded
+    coverage: float
+    p_campaign: float = math.nan  # Holm across every variant of the preset's campaign
+
+    @property
+    def delta(self) -> float:
+        w = self.verdict.welch
+        return w.diff if w is not None else math.nan
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        w = self.verdict.welch
+        return (w.lo, w.hi) if w is not None else (math.nan, math.nan)
+
+    @property
+    def better(self) -> bool:
+        return self.verdict.better
+
+    @property
+    def worse(self) -> bool:
+        """Significantly worse within its study (Holm): a harm, shown as such."""
+        return self.verdict.significant and self.delta > 0
+
+    @property
+    def campaign_significant(self) -> bool:
+        return math.isfinite(self.p_campaign) and self.p_campaign < ALPHA
+
+
+def _mean(runs: pd.DataFrame, ok: pd.Series, column: str) -> float:
+    values = runs.loc[ok, column].to_numpy(float) if column in runs else np.array([])
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if len(values) else math.nan
+
+
+def study_effects(csv: Path) -> list[Effect]:
+    """The effects of one report's variants, from its runs.csv (the study's own verdict, recomputed)."""
+    study = read_runs_csv(csv)
+    runs, metric = study.runs, study.metric
+    verdicts = verdict(stats.records(runs, study.order, metric), rec.LABEL[metric], lower_is_better=True)
+    ok = stats.counted(runs, metric)
+    base = verdicts[0]
+    out = []
+    for v in verdicts[1:]:
+        mine = ok & (runs["variant"] == v.name)
+        out.append(Effect(csv.parent.name, study.preset, metric, base.mean, v,
+                          _mean(runs, mine, f"final_{rec.RECALL}"), _mean(runs, mine, f"final_{rec.COVERAGE}")))
+    return out
+
+
+def campaign(reports_dir: Path) -> dict[str, list[Effect]]:
+    """Per preset, every variant of every report with a runs.csv, Holm across them all added."""
+    by_preset: dict[str, list[Effect]] = {}
+    for csv in sorted(reports_dir.glob("*/runs.csv")):
+        try:
+            effects = study_effects(csv)
+        except UserError:  # not a report's runs.csv: the index lists what it can
+            continue
+        for e in effects:
+            by_preset.setdefault(e.preset, []).append(e)
+    for preset, effects in by_preset.items():
+        raw = [e.verdict.welch.p if e.verdict.welch is not None else math.nan for e in effects]
+        adjusted = holm(raw) if raw else []
+        by_preset[preset] = sorted((replace(e, p_campaign=float(p)) for e, p in zip(effects, adjusted)),
+                                   key=lambda e: (not math.isfinite(e.delta), e.delta))
+    return by_preset
+
+
+def _g(x: float, fmt: str = ".3g", sign: bool = False) -> str:
+    return format(x, ("+" if sign else "") + fmt) if math.isfinite(x) else "–"
+
+
+def _p(p: float) -> str:
+    return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else format(p, ".3g"))
+
+
+def _word(e: Effect) -> str:
+    if e.better:
+        return "**better**" + (" (campaign-wide too)" if e.campaign_significant else "")
+    if e.worse:
+        return "**worse**" + (" (campaign-wide too)" if e.campaign_significant else "")
+    if e.verdict.significant:  # better on the metric, but failing significantly more often
+        return "better on the metric, fails more often"
+    return "not told apart"
+
+
+def table(effects: list[Effect]) -> pd.DataFrame:
+    rows = []
+    for e in effects:
+        lo, hi = e.interval
+        v = e.verdict
+        label = rec.LABEL[e.metric]
+        rows.append({"study": f"[{e.study}]({e.study}.md)", "variant": f"`{v.name}`",
+                     f"Δ {label} vs baseline [95% CI]": f"{_g(e.delta, sign=True)} [{_g(lo, sign=True)}, {_g(hi, sign=True)}]",
+                     "baseline": _g(e.baseline_mean), "Holm p (study)": _p(v.p_holm),
+                     "Holm p (campaign)": _p(e.p_campaign), "failed seeds": f"{v.failures} / {v.seeds}",
+                     "recall": _g(e.recall), "coverage": _g(e.coverage),
+                     "detectable Δ": _g(v.mde), "reading": _word(e)})
+    return pd.DataFrame(rows)
+
+
+def paragraph(preset: str, effects: list[Effect]) -> str:
+    """Which tricks help this model under this preset, which hurt, which could not be told apart."""
+    studies = sorted({e.study for e in effects})
+    metric = rec.LABEL[effects[0].metric] if len({e.metric for e in effects}) == 1 else "the primary metric"
+    seeds = sorted({e.verdict.seeds for e in effects})
+    seeds_text = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+
+    def named(group: list[Effect]) -> str:
+        return "; ".join(f"`{e.study}` `{e.verdict.name}` (Δ {metric} {_g(e.delta, sign=True)} "
+                         f"[{_g(e.interval[0], sign=True)}, {_g(e.interval[1], sign=True)}])" for e in group)
+    helps, hurts = [e for e in effects if e.better], [e for e in effects if e.worse]
+    unclear = [e for e in effects if not e.better and not e.worse]
+    parts = [f"Under the `{preset}` preset, {len(effects)} variants of {len(studies)} studies, {seeds_text} seeds "
+             f"each, every one against its own study's baseline ({metric}, lower is better)."]
+    parts.append(f"Shown to help (Holm within its study): {named(helps)}." if helps
+                 else "No variant is shown to help.")
+    if hurts:
+        parts.append(f"Shown to hurt: {named(hurts)}.")
+    campaign_wide = [e for e in effects if e.campaign_significant]
+    parts.append(f"Across the whole table (Holm over all {len(effects)}), "
+                 + (f"{len(campaign_wide)} stay significant: "
+                    + ", ".join(f"`{e.study}` `{e.verdict.name}`" for e in campaign_wide) + "."
+                    if campaign_wide else "none stays significant."))
+    if unclear:
+        mdes = [e.verdict.mde for e in unclear if math.isfinite(e.verdict.mde)]
+        detect = (f"; at these seeds a difference of {_g(min(mdes))} to {_g(max(mdes))} {metric} would have been "
+                  "detected with 80% power" if mdes else "")
+        parts.append(f"Not told apart from the baseline: "
+                     + ", ".join(f"`{e.study}` `{e.verdict.name}`" for e in unclear) + detect + ".")
+    return " ".join(parts)
+
+
+def plot_forest(effects: list[Effect], path: Path) -> Path:
+    """The preset's forest plot (studies.report.plots.plot_forest), grouped by study."""
+    order = sorted(effects, key=lambda e: (e.study, e.verdict.name))
+    metric = rec.LABEL[order[0].metric] if len({e.metric for e in order}) == 1 else "primary metric"
+    rows = [plots.ForestRow(f"{e.study}: {e.verdict.name}", e.study, e.delta, *e.interval, e.verdict.significant,
+                            e.campaign_significant) for e in order]
+    return plots.plot_forest(rows, f"Δ {metric} against the study's baseline, 95% Welch interval (left of 0 is better)",
+                             f"preset {order[0].preset}: filled = significant in its study (Holm), star = across "
+                             "the campaign", path)
+
+
+def summary_section(reports_dir: Path) -> list[str]:
+    """The summary's markdown for reports/README.md (and its forest plots), or nothing without any runs.csv."""
+    presets = campaign(reports_dir)
+    if not presets:
+        return []
+    lines = ["## Campaign summary", "",
+             "Every variant of every report above, against its own study's baseline, recomputed from the reports' "
+             "`runs.csv` (`python -m studies.report NAME` rebuilds it). Δ: the variant's mean final value minus "
+             "the baseline's, Welch 95% interval; Holm p (study): the study's own verdict, as its report gives it; "
+             f"Holm p (campaign): adjusted over every variant of the preset, which holds the error rate ({ALPHA:g}) "
+             "of the whole table; detectable Δ: the smallest difference these seeds detect with 80% power. "
+             "Recall and coverage: means over the seeds the test counts. Failed seeds count as results.", ""]
+    for preset, effects in sorted(presets.items(), key=lambda kv: -len(kv[1])):
+        name = SUMMARY_PNG if len(presets) == 1 else f"summary-{preset}.png"
+        plot_forest(effects, reports_dir / name)
+        lines += [f"### Preset `{preset}`", "", paragraph(preset, effects), "",
+                  table(effects).to_markdown(index=False, disable_numparse=True), "", f"![forest plot]({name})", ""]
+    return lines

@@ -1,0 +1,97 @@
+"""The campaign summary in reports/README.md: built from the reports' runs.csv alone, improvements and harms both
+shown, Holm within a study and across the campaign equal to scipy's Welch test adjusted by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from studies.report.index import write_index
+from studies.report.summary import campaign
+
+BASE = [0.150, 0.160, 0.170]
+STUDIES = {  # study -> variant -> final KID per seed (NaN: a diverged seed)
+    "good": {"baseline": BASE, "helps": [0.080, 0.090, 0.100], "same": [0.155, 0.175, 0.160]},
+    "bad": {"baseline": BASE, "hurts": [0.300, 0.310, 0.325], "flaky": [0.150, 0.170, math.nan]},
+}
+
+
+def _write(reports, study: str, variants: dict[str, list[float]], preset: str = "cpu") -> None:
+    rows = []
+    for variant, values in variants.items():
+        for seed, value in enumerate(values):
+            rows.append({"preset": preset, "primary_metric": "kid", "final_samples": 500, "variant": variant,
+                         "seed": seed, "run": f"{variant}-s{seed}",
+                         "outcome": "diverged" if math.isnan(value) else "finished", "final_kid": value,
+                         "final_fid": 100 * value, "final_recall": 0.1, "final_coverage": 0.2 if variant != "hurts" else 0.05,
+                         "final_kid_std": 0.005, "kimg": 60.0, "img_per_s": 250.0, "run_id": f"{study}{variant}{seed}"})
+    (reports / study).mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(reports / study / "runs.csv", index=False)
+
+
+def _holm(p: list[float]) -> list[float]:
+    order = np.argsort(p)
+    out, running = np.empty(len(p)), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        out[i] = running
+    return list(out)
+
+
+def test_the_summary_shows_helps_and_harms_with_holm_in_the_study_and_across_the_campaign(tmp_path):
+    reports = tmp_path / "reports"
+    for study, variants in STUDIES.items():
+        _write(reports, study, variants)
+    _write(reports, "elsewhere", {"baseline": BASE, "other": [0.1, 0.11, 0.12]}, preset="default")
+    effects = campaign(reports)
+    assert set(effects) == {"cpu", "default"}  # one family per preset: another preset asks another question
+    cpu = effects["cpu"]
+    assert [e.verdict.name for e in cpu] == ["helps", "flaky", "same", "hurts"]  # sorted by effect (flaky: +0.000)
+    raw = []
+    for e in cpu:
+        values = [v for v in STUDIES[e.study][e.verdict.name] if math.isfinite(v)]
+        ref = sps.ttest_ind(values, BASE, equal_var=False)
+        assert e.delta == pytest.approx(np.mean(values) - np.mean(BASE))
+        assert e.verdict.welch.p == pytest.approx(ref.pvalue)
+        raw.append(ref.pvalue)
+    for e, want in zip(cpu, _holm(raw)):  # across the campaign: all four variants of the preset
+        assert e.p_campaign == pytest.approx(want)
+    by_study = {}
+    for e in cpu:  # within a study: its own two variants, as its report's verdict
+        by_study.setdefault(e.study, []).append(e)
+    for study in by_study.values():
+        for e, want in zip(study, _holm([e.verdict.welch.p for e in study])):
+            assert e.verdict.p_holm == pytest.approx(want)
+    hurts = next(e for e in cpu if e.verdict.name == "hurts")
+    assert hurts.worse and not hurts.better and hurts.coverage == pytest.approx(0.05)
+    flaky = next(e for e in cpu if e.verdict.name == "flaky")
+    assert flaky.verdict.failures == 1 and flaky.verdict.seeds == 3  # the diverged seed is a result
+
+    text = write_index(reports).read_text()
+    summary = text[text.index("## Campaign summary"):]
+    assert "### Preset `cpu`" in summary and "### Preset `default`" in summary
+    assert "Shown to hurt: `bad` `hurts` (Δ KID +0.15" in summary and "Shown to help (Holm within its study): `good` `helps`" in summary
+    assert "Not told apart from the baseline: `bad` `flaky`, `good` `same`" in summary
+    row = next(line for line in summary.splitlines() if "`hurts`" in line and line.startswith("|"))
+    assert "**worse**" in row and "0 / 3" in row
+    assert "1 / 3" in next(line for line in summary.splitlines() if "`flaky`" in line and line.startswith("|"))
+    assert (reports / "summary-cpu.png").stat().st_size > 0 and (reports / "summary-default.png").is_file()
+
+
+def test_a_folder_without_evidence_has_no_summary(tmp_path):
+    assert campaign(tmp_path) == {}
+    assert "Campaign summary" not in write_index(tmp_path).read_text()
+
+
+def test_the_summary_alone_is_rebuilt_without_a_store(tmp_path, monkeypatch, capsys):
+    from studies.report.__main__ import main
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "reports", "good", STUDIES["good"])
+    assert main([]) == 0 and "Campaign summary" in (tmp_path / "reports" / "README.md").read_text()
+    assert not (tmp_path / "mlflow.db").exists()  # no store was opened or made
+    assert main(["--from-csv"]) == 2 and "need a report's name" in capsys.readouterr().err
+    assert main(["--reports", "nowhere"]) == 2
