@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -144,6 +145,29 @@ def use_compile_cache(cache_dir: str) -> None:
     variable whenever it looks for a kernel."""
     if USER_INDUCTOR_CACHE is None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((Path(cache_dir).expanduser() / "inductor").resolve())
+
+
+class _OneLine(logging.Filter):
+    """Dynamo's warning about a graph it could not compile (and runs eagerly, with suppress_errors) as one line:
+    the frame and the error, without the traceback of the compiler's internals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and record.exc_info:
+            exc = record.exc_info[1]
+            exc = getattr(exc, "inner_exception", None) or exc  # a backend's failure, not dynamo's wrapper of it
+            text = record.getMessage().strip().splitlines()
+            where = text[0].replace("WON'T CONVERT", "").strip() if text else "a graph"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"torch.compile could not compile {where} ({_first_line(exc) if exc else 'error'}); "
+                "it runs eagerly", None, None, None)
+        return True
+
+
+def quiet_compile_fallback() -> None:
+    """One line, not a traceback wall, when a run's compiled path falls back to eager for a graph (once per process)."""
+    log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _OneLine) for f in log.filters):
+        log.addFilter(_OneLine())
 
 
 def cache_description(cfg: RunConfig, device: torch.device) -> dict[str, object]:

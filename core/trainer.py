@@ -28,7 +28,7 @@ from core.data import BatchSource
 from core.device import unmeasured_path
 from core.ema import ema_beta, make_ema, update_ema
 from core.errors import UserError
-from core.fastpath import PathChoice, record_path, use_compile_cache
+from core.fastpath import PathChoice, quiet_compile_fallback, record_path, use_compile_cache
 from core.hooks import Hooks
 from core.losses import min_d_loss
 from core.metrics import MetricResult
@@ -105,6 +105,7 @@ class Trainer:
         if self.path.compile:  # compiled lazily at the first step; G and D keep the eager modules' parameters
             use_compile_cache(cfg.data.cache_dir)
             torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, never fails the run
+            quiet_compile_fallback()  # ... and says so in one line
             self.G_train, self.D_train = torch.compile(G), torch.compile(D)
         self.failures: dict[rec.Outcome, int] = {}  # failure mode -> nimg where first seen
         self.stats = StepStats(device)  # the step's scalars since the last log point

@@ -191,3 +191,23 @@ def test_the_compiled_path_trains_like_eager_and_resumes_bit_identically(tiny_cf
     step_losses(resumed, 2)
     for a, b in zip(whole.G.state_dict().values(), resumed.G.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_graph_that_fails_to_compile_runs_eagerly_instead_of_failing_the_run(tiny_cfg, monkeypatch, capfd):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler today")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module: real_compile(module, backend=broken_backend))
+    cfg = tiny_cfg(train__compile="on")
+    trainer = build_run(cfg, images=images_for(cfg), with_fid=False)
+    assert trainer.path.compile
+    try:
+        losses = step_losses(trainer, 2)
+    finally:
+        trainer.close()
+    eager = step_losses(build_run(cfg, images=images_for(cfg), with_fid=False, path=PathChoice(FP32_NCHW, "explicit")), 2)
+    assert losses == eager  # the same steps, run eagerly
+    err = capfd.readouterr().err
+    said = [line for line in err.splitlines() if "could not compile" in line]
+    assert said and all("RuntimeError: no C++ compiler today" in line and "runs eagerly" in line for line in said)
+    assert "Traceback" not in err and len(err.splitlines()) == len(said)  # one line each, nothing else
