@@ -1,12 +1,14 @@
 """`python -m studies.report`: a study's report rebuilt from the tracking store alone (build, stats, sections,
 plots, index).
 
-Other commands use it only through `write_report` (studies.run writes the report at the end of a study).
+Other commands use it only through `write_report` (studies.run writes the report at the end of a study) and
+`winners` (what the campaign summary shows better, which `studies.run combine` stacks).
 What it may import is a test's rule (tests/test_architecture.py): from core only the tracking store, errors,
 the config's defaults and the metric names; the ablation registry for rationales; studies.verdict for the
 statistics; never a trainer or Optuna.
 """
 
 from studies.report.build import write_report
+from studies.report.summary import winners
 
-__all__ = ["write_report"]
+__all__ = ["winners", "write_report"]

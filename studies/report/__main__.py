@@ -23,7 +23,8 @@ from pathlib import Path
 from core.tracking import Store
 from studies.cli import add_flags, command
 from core.errors import UserError
-from studies.report.build import verdict_from_csv, write_report
+from studies.report.build import write_report
+from studies.report.evidence import verdict_from_csv
 from studies.report.index import write_index
 
 

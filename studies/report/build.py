@@ -22,7 +22,7 @@ from core.errors import UserError
 from core.records import LABEL, other_family
 from core.tracking import Store
 from studies.report import plots, stats
-from studies.report.evidence import read_runs_csv
+from studies.report.evidence import verdict_from_csv  # noqa: F401 (python -m studies.report --from-csv)
 from studies.report.index import INDEX_MARK, write_index
 from studies.report.sections import (ablated_section, evidence, get, md, mlflow_section, portable, run_params,
                                      setup_section, variant_order)
@@ -138,14 +138,6 @@ def primary_metric(children: pd.DataFrame, order: list[str]) -> str:
     mine = children[children[f"tags.{rec.VARIANT}"] == order[0]]
     first = mine.iloc[mine[f"tags.{rec.SEED}"].astype(int).argsort(kind="stable")]["run_id"].iloc[0]
     return run_params(children, first).get(rec.PRIMARY_METRIC_PARAM, rec.FID)
-
-
-def verdict_from_csv(path: Path) -> list[str]:
-    """The verdict's lines (primary, then secondary) recomputed from a report's runs.csv alone, no store."""
-    study = read_runs_csv(path)
-    rows = stats.variant_rows(study.runs, study.order, study.metric)
-    return (stats.verdict_lines(rows, study.metric, study.final_samples)
-            + stats.secondary_lines(stats.secondary_verdicts(study.runs, study.order)))
 
 
 def write_report(store: Store, experiment: str, reports_dir: Path = Path("reports"),

@@ -15,6 +15,7 @@ import pandas as pd
 
 from core import records as rec
 from core.errors import UserError
+from studies.report import stats
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,11 @@ def read_runs_csv(path: Path) -> CsvStudy:
     runs.attrs["not_recorded"] = [f"metrics.{rec.final_key(m)}" for m in absent]
     order = list(dict.fromkeys(runs["variant"]))  # the report's order, baseline first
     return CsvStudy(runs, order, metric, final_samples, str(runs["preset"].iloc[0]))
+
+
+def verdict_from_csv(path: Path) -> list[str]:
+    """The verdict's lines (primary, then secondary) recomputed from a report's runs.csv alone, no store."""
+    study = read_runs_csv(path)
+    rows = stats.variant_rows(study.runs, study.order, study.metric)
+    return (stats.verdict_lines(rows, study.metric, study.final_samples)
+            + stats.secondary_lines(stats.secondary_verdicts(study.runs, study.order)))

@@ -23,10 +23,11 @@ import pandas as pd
 from core import records as rec
 from core.errors import UserError
 from studies.report import plots, stats
-from studies.report.evidence import read_runs_csv
+from studies.report.evidence import read_runs_csv, verdict_from_csv
 from studies.verdict import ALPHA, VariantVerdict, holm, verdict
 
 SUMMARY_PNG = "summary.png"
+COMBINE = "combine"  # the study of the winners stacked (ablations/combine.py): its own question, not in the table
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ def campaign(reports_dir: Path) -> dict[str, list[Effect]]:
     """Per preset, every variant of every report with a runs.csv, Holm across them all added."""
     by_preset: dict[str, list[Effect]] = {}
     for csv in sorted(reports_dir.glob("*/runs.csv")):
+        if csv.parent.name.split("@")[0] == COMBINE:
+            continue
         try:
             effects = study_effects(csv)
         except UserError:  # not a report's runs.csv: the index lists what it can
@@ -102,6 +105,17 @@ def campaign(reports_dir: Path) -> dict[str, list[Effect]]:
         by_preset[preset] = sorted((replace(e, p_campaign=float(p)) for e, p in zip(effects, adjusted)),
                                    key=lambda e: (not math.isfinite(e.delta), e.delta))
     return by_preset
+
+
+def winners(reports_dir: Path, preset: str) -> list[tuple[str, str]]:
+    """(ablation, variant) per study of `preset` whose own verdict calls a variant better than its baseline (the
+    best one: the largest improvement); studies over a --base variant and a combine study are not winners."""
+    best: dict[str, Effect] = {}
+    for e in campaign(reports_dir).get(preset, []):
+        if e.better and "@" not in e.study and e.study != COMBINE and (
+                e.study not in best or e.verdict.gain > best[e.study].verdict.gain):
+            best[e.study] = e
+    return [(study, e.verdict.name) for study, e in sorted(best.items())]
 
 
 def _g(x: float, fmt: str = ".3g", sign: bool = False) -> str:
@@ -197,4 +211,18 @@ def summary_section(reports_dir: Path) -> list[str]:
         plot_forest(effects, reports_dir / name)
         lines += [f"### Preset `{preset}`", "", paragraph(preset, effects), "",
                   table(effects).to_markdown(index=False, disable_numparse=True), "", f"![forest plot]({name})", ""]
-    return lines
+    return lines + combine_section(reports_dir)
+
+
+def combine_section(reports_dir: Path) -> list[str]:
+    """The winners stacked (`python -m studies.run combine`): its verdict against the baseline and its grid."""
+    csv = reports_dir / COMBINE / "runs.csv"
+    if not csv.is_file():
+        return []
+    study = read_runs_csv(csv)
+    grid = reports_dir / COMBINE / "samples-stacked.png"
+    return ["### The winners stacked", "",
+            f"[`combine`]({COMBINE}.md) (preset `{study.preset}`): every variant above that its own study shows "
+            "better, composed into one variant, `stacked`, against the baseline over the same seeds.", "",
+            *[f"- {line}" for line in verdict_from_csv(csv)], "",
+            *([f"![stacked winners, last grid]({COMBINE}/samples-stacked.png)", ""] if grid.is_file() else [])]

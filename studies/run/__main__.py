@@ -12,6 +12,7 @@
     python -m studies.run pooling --dry-run                # print the resolved configs and exit
     python -m studies.run pooling --smoke                  # preflight every variant on this device (minutes)
     python -m studies.run pooling --lr-from lr-default     # best lr_g/lr_d of an Optuna study (studies.search)
+    python -m studies.run combine                          # the winners of reports/ stacked, against the baseline
 """
 
 from __future__ import annotations
@@ -94,14 +95,31 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
         if args.variants:
             raise UserError("--variants names variants of one study; it cannot be combined with 'all'")
         # the baseline-only study adds nothing that every other study does not already run
-        names = [n for n in list_ablations() if n != "baseline" and n not in {a for a, _ in base}]
+        # combine stacks what the others find: it runs after them, on its own (python -m studies.run combine)
+        names = [n for n in list_ablations() if n not in ("baseline", "combine") and n not in {a for a, _ in base}]
     else:
         for name in asked:
             get_ablation(name)  # unknown names fail here, listing the known ones ('all' only alone)
         names = list(dict.fromkeys(asked))
-    return [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=preset, base=base,
-                      overrides=overrides_from(args), variants=tuple(v for v in args.variants.split(",") if v),
-                      workdir=args.workdir, notes={"preset_reason": why}, reuse=not args.no_reuse) for name in names]
+    specs = [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=preset, base=base,
+                       overrides=overrides_from(args), variants=tuple(v for v in args.variants.split(",") if v),
+                       workdir=args.workdir, notes={"preset_reason": why}, reuse=not args.no_reuse) for name in names]
+    return [stacked(s, args.reports) if s.ablation == "combine" else s for s in specs]
+
+
+def stacked(spec: StudySpec, reports: Path) -> StudySpec:
+    """The combine study: its `stacked` variant made of the winners the campaign summary in `reports` shows for
+    this preset (one line and exit 2 when there is none to stack)."""
+    from studies.report import winners
+    found = tuple(winners(reports, spec.preset))
+    if not found:
+        raise UserError(f"combine: no report in {reports} of preset {spec.preset} shows a variant better than its "
+                        "baseline; nothing to stack (run the studies first: python -m studies.run all)")
+    return dataclasses.replace(spec, stacked=found,
+                               notes={**spec.notes, STACKED_TAG: ",".join(f"{a}={v}" for a, v in found)})
+
+
+STACKED_TAG = "stacked"  # the combine study's parent run: the winners it stacks, "pooling=avgpool,ttur=ttur"
 
 
 def take_lr(spec: StudySpec, args: argparse.Namespace) -> StudySpec:

@@ -46,6 +46,7 @@ class StudySpec:
     notes: dict[str, object] = field(default_factory=dict)  # parent-run tags only: the preset's choice, the ETA
     provenance: dict[str, object] = field(default_factory=dict)  # where overrides came from (--lr-from): params+tags
     reuse: bool = True  # a (config, seed) the store finished under the same content key is reused, not retrained
+    stacked: tuple[tuple[str, str], ...] = ()  # combine: the (ablation, variant) winners its `stacked` variant stacks
 
     @property
     def experiment(self) -> str:
@@ -61,7 +62,10 @@ class StudySpec:
 def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
     """variant -> resolved config (seed set per run later); refuses overlapping settings."""
     ablation = get_ablation(spec.ablation)
-    varied = ablation.varied_keys()
+    variants = {v: ablation.overrides(v) for v in ablation.variants}
+    if spec.stacked:
+        variants[STACKED] = stack(spec.stacked)
+    varied = {k for overrides in variants.values() for k in overrides}
     base_layer: dict[str, object] = {}
     for name, variant in spec.base:
         if name == spec.ablation:
@@ -79,10 +83,29 @@ def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
         raise UserError(f"--set {', '.join(clash)} is varied by '{spec.ablation}'; drop it or pick another study")
     if "train.seed" in spec.overrides:
         raise UserError("set seeds with --seeds, not --set train.seed")
-    names = list(spec.variants) or list(ablation.variants)
+    names = list(spec.variants) or list(variants)
     if "baseline" not in names:
         names.insert(0, "baseline")
-    return {v: config_mod.resolve(spec.preset, base_layer, ablation.overrides(v), spec.overrides) for v in names}
+    for name in names:
+        if name not in variants:
+            ablation.overrides(name)  # the registry's one-line refusal, listing the known variants
+    return {v: config_mod.resolve(spec.preset, base_layer, variants[v], spec.overrides) for v in names}
+
+
+STACKED = "stacked"  # ablations.combine's variant: every winner's overrides at once
+
+
+def stack(winners: tuple[tuple[str, str], ...]) -> dict[str, object]:
+    """The overrides of every (ablation, variant) winner as one layer; two that set the same key are refused."""
+    layer: dict[str, object] = {}
+    owner: dict[str, str] = {}
+    for name, variant in winners:
+        for key, value in get_ablation(name).overrides(variant).items():
+            if key in layer:
+                raise UserError(f"combine: {owner[key]} and {name}={variant} both set {key}; they cannot be "
+                                "stacked (run the study over one with --base instead)")
+            layer[key], owner[key] = value, f"{name}={variant}"
+    return layer
 
 
 def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
@@ -140,7 +163,7 @@ def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: 
     """Provenance tags and the MLflow description on the parent run, and the study's saved view for the UI
     (led by the `primary` metric's final value)."""
     parent.set_tags({**provenance(), "mlflow.note.content": study_note(spec.experiment, variants, spec.seeds)})
-    varied = sorted(get_ablation(spec.ablation).varied_keys())
+    varied = sorted(get_ablation(spec.ablation).varied_keys() | (stack(spec.stacked).keys() if spec.stacked else set()))
     refused = store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied, primary))
     if refused:  # the study still runs; its report links a URL filter instead of the view
         print(f"note: the MLflow store did not save the study's UI view ({refused})", file=sys.stderr)
