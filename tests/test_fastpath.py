@@ -211,3 +211,45 @@ def test_a_graph_that_fails_to_compile_runs_eagerly_instead_of_failing_the_run(t
     said = [line for line in err.splitlines() if "could not compile" in line]
     assert said and all("RuntimeError: no C++ compiler today" in line and "runs eagerly" in line for line in said)
     assert "Traceback" not in err and len(err.splitlines()) == len(said)  # one line each, nothing else
+
+
+def test_other_processes_busy_on_the_cpu_are_measured(tmp_path):
+    import subprocess
+    import sys
+    import time
+    with fastpath.OtherLoad() as idle:
+        time.sleep(0.5)
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.2)
+        with fastpath.OtherLoad() as busy:
+            time.sleep(1.0)
+    finally:
+        spin.wait()
+    cores = __import__("os").cpu_count()
+    assert busy.share > 0.6 / cores and busy.share > idle.share  # one spinning process: 1/cores of the machine
+
+
+def test_a_measurement_under_load_is_used_but_not_cached(tiny_cfg, tmp_path, monkeypatch):
+    class Busy:
+        share = 0.9
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+    fake, asked = _fake({"fp32+NCHW+eager": 100.0, "bf16+NHWC+eager": 300.0, "bf16+NCHW+eager": 1.0,
+                         "fp32+NHWC+eager": 1.0})
+    monkeypatch.setattr(fastpath, "time_paths", fake)
+    monkeypatch.setattr(fastpath, "can_compile", lambda device: False)
+    monkeypatch.setattr(fastpath, "OtherLoad", Busy)
+    monkeypatch.setattr(fastpath, "_UNTRUSTED", {})
+    cfg = tiny_cfg(**AUTO, data__cache_dir=str(tmp_path))
+    said = []
+    assert choose_path(cfg, CPU, build=lambda p: None, progress=said.append).path == BF16_NHWC
+    assert not (tmp_path / fastpath.CACHE_FILE).exists() and "not cached" in said[-1]
+    assert choose_path(cfg, CPU, build=lambda p: None).path == BF16_NHWC and len(asked) == 1  # this process: kept
+    fastpath._UNTRUSTED.clear()  # the next process
+    choose_path(cfg, CPU, build=lambda p: None)
+    assert len(asked) == 2
