@@ -339,7 +339,7 @@ class OtherLoad:
 
     def __exit__(self, *exc) -> None:
         busy, own, wall = _busy_cpu_s(), time.process_time(), time.perf_counter()
-        if math.isfinite(busy) and math.isfinite(self._start[0]):
+        if math.isfinite(busy) and math.isfinite(self._start[0]) and wall - self._start[2] >= MIN_LOAD_WINDOW_S:
             others = (busy - self._start[0]) - (own - self._start[1])
             self.share = max(0.0, others / max((wall - self._start[2]) * (os.cpu_count() or 1), 1e-9))
 
@@ -358,7 +358,9 @@ def _busy_cpu_s() -> float:
 # alternating rounds even out steady load, not a test suite starting and stopping (measured: a 2-core study's
 # calibration beside 2 pytest workers timed bf16 + NHWC at 33 img/s against 250 alone, and picked fp32)
 BUSY_SHARE = 0.25
-_UNTRUSTED: dict[str, dict[ExecPath, Timing]] = {}  # key -> timings measured under load, for this process only
+MIN_LOAD_WINDOW_S = 1.0  # a shorter stretch says nothing about load (/proc/stat counts in clock ticks)
+_UNTRUSTED: dict[tuple[str, str], dict[ExecPath, Timing]] = {}  # (cache file, key) -> timings measured under
+                                                                   # load, for this process only
 
 
 def choose_path(cfg: RunConfig, device: torch.device, build: Callable[[ExecPath], object] | None,
@@ -374,7 +376,7 @@ def choose_path(cfg: RunConfig, device: torch.device, build: Callable[[ExecPath]
     cache = PathCache(cfg.data.cache_dir)
     description = cache_description(cfg, device)
     key = cache_key(description)
-    known = {**cache.get(key), **_UNTRUSTED.get(key, {})}
+    known = {**cache.get(key), **_UNTRUSTED.get((str(cache.path), key), {})}
     missing = [p for p in dict.fromkeys([REFERENCE, *allowed]) if p not in known]
     spent = 0.0
     if missing and build is None:
@@ -388,7 +390,7 @@ def choose_path(cfg: RunConfig, device: torch.device, build: Callable[[ExecPath]
             known = {**known, **time_paths(missing, build, device)}
         spent = time.perf_counter() - start
         if device.type == "cpu" and load.share > BUSY_SHARE:
-            _UNTRUSTED[key] = known  # used by this process, measured again by the next one
+            _UNTRUSTED[(str(cache.path), key)] = known  # used by this process, measured again by the next one
             if progress:
                 progress(f"note: other processes kept {load.share:.0%} of the CPU busy while the paths were timed; "
                          "this choice is not cached, the next study measures again")

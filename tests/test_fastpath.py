@@ -4,6 +4,7 @@ trainers, what a run records, resume on its checkpoint's path, and the compiled 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -21,6 +22,13 @@ from tests.conftest import step_losses
 from tests.helpers import _decoded, images_for
 
 AUTO = {"train__amp": "auto", "train__channels_last": "auto", "train__compile": "auto"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_memory(monkeypatch):
+    """Each test as a new process: no measurement kept in memory from another test (tests/ run in parallel, and
+    a measurement beside them counts as one under load)."""
+    monkeypatch.setattr(fastpath, "_UNTRUSTED", {})
 CPU = torch.device("cpu")
 BF16_NHWC, FP32_NCHW = ExecPath("bf16", True), ExecPath("fp32", False)
 
@@ -217,8 +225,9 @@ def test_other_processes_busy_on_the_cpu_are_measured(tmp_path):
     import subprocess
     import sys
     import time
-    with fastpath.OtherLoad() as idle:
-        time.sleep(0.5)
+    with fastpath.OtherLoad() as short:
+        time.sleep(0.2)
+    assert math.isnan(short.share)  # too short a stretch to say
     spin = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.2)
@@ -227,7 +236,7 @@ def test_other_processes_busy_on_the_cpu_are_measured(tmp_path):
     finally:
         spin.wait()
     cores = __import__("os").cpu_count()
-    assert busy.share > 0.6 / cores and busy.share > idle.share  # one spinning process: 1/cores of the machine
+    assert busy.share > 0.6 / cores  # one spinning process alone is 1/cores of the machine
 
 
 def test_a_measurement_under_load_is_used_but_not_cached(tiny_cfg, tmp_path, monkeypatch):
@@ -244,7 +253,6 @@ def test_a_measurement_under_load_is_used_but_not_cached(tiny_cfg, tmp_path, mon
     monkeypatch.setattr(fastpath, "time_paths", fake)
     monkeypatch.setattr(fastpath, "can_compile", lambda device: False)
     monkeypatch.setattr(fastpath, "OtherLoad", Busy)
-    monkeypatch.setattr(fastpath, "_UNTRUSTED", {})
     cfg = tiny_cfg(**AUTO, data__cache_dir=str(tmp_path))
     said = []
     assert choose_path(cfg, CPU, build=lambda p: None, progress=said.append).path == BF16_NHWC
