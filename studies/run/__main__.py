@@ -13,6 +13,8 @@
     python -m studies.run pooling --smoke                  # preflight every variant on this device (minutes)
     python -m studies.run pooling --lr-from lr-default     # best lr_g/lr_d of an Optuna study (studies.search)
     python -m studies.run combine                          # the winners of reports/ stacked, against the baseline
+    python -m studies.run pooling --workers 4              # 4 local workers (one per GPU, or cores/4 threads each)
+    python -m studies.run --join pooling --queue postgresql://me@db/optuna --tracking-uri http://mlflow:5000
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from core.device import choose_preset
 from core.errors import UserError
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.lr_handoff import LrRequest, check_study
+from studies.run.queue import default_workers, eta_workers
 from studies.run.study import StudySpec, resolve_configs, run_study, runs_to_train
 
 
@@ -61,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every run, even one the store already finished under the same content key (same "
                         "config, seed, data, metric protocol and core code) in another study (default: reuse it)")
     add_flags(p, "--no-progress")
+    w = p.add_argument_group("workers: the runs as jobs of a queue in an Optuna storage (studies/run/queue.py)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="local worker processes, each on its own GPU or on cores/N threads (default: one per "
+                        "visible GPU with CUDA, 1 without: the runs one after another in this process)")
+    w.add_argument("--join", metavar="STUDY", default=None,
+                   help="join the running study STUDY as one more worker (from any machine reaching --queue and "
+                        "--tracking-uri); it stops when no run is left (default: off)")
+    w.add_argument("--queue", default=None, metavar="URL",
+                   help="Optuna storage holding the queue: sqlite:///FILE.db, postgresql://USER@HOST/DB or "
+                        "journal:PATH; giving it lets workers --join (default: sqlite:///optuna.db with --workers "
+                        "> 1, no queue with 1 worker)")
+    w.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between a running job's heartbeats; silent for 3x that, its worker counts as dead "
+                        "and the run is taken over from its last checkpoint (default: 60)")
     g = p.add_argument_group("learning rates from an Optuna search (python -m studies.search)")
     g.add_argument("--lr-from", metavar="STUDY", default=None,
                    help="use the best lr_g, lr_d (and beta1) of this Optuna study (default: the config's own)")
@@ -148,6 +165,16 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(list_text())
         return 0
+    if args.join:
+        from studies.run.queue import join
+        if not args.queue:
+            raise UserError("--join needs --queue URL: the Optuna storage the study's launcher used")
+        ran = join(args.join, args.queue, args.tracking_uri, args.heartbeat, args.data, progress=not args.no_progress)
+        print(f"joined study {args.join}: trained {ran} runs; no run is left to take")
+        return 0
+    workers = args.workers if args.workers is not None else default_workers()
+    if workers < 1:
+        raise UserError(f"--workers {workers} must be >= 1")
     if not args.name:
         raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
     specs = [take_lr(spec, args) for spec in specs_from_args(args)]
@@ -161,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
     from studies.report import write_report
 
     check_store_uri(args.tracking_uri)  # an unreachable store fails in milliseconds, before the ETA's minute
+    if workers > 1 or args.queue:  # so does an unreachable queue
+        from studies.run.queue import open_storage_of
+        open_storage_of(args.queue, args.heartbeat)
     # data first: a missing or corrupt dataset must fail before the tracking store is touched
     first = next(iter(configs[specs[0].experiment].values()))
     images = load_images(first.data, first.model.resolution, progress=not args.no_progress, roots=data_roots())
@@ -169,11 +199,13 @@ def run(args: argparse.Namespace) -> int:
     shared = share_images(first, images)  # on the device once for every study and run of this process
     store = existing_store(args.tracking_uri)  # what it already finished is reused, and not in the ETA
     plans = runs_to_train(specs, configs, images.key, store)
-    specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress, plans=plans)
+    specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress, plans=plans,
+                               workers=workers)
     store = store or Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
     print(eta_line, file=sys.stderr)
     for spec in specs:
-        parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh)
+        parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh, workers=workers,
+                              queue=args.queue, heartbeat_s=args.heartbeat)
         report = write_report(store, spec.experiment, args.reports, parent_id)
         print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
     return 0
@@ -190,7 +222,7 @@ def existing_store(uri: str | None):
 
 
 def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool, progress: bool = False,
-             plans: list[dict[str, int]] | None = None) -> tuple[list[StudySpec], str]:
+             plans: list[dict[str, int]] | None = None, workers: int = 1) -> tuple[list[StudySpec], str]:
     """Measure the ETA of the whole invocation (specs carry it for the parent run, and its line to print);
     refuse one over 12 hours without --yes. plans: per study, per variant, the runs that will train (the
     others are reused: not timed, not counted); None = every run trains."""
@@ -212,6 +244,8 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
                 probed = True
                 break
         estimates.append(eta.estimate(cfgs, plan, eta.measure(training, images, progress), reference_images, reused))
+    cuda = images.device.type == "cuda"
+    estimates = [dataclasses.replace(e, total_s=eta_workers(e.total_s, e.runs, workers, cuda)) for e in estimates]
     total = sum(e.total_s for e in estimates)
     what = f"{len(specs)} studies" if len(specs) > 1 else f"study {specs[0].experiment}"
     reused = sum(e.reused for e in estimates)
@@ -221,6 +255,9 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
     if probed:
         line = (f"ETA roughly {eta.format_duration(total)} for {what} (from one step at batch {eta.PROBE_BATCH} and "
                 f"{eta.PROBE_BATCH} images through Inception: far over 12 hours, so not measured further)")
+    if workers > 1:
+        line += (f"; over {workers} workers, one GPU each" if cuda else
+                 f"; {workers} workers share this CPU's cores, so the total is as measured with all of them")
     line = f"preset {specs[0].preset} ({specs[0].notes['preset_reason']}); {line}"
     if total > eta.LONG_ETA_S and not yes:
         raise UserError(f"{line}: over 12 hours on this machine; pass --yes to run it anyway, "

@@ -115,8 +115,11 @@ def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: bool = True, fresh: bool = False) -> str:
-    """Run every variant x seed; returns the parent run id.
+def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: bool = True, fresh: bool = False,
+              workers: int = 1, queue: str | None = None, heartbeat_s: int = 60) -> str:
+    """Run every variant x seed; returns the parent run id. With `workers` > 1 or a `queue` (an Optuna storage
+    URL), the runs are jobs of studies/run/queue.py's queue, trained by that many worker processes (and any that
+    join from other machines); else one after another in this process.
 
     Re-running the same study resumes it: its unfinished parent run is reopened, finished child runs are
     skipped, and an interrupted child continues from its last checkpoint in the same MLflow run. A crashing
@@ -148,15 +151,38 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
     logged_refs: set[str] = set()
     with parent.finishing():
         reference.ensure_reference(next(iter(configs.values())), images.image_set, progress)
-        for variant, cfg in configs.items():
-            for seed in spec.seeds:
-                earlier = done.get((variant, seed))
-                if earlier is not None and rec.Outcome.read(earlier.data.tags.get(rec.OUTCOME)).terminal:
-                    continue
-                run_cfg = seeded(cfg, seed)
-                _run_one(spec, store, parent, variant, seed, run_cfg, images, progress, earlier)
-                _log_reference_once(parent, run_cfg, images, logged_refs)
+        todo = [(v, s) for v in configs for s in spec.seeds
+                if done.get((v, s)) is None or not rec.Outcome.read(done[(v, s)].data.tags.get(rec.OUTCOME)).terminal]
+        if workers > 1 or queue:
+            from studies.run.queue import run_workers
+            run_workers(spec, store, parent.run_id, queue or DEFAULT_QUEUE, heartbeat_s, workers, todo, progress)
+        else:
+            for variant, seed in todo:
+                _run_one(spec, store, parent, variant, seed, seeded(configs[variant], seed), images, progress,
+                         done.get((variant, seed)))
+        for variant, seed in todo:
+            _log_reference_once(parent, seeded(configs[variant], seed), images, logged_refs)
     return parent.run_id
+
+
+DEFAULT_QUEUE = "sqlite:///optuna.db"  # the queue of local workers: the search's default storage, no server
+
+
+def child_runs(store: Store, experiment: str, parent_id: str) -> dict[tuple[str, int], object]:
+    """(variant, seed) -> the child run of parent `parent_id` (the newest where there are several)."""
+    found = store.find_runs(experiment, f"tags.{rec.PARENT_RUN} = '{parent_id}'")
+    return {(r.data.tags[rec.VARIANT], int(r.data.tags[rec.SEED])): r
+            for r in sorted(found, key=lambda r: r.info.start_time)}
+
+
+def run_one_job(spec: StudySpec, store: Store, parent: RunTracker, variant: str, seed: int, cfg: RunConfig,
+                images: DeviceImages, progress: bool) -> str:
+    """A queue's job: the run of (variant, seed), continued from its checkpoint in its own MLflow run where a
+    worker that died left it unfinished, skipped where it has a result already; returns its MLflow run id."""
+    earlier = child_runs(store, spec.experiment, parent.run_id).get((variant, seed))
+    if earlier is not None and rec.Outcome.read(earlier.data.tags.get(rec.OUTCOME)).terminal:
+        return earlier.info.run_id
+    return _run_one(spec, store, parent, variant, seed, cfg, images, progress, earlier)
 
 
 def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: list[str], primary: str) -> None:
@@ -170,7 +196,8 @@ def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: 
 
 
 def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, seed: int, cfg: RunConfig,
-             images: DeviceImages, progress: bool, earlier=None) -> None:
+             images: DeviceImages, progress: bool, earlier=None) -> str:
+    """Train (or reuse, or continue) one run; returns its MLflow run id."""
     name = f"{variant}-s{seed}"
     hooks = get_ablation(spec.ablation).hooks(variant)
     key = identity.run_key(cfg, images.image_set.key, hooks)
@@ -182,8 +209,7 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
     else:
         original = reusable(store, key) if spec.reuse else None
         if original is not None:
-            reuse_run(store, spec.experiment, name, tags, parent, original)
-            return
+            return reuse_run(store, spec.experiment, name, tags, parent, original)
         child = store.start_run(spec.experiment, name, tags, parent=parent)
     run_dir = spec.workdir / spec.experiment / child.run_id
     bar = _progress_bar(name, cfg) if progress else None
@@ -203,6 +229,7 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
     finally:
         if bar is not None:
             bar.close()
+    return child.run_id
 
 
 def seeded(cfg: RunConfig, seed: int) -> RunConfig:
@@ -243,7 +270,7 @@ def reusable(store: Store, key: str):
 
 
 def reuse_run(store: Store, experiment: str, name: str, tags: dict[str, object], parent: RunTracker,
-              original) -> None:
+              original) -> str:
     """Record `original` in this study as a child run tagged with where it came from: its params, its metrics'
     last values and its outcome tags are copied; its training history and artifacts stay with the original,
     which the report follows for curves and grids."""
@@ -255,6 +282,7 @@ def reuse_run(store: Store, experiment: str, name: str, tags: dict[str, object],
     child.log_metrics(dict(original.data.metrics), step=step)
     child.set_tags({**kept, **source})  # the outcome last: a copy killed halfway is not a result, and is redone
     child.finish("FINISHED")
+    return child.run_id
 
 
 def _log_reference_once(parent: RunTracker, cfg: RunConfig, images: DeviceImages, logged: set[str]) -> None:

@@ -1,0 +1,227 @@
+"""A study's runs as jobs of an Optuna queue: several workers train every run once, a dead worker's run is taken
+over from its last checkpoint in the same MLflow run, a run that crashes on its own is failed once."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+import pytest
+
+from core import records as rec
+from core.tracking import Store
+from studies.run import queue as q
+from studies.run import study as study_mod
+from studies.run.__main__ import main
+from studies.run.study import StudySpec, run_study
+from tests.conftest import TINY
+from tests.test_study_outcomes import flags, in_dir, runs_of  # noqa: F401  (in_dir is a fixture)
+
+
+def test_two_local_workers_train_every_run_once_and_the_report_is_written_once(in_dir, synthetic_root, cache_dir,
+                                                                             capsys):
+    cwd = in_dir()
+    url = f"sqlite:///{cwd / 'queue.db'}"
+    assert main(["pooling", "--variants", "maxpool", "--workers", "2", "--queue", url, "--data", str(synthetic_root),
+                 *flags(cache_dir, seeds=2)]) == 0
+    assert "2 workers share this CPU's cores" in capsys.readouterr().err  # the ETA says what workers do here
+    parents, children = runs_of(cwd, "pooling")
+    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
+    assert sorted(children.index) == ["baseline-s0", "baseline-s1", "maxpool-s0", "maxpool-s1"]  # each once
+    assert (children["tags.outcome"] == "finished").all()
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(q._storage(url, 60), include_best_trial=False)]
+    assert name == q.queue_name("pooling", parents.iloc[0]["run_id"])
+    trials = optuna.load_study(study_name=name, storage=q._storage(url, 60)).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert sorted(t.user_attrs[q.RUN_ATTR] for t in trials) == sorted(children["run_id"])
+    assert (cwd / "reports" / "pooling.md").is_file()
+
+
+def _spec(synthetic_root, cache_dir, workdir) -> StudySpec:
+    overrides = {**TINY, "data.root": str(synthetic_root), "data.max_images": 48, "data.cache_dir": str(cache_dir),
+                 "eval.fid_final_samples": 0}
+    return StudySpec(ablation="baseline", seeds=(0,), preset="quick", overrides=overrides, workdir=workdir)
+
+
+def test_a_dead_workers_run_is_taken_over_from_its_checkpoint_in_the_same_mlflow_run(in_dir, synthetic_root,
+                                                                                  cache_dir, monkeypatch):
+    cwd = in_dir()
+    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
+    url = f"sqlite:///{cwd / 'queue.db'}"
+    spec = _spec(synthetic_root, cache_dir, cwd / "runs")
+    parent = store.start_run("baseline", "parent", {rec.STUDY: rec.PARENT})
+    queue = q.open_queue(url, 1, spec, parent.run_id)
+    q.enqueue(queue, [("baseline", 0)])
+    q.enqueue(queue, [("baseline", 0)])  # a resumed launcher enqueues again: nothing is added twice
+    assert len(queue.get_trials()) == 1
+
+    # worker A takes the job, trains past its checkpoint at 16 images, and dies at the log of 24 (no heartbeat)
+    taken = q.next_job(queue)
+    def die(bar, nimg, stats):
+        if nimg >= 24:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(study_mod, "_advance", die)
+    configs = study_mod.resolve_configs(spec)
+    from core.build import share_images
+    from core.data import load_images
+    images = share_images(configs["baseline"], load_images(configs["baseline"].data, 32))
+    with pytest.raises(KeyboardInterrupt):
+        study_mod.run_one_job(spec, store, store.resume_run(parent.run_id), "baseline", 0,
+                              study_mod.seeded(configs["baseline"], 0), images, progress=True)
+    monkeypatch.undo()
+    dead_run = study_mod.child_runs(store, "baseline", parent.run_id)[("baseline", 0)].info.run_id
+    assert queue.get_trials()[taken.number].state == optuna.trial.TrialState.RUNNING  # nobody told the queue
+
+    time.sleep(3.5)  # 3 heartbeats of 1 s without a beat: the worker counts as dead
+    ran = q.work(spec, store, parent.run_id, url, 1, worker=1, images=images.image_set)
+    assert ran == 1
+    children = study_mod.child_runs(store, "baseline", parent.run_id)
+    run = children[("baseline", 0)]
+    assert len(children) == 1 and run.info.run_id == dead_run  # the same MLflow run, not a second one
+    assert run.data.tags[rec.OUTCOME] == "finished" and run.info.status == "FINISHED"
+    steps = [step for step, _ in store.metric_history(dead_run, rec.LOSS_D)]
+    assert steps == [8, 16, 24, 32]  # continued from the checkpoint at 16: 24 again, no duplicate, not from 0
+    states = [t.state for t in queue.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]  # failed as stale, retried
+    assert queue.get_trials()[1].user_attrs[q.RUN_ATTR] == dead_run
+    assert q.unfinished(queue) == []
+
+
+def test_a_run_that_crashes_on_its_own_is_failed_once_not_retried(in_dir, synthetic_root, cache_dir, monkeypatch):
+    cwd = in_dir()
+    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
+    url = f"sqlite:///{cwd / 'queue.db'}"
+    spec = _spec(synthetic_root, cache_dir, cwd / "runs")
+    parent = store.start_run("baseline", "parent", {rec.STUDY: rec.PARENT})
+    queue = q.open_queue(url, 1, spec, parent.run_id)
+    q.enqueue(queue, [("baseline", 0)])
+    monkeypatch.setattr(study_mod, "execute_run", lambda *a, **kw: 1 / 0)
+    assert q.work(spec, store, parent.run_id, url, 1, worker=0) == 1
+    run = study_mod.child_runs(store, "baseline", parent.run_id)[("baseline", 0)]
+    assert run.data.tags[rec.OUTCOME] == "failed" and "ZeroDivisionError" in run.data.tags["error"]
+    assert [t.state for t in queue.get_trials()] == [optuna.trial.TrialState.COMPLETE]  # done: a result, not retried
+
+
+def test_join_needs_a_queue_and_finds_none_to_join(in_dir, capsys):
+    cwd = in_dir()
+    assert main(["--join", "pooling"]) == 2 and "--join needs --queue" in capsys.readouterr().err
+    assert main(["--join", "pooling", "--queue", f"sqlite:///{cwd / 'q.db'}"]) == 2
+    assert "no study 'pooling' with runs left to train" in capsys.readouterr().err
+    assert main(["pooling", "--workers", "0"]) == 2
+    capsys.readouterr()
+    dead = "postgresql://nobody@127.0.0.1:1/queue"  # nothing listens on port 1
+    for args in (["--join", "pooling", "--queue", dead], ["pooling", "--workers", "2", "--queue", dead, "--preset", "quick"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: cannot open Optuna storage 'postgresql://nobody@127.0.0.1:1/")
+
+
+def test_the_eta_splits_runs_over_gpus_but_not_over_shared_cpu_cores():
+    assert q.eta_workers(900.0, 9, 4, cuda=True) == pytest.approx(300.0)  # ceil(9 / 4) = 3 rounds of 100 s
+    assert q.eta_workers(900.0, 9, 4, cuda=False) == 900.0
+    assert q.eta_workers(900.0, 9, 1, cuda=True) == 900.0
+
+
+def test_a_study_spec_survives_the_queue(synthetic_root, cache_dir, tmp_path):
+    spec = StudySpec(ablation="combine", seeds=(0, 2), preset="cpu", base=(("ttur", "ttur"),),
+                     overrides={"train.kimg": 1.0}, variants=("baseline",), workdir=tmp_path,
+                     stacked=(("pooling", "avgpool"),), notes={"eta": 1})
+    back = q.spec_from_json(q.spec_json(spec))
+    assert back == StudySpec(**{**spec.__dict__, "notes": {}})
+    assert run_study  # the sequential path stays the default (one worker, no queue)
+
+
+# ---- a real PostgreSQL queue, a real MLflow server, a worker killed with SIGKILL --------------------------------
+from tests.test_search import postgres_url  # noqa: E402,F401  (a module fixture: a throwaway PostgreSQL server)
+
+
+@pytest.fixture(scope="module")
+def mlflow_http(tmp_path_factory, _migrated_mlflow_db):
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from tests.test_search import _free_port
+    root = tmp_path_factory.mktemp("mlflow-server")
+    db = shutil.copy(_migrated_mlflow_db, root / "mlflow.db")
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], cwd=root, stdout=(root / "log").open("w"),
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(root / 'log').read_text()[-2000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path, postgres_url, mlflow_http,
+                                                                      synthetic_root, cache_dir):
+    """Two workers on a PostgreSQL queue reporting to an MLflow server; one is killed with SIGKILL after its run's
+    first checkpoint. The other finishes the study: one finished run per (variant, seed), the killed run continued
+    from its checkpoint in the same MLflow run with no duplicated step."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    from tests.test_search import REPO
+    env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "OMP_NUM_THREADS": "1"}
+    sets = {**TINY, "data.max_images": 48, "data.cache_dir": str(cache_dir), "eval.fid_final_samples": 0,
+            "train.kimg": 2.4, "train.checkpoint_every_kimg": 0.4, "train.log_every_kimg": 0.08,
+            "train.sample_every_kimg": 2.4}  # 300 steps a run, a checkpoint every 50
+    cmd = [sys.executable, "-m", "studies.run", "pooling", "--variants", "maxpool", "--seeds", "1", "--preset", "quick",
+           "--workers", "2", "--queue", postgres_url, "--tracking-uri", mlflow_http, "--heartbeat", "2",
+           "--data", str(synthetic_root), "--no-progress", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    storage = q._storage(postgres_url, 2)
+    killed_at = victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.5)
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+        if not names:
+            continue
+        running = [t for t in optuna.load_study(study_name=names[0], storage=storage).get_trials()
+                   if t.state == optuna.trial.TrialState.RUNNING and q.WORKER_ATTR in t.user_attrs]
+        checkpoints = list((tmp_path / "runs" / "pooling").glob("*/checkpoint.pt"))
+        if running and len(checkpoints) >= len(running):  # every running run has checkpointed at least once
+            victim = running[0]
+            os.kill(int(victim.user_attrs[q.WORKER_ATTR].split(":")[1]), signal.SIGKILL)
+            killed_at = time.time()
+    assert victim is not None, "no running job with a checkpoint to kill"
+    out, err = launcher.communicate(timeout=600)
+    assert launcher.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name=q.queue_name("pooling", re.search(
+        r"parent run (\w+)", out).group(1)), storage=storage)
+    trials = study.get_trials()
+    retried = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
+               and q._job(t) == q._job(victim) and t.number != victim.number]
+    assert [t.state for t in trials if t.number == victim.number] == [optuna.trial.TrialState.FAIL]
+    assert len(retried) == 1 and q.unfinished(study) == []
+    takeover_s = retried[0].datetime_start.timestamp() - killed_at
+    store = Store(mlflow_http)
+    runs = store.runs_frame("pooling")
+    children = runs[runs["tags.study"] == "child"]
+    assert sorted(children["tags.mlflow.runName"]) == ["baseline-s0", "maxpool-s0"]
+    assert (children["tags.outcome"] == "finished").all()
+    run_id = retried[0].user_attrs[q.RUN_ATTR]
+    steps = [step for step, _ in store.metric_history(run_id, rec.LOSS_D)]
+    assert steps == sorted(set(steps)) and steps[0] == 80 and steps[-1] == 2400  # every log once, in order
+    print(f"takeover {takeover_s:.1f} s after the kill (heartbeat 2 s, grace 6 s)")
