@@ -18,25 +18,6 @@ from tests.conftest import TINY
 from tests.test_study_outcomes import flags, in_dir, runs_of  # noqa: F401  (in_dir is a fixture)
 
 
-def test_two_local_workers_train_every_run_once_and_the_report_is_written_once(in_dir, synthetic_root, cache_dir,
-                                                                             capsys):
-    cwd = in_dir()
-    url = f"sqlite:///{cwd / 'queue.db'}"
-    assert main(["pooling", "--variants", "maxpool", "--workers", "2", "--queue", url, "--data", str(synthetic_root),
-                 *flags(cache_dir, seeds=2)]) == 0
-    assert "2 workers share this CPU's cores" in capsys.readouterr().err  # the ETA says what workers do here
-    parents, children = runs_of(cwd, "pooling")
-    assert len(parents) == 1 and parents.iloc[0]["status"] == "FINISHED"
-    assert sorted(children.index) == ["baseline-s0", "baseline-s1", "maxpool-s0", "maxpool-s1"]  # each once
-    assert (children["tags.outcome"] == "finished").all()
-    (name,) = [s.study_name for s in optuna.get_all_study_summaries(q._storage(url, 60), include_best_trial=False)]
-    assert name == q.queue_name("pooling", parents.iloc[0]["run_id"])
-    trials = optuna.load_study(study_name=name, storage=q._storage(url, 60)).get_trials()
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-    assert sorted(t.user_attrs[q.RUN_ATTR] for t in trials) == sorted(children["run_id"])
-    assert (cwd / "reports" / "pooling.md").is_file()
-
-
 def _spec(synthetic_root, cache_dir, workdir) -> StudySpec:
     overrides = {**TINY, "data.root": str(synthetic_root), "data.max_images": 48, "data.cache_dir": str(cache_dir),
                  "eval.fid_final_samples": 0}
@@ -172,9 +153,9 @@ def mlflow_http(tmp_path_factory, _migrated_mlflow_db):
 @pytest.mark.slow
 def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path, postgres_url, mlflow_http,
                                                                       synthetic_root, cache_dir):
-    """Two workers on a PostgreSQL queue reporting to an MLflow server; one is killed with SIGKILL after its run's
-    first checkpoint. The other finishes the study: one finished run per (variant, seed), the killed run continued
-    from its checkpoint in the same MLflow run with no duplicated step."""
+    """A quick study with two workers on a PostgreSQL queue reporting to an MLflow server; one is killed with SIGKILL
+    after its run's first checkpoint. The other finishes the study: one finished run per (variant, seed), the killed
+    run continued from its checkpoint in the same MLflow run with no duplicated step, and one report."""
     import os
     import re
     import signal
@@ -208,6 +189,8 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
     assert victim is not None, "no running job with a checkpoint to kill"
     out, err = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, err[-3000:]
+    assert "2 workers share this CPU's cores" in err  # the ETA says what workers do here
+    assert (tmp_path / "reports" / "pooling.md").is_file() and out.count("report ") == 1  # written once, at the end
     study = optuna.load_study(study_name=q.queue_name("pooling", re.search(
         r"parent run (\w+)", out).group(1)), storage=storage)
     trials = study.get_trials()
@@ -221,7 +204,23 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
     children = runs[runs["tags.study"] == "child"]
     assert sorted(children["tags.mlflow.runName"]) == ["baseline-s0", "maxpool-s0"]
     assert (children["tags.outcome"] == "finished").all()
+    assert sorted(t.user_attrs[q.RUN_ATTR] for t in trials if t.state == optuna.trial.TrialState.COMPLETE) == sorted(
+        children["run_id"])  # each job's run is the one child of its (variant, seed)
     run_id = retried[0].user_attrs[q.RUN_ATTR]
     steps = [step for step, _ in store.metric_history(run_id, rec.LOSS_D)]
     assert steps == sorted(set(steps)) and steps[0] == 80 and steps[-1] == 2400  # every log once, in order
     print(f"takeover {takeover_s:.1f} s after the kill (heartbeat 2 s, grace 6 s)")
+
+
+def test_a_joining_worker_reads_the_study_from_the_queue_and_trains_what_waits(in_dir, synthetic_root, cache_dir):
+    cwd = in_dir()
+    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
+    url = f"sqlite:///{cwd / 'queue.db'}"
+    spec = _spec(synthetic_root, cache_dir, cwd / "runs")
+    parent = store.start_run("baseline", "parent", {rec.STUDY: rec.PARENT})
+    q.enqueue(q.open_queue(url, 1, spec, parent.run_id), [("baseline", 0), ("baseline", 1)])
+    assert q.join("baseline", url, store.uri, 1, data=str(synthetic_root)) == 2  # this machine's copy of the data
+    children = study_mod.child_runs(store, "baseline", parent.run_id)
+    assert sorted(children) == [("baseline", 0), ("baseline", 1)]
+    assert all(r.data.tags[rec.OUTCOME] == "finished" for r in children.values())
+    assert children[("baseline", 1)].data.params["train.seed"] == "1"
