@@ -36,6 +36,7 @@ import torch
 from core import config as config_mod
 from core import records as rec
 from core.config import RunConfig
+from core.cpuload import BUSY_SHARE, OtherLoad
 from core.device import ExecPath, candidate_paths, device_name, unmeasured_path
 
 LOSS_STEPS = 3  # first training steps whose losses are compared with the fp32 eager path's
@@ -328,37 +329,6 @@ def _close(trial: _Trial) -> None:
         trial.trainer = None
 
 
-class OtherLoad:
-    """How busy the machine's CPUs were with other processes over a stretch of time, as a share of all cores:
-    every core's busy time (/proc/stat) minus this process's own CPU time. NaN where /proc/stat is absent."""
-
-    def __enter__(self) -> OtherLoad:
-        self.share = math.nan
-        self._start = (_busy_cpu_s(), time.process_time(), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        busy, own, wall = _busy_cpu_s(), time.process_time(), time.perf_counter()
-        if math.isfinite(busy) and math.isfinite(self._start[0]) and wall - self._start[2] >= MIN_LOAD_WINDOW_S:
-            others = (busy - self._start[0]) - (own - self._start[1])
-            self.share = max(0.0, others / max((wall - self._start[2]) * (os.cpu_count() or 1), 1e-9))
-
-
-def _busy_cpu_s() -> float:
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    except (OSError, IndexError):
-        return math.nan
-    ticks = [int(x) for x in fields]
-    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # all but idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-# paths measured while other processes kept this share of the cores busy are not trusted beyond this process:
-# alternating rounds even out steady load, not a test suite starting and stopping (measured: a 2-core study's
-# calibration beside 2 pytest workers timed bf16 + NHWC at 33 img/s against 250 alone, and picked fp32)
-BUSY_SHARE = 0.25
-MIN_LOAD_WINDOW_S = 1.0  # a shorter stretch says nothing about load (/proc/stat counts in clock ticks)
 _UNTRUSTED: dict[tuple[str, str], dict[ExecPath, Timing]] = {}  # (cache file, key) -> timings measured under
                                                                    # load, for this process only
 

@@ -10,7 +10,8 @@ import pytest
 
 from core import records as rec
 from core.tracking import Store
-from studies.run import queue as q
+from studies.run import workers as q
+from studies.search import RunQueue
 from studies.run import study as study_mod
 from studies.run.__main__ import main
 from studies.run.study import StudySpec, run_study
@@ -34,10 +35,11 @@ def test_a_dead_workers_run_is_taken_over_from_its_checkpoint_in_the_same_mlflow
     queue = q.open_queue(url, 1, spec, parent.run_id)
     q.enqueue(queue, [("baseline", 0)])
     q.enqueue(queue, [("baseline", 0)])  # a resumed launcher enqueues again: nothing is added twice
-    assert len(queue.get_trials()) == 1
+    assert len(queue.jobs()) == 1
 
-    # worker A takes the job, trains past its checkpoint at 16 images, and dies at the log of 24 (no heartbeat)
-    taken = q.next_job(queue)
+    # worker A takes the job, trains past its checkpoint at 16 images, and dies at the log of 24 (no more beats)
+    taken = queue.take()
+    assert taken.params == {"variant": "baseline", "seed": 0}
     def die(bar, nimg, stats):
         if nimg >= 24:
             raise KeyboardInterrupt
@@ -51,7 +53,7 @@ def test_a_dead_workers_run_is_taken_over_from_its_checkpoint_in_the_same_mlflow
                               study_mod.seeded(configs["baseline"], 0), images, progress=True)
     monkeypatch.undo()
     dead_run = study_mod.child_runs(store, "baseline", parent.run_id)[("baseline", 0)].info.run_id
-    assert queue.get_trials()[taken.number].state == optuna.trial.TrialState.RUNNING  # nobody told the queue
+    assert [state for _, state, _ in queue.jobs()] == ["RUNNING"]  # nobody told the queue
 
     time.sleep(3.5)  # 3 heartbeats of 1 s without a beat: the worker counts as dead
     ran = q.work(spec, store, parent.run_id, url, 1, worker=1, images=images.image_set)
@@ -62,10 +64,10 @@ def test_a_dead_workers_run_is_taken_over_from_its_checkpoint_in_the_same_mlflow
     assert run.data.tags[rec.OUTCOME] == "finished" and run.info.status == "FINISHED"
     steps = [step for step, _ in store.metric_history(dead_run, rec.LOSS_D)]
     assert steps == [8, 16, 24, 32]  # continued from the checkpoint at 16: 24 again, no duplicate, not from 0
-    states = [t.state for t in queue.get_trials()]
-    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]  # failed as stale, retried
-    assert queue.get_trials()[1].user_attrs[q.RUN_ATTR] == dead_run
-    assert q.unfinished(queue) == []
+    jobs = queue.jobs()
+    assert [state for _, state, _ in jobs] == ["FAIL", "COMPLETE"]  # failed as stale, queued again, done
+    assert jobs[1][0] == taken.params and jobs[1][2][q.RUN_ATTR] == dead_run
+    assert queue.unfinished() == []
 
 
 def test_a_run_that_crashes_on_its_own_is_failed_once_not_retried(in_dir, synthetic_root, cache_dir, monkeypatch):
@@ -80,7 +82,7 @@ def test_a_run_that_crashes_on_its_own_is_failed_once_not_retried(in_dir, synthe
     assert q.work(spec, store, parent.run_id, url, 1, worker=0) == 1
     run = study_mod.child_runs(store, "baseline", parent.run_id)[("baseline", 0)]
     assert run.data.tags[rec.OUTCOME] == "failed" and "ZeroDivisionError" in run.data.tags["error"]
-    assert [t.state for t in queue.get_trials()] == [optuna.trial.TrialState.COMPLETE]  # done: a result, not retried
+    assert [state for _, state, _ in queue.jobs()] == ["COMPLETE"]  # done: a result, not retried
 
 
 def test_join_needs_a_queue_and_finds_none_to_join(in_dir, capsys):
@@ -171,7 +173,7 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
            "--workers", "2", "--queue", postgres_url, "--tracking-uri", mlflow_http, "--heartbeat", "2",
            "--data", str(synthetic_root), "--no-progress", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    storage = q._storage(postgres_url, 2)
+    storage = RunQueue._storage(postgres_url, 2)
     killed_at = victim = None
     deadline = time.time() + 300
     while victim is None and time.time() < deadline and launcher.poll() is None:
@@ -194,10 +196,11 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
     study = optuna.load_study(study_name=q.queue_name("pooling", re.search(
         r"parent run (\w+)", out).group(1)), storage=storage)
     trials = study.get_trials()
+    from studies.search.queue import job_params
     retried = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
-               and q._job(t) == q._job(victim) and t.number != victim.number]
+               and job_params(t) == job_params(victim) and t.number != victim.number]
     assert [t.state for t in trials if t.number == victim.number] == [optuna.trial.TrialState.FAIL]
-    assert len(retried) == 1 and q.unfinished(study) == []
+    assert len(retried) == 1 and RunQueue(study, storage).unfinished() == []
     takeover_s = retried[0].datetime_start.timestamp() - killed_at
     store = Store(mlflow_http)
     runs = store.runs_frame("pooling")

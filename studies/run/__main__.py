@@ -33,8 +33,8 @@ from core.device import choose_preset
 from core.errors import UserError
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.lr_handoff import LrRequest, check_study
-from studies.run.queue import default_workers, eta_workers
-from studies.run.study import StudySpec, resolve_configs, run_study, runs_to_train
+from studies.run.study import DEFAULT_QUEUE, StudySpec, resolve_configs, run_study, runs_to_train
+from studies.run.workers import check_queue, default_workers, eta_workers, run_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         print(list_text())
         return 0
     if args.join:
-        from studies.run.queue import join
+        from studies.run.workers import join
         if not args.queue:
             raise UserError("--join needs --queue URL: the Optuna storage the study's launcher used")
         ran = join(args.join, args.queue, args.tracking_uri, args.heartbeat, args.data, progress=not args.no_progress)
@@ -189,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_store_uri(args.tracking_uri)  # an unreachable store fails in milliseconds, before the ETA's minute
     if workers > 1 or args.queue:  # so does an unreachable queue
-        from studies.run.queue import open_storage_of
-        open_storage_of(args.queue, args.heartbeat)
+        check_queue(args.queue, args.heartbeat)
     # data first: a missing or corrupt dataset must fail before the tracking store is touched
     first = next(iter(configs[specs[0].experiment].values()))
     images = load_images(first.data, first.model.resolution, progress=not args.no_progress, roots=data_roots())
@@ -204,8 +203,12 @@ def run(args: argparse.Namespace) -> int:
     store = store or Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
     print(eta_line, file=sys.stderr)
     for spec in specs:
-        parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh, workers=workers,
-                              queue=args.queue, heartbeat_s=args.heartbeat)
+        train = None
+        if workers > 1 or args.queue:
+            def train(parent_id: str, jobs: list[tuple[str, int]], spec: StudySpec = spec) -> None:
+                run_workers(spec, store, parent_id, args.queue or DEFAULT_QUEUE, args.heartbeat, workers, jobs,
+                            progress=not args.no_progress)
+        parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh, train=train)
         report = write_report(store, spec.experiment, args.reports, parent_id)
         print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
     return 0

@@ -15,6 +15,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,10 +117,10 @@ def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
 
 
 def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: bool = True, fresh: bool = False,
-              workers: int = 1, queue: str | None = None, heartbeat_s: int = 60) -> str:
-    """Run every variant x seed; returns the parent run id. With `workers` > 1 or a `queue` (an Optuna storage
-    URL), the runs are jobs of studies/run/queue.py's queue, trained by that many worker processes (and any that
-    join from other machines); else one after another in this process.
+              train: Callable[[str, list[tuple[str, int]]], None] | None = None) -> str:
+    """Run every variant x seed; returns the parent run id. `train(parent_id, jobs)`, where given, trains the
+    (variant, seed) jobs still to run (studies/run/workers.py: as jobs of a queue, by worker processes and any
+    that join from other machines); else they run one after another in this process.
 
     Re-running the same study resumes it: its unfinished parent run is reopened, finished child runs are
     skipped, and an interrupted child continues from its last checkpoint in the same MLflow run. A crashing
@@ -153,9 +154,8 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
         reference.ensure_reference(next(iter(configs.values())), images.image_set, progress)
         todo = [(v, s) for v in configs for s in spec.seeds
                 if done.get((v, s)) is None or not rec.Outcome.read(done[(v, s)].data.tags.get(rec.OUTCOME)).terminal]
-        if workers > 1 or queue:
-            from studies.run.queue import run_workers
-            run_workers(spec, store, parent.run_id, queue or DEFAULT_QUEUE, heartbeat_s, workers, todo, progress)
+        if train is not None:
+            train(parent.run_id, todo)
         else:
             for variant, seed in todo:
                 _run_one(spec, store, parent, variant, seed, seeded(configs[variant], seed), images, progress,

@@ -2,10 +2,10 @@
 
 Other commands use it only through the names below: studies.run takes its learning rates from a search with
 `choose_lr` (after `check_lr_request` for a dry run), exchanging the typed values of studies.lr_handoff; and
-its run queue (studies/run/queue.py) opens the same Optuna storages, with heartbeats (`open_storage`).
+studies.run's workers take a study's runs from a `RunQueue` (queue.py) in the same Optuna storages.
 """
 
 from studies.search.handoff import check_lr_request, choose_lr
-from studies.search.storage import Heartbeat, open_storage, quiet_experimental
+from studies.search.queue import RunQueue
 
-__all__ = ["Heartbeat", "check_lr_request", "choose_lr", "open_storage", "quiet_experimental"]
+__all__ = ["RunQueue", "check_lr_request", "choose_lr"]
