@@ -155,7 +155,8 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
         todo = [(v, s) for v in configs for s in spec.seeds
                 if done.get((v, s)) is None or not rec.Outcome.read(done[(v, s)].data.tags.get(rec.OUTCOME)).terminal]
         if train is not None:
-            train(parent.run_id, todo)
+            if todo:  # no worker to start for a study that only needs its report
+                train(parent.run_id, todo)
         else:
             for variant, seed in todo:
                 _run_one(spec, store, parent, variant, seed, seeded(configs[variant], seed), images, progress,
