@@ -167,13 +167,13 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
     env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
            "OMP_NUM_THREADS": "1"}
     sets = {**TINY, "data.max_images": 48, "data.cache_dir": str(cache_dir), "eval.fid_final_samples": 0,
-            "train.kimg": 2.4, "train.checkpoint_every_kimg": 0.4, "train.log_every_kimg": 0.08,
-            "train.sample_every_kimg": 2.4}  # 300 steps a run, a checkpoint every 50
+            "train.kimg": 1.6, "train.checkpoint_every_kimg": 0.4, "train.log_every_kimg": 0.08,
+            "train.sample_every_kimg": 1.6}  # 200 steps a run, a checkpoint every 50
     cmd = [sys.executable, "-m", "studies.run", "pooling", "--variants", "maxpool", "--seeds", "1", "--preset", "quick",
-           "--workers", "2", "--queue", postgres_url, "--tracking-uri", mlflow_http, "--heartbeat", "2",
+           "--workers", "2", "--queue", postgres_url, "--tracking-uri", mlflow_http, "--heartbeat", "1",
            "--data", str(synthetic_root), "--no-progress", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    storage = RunQueue._storage(postgres_url, 2)
+    storage = RunQueue._storage(postgres_url, 1)
     killed_at = victim = None
     deadline = time.time() + 300
     while victim is None and time.time() < deadline and launcher.poll() is None:
@@ -211,8 +211,8 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
         children["run_id"])  # each job's run is the one child of its (variant, seed)
     run_id = retried[0].user_attrs[q.RUN_ATTR]
     steps = [step for step, _ in store.metric_history(run_id, rec.LOSS_D)]
-    assert steps == sorted(set(steps)) and steps[0] == 80 and steps[-1] == 2400  # every log once, in order
-    print(f"takeover {takeover_s:.1f} s after the kill (heartbeat 2 s, grace 6 s)")
+    assert steps == sorted(set(steps)) and steps[0] == 80 and steps[-1] == 1600  # every log once, in order
+    print(f"takeover {takeover_s:.1f} s after the kill (heartbeat 1 s, grace 3 s)")
 
 
 def test_a_joining_worker_reads_the_study_from_the_queue_and_trains_what_waits(in_dir, synthetic_root, cache_dir):

@@ -33,7 +33,8 @@ def read_runs_csv(path: Path) -> CsvStudy:
     if not path.is_file():
         raise UserError(f"no {path}: a report written before its runs were kept as data, or no report of that name")
     try:
-        runs = pd.read_csv(path, keep_default_na=True)
+        # only an empty cell is missing: a variant may be called "null" or "NA"
+        runs = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"variant": str, "run": str, "run_id": str})
         runs["outcome"] = runs["outcome"].map(rec.Outcome.read)
         runs = runs.rename(columns={f"final_{rec.KID}_std": "kid_std"})
         metric, final_samples = str(runs["primary_metric"].iloc[0]), int(runs["final_samples"].iloc[0])
