@@ -16,7 +16,7 @@ from studies.run import study as study_mod
 from studies.run.__main__ import main
 from studies.run.study import StudySpec, run_study
 from tests.conftest import TINY
-from tests.test_study_outcomes import flags, in_dir, runs_of  # noqa: F401  (in_dir is a fixture)
+from tests.test_study_outcomes import in_dir  # noqa: F401  (a fixture)
 
 
 def _spec(synthetic_root, cache_dir, workdir) -> StudySpec:

@@ -31,7 +31,8 @@ from core.records import Outcome
 from core.tracking import Store
 from studies.report import stats
 from studies.report.__main__ import main as report_main
-from studies.report.build import verdict_from_csv, write_report
+from studies.report.build import write_report
+from studies.report.evidence import verdict_from_csv
 from studies.run.study import StudySpec, run_study
 from tests.helpers import git_head, md_table
 

@@ -22,7 +22,6 @@ from core.errors import UserError
 from core.records import LABEL, other_family
 from core.tracking import Store
 from studies.report import plots, stats
-from studies.report.evidence import verdict_from_csv  # noqa: F401 (python -m studies.report --from-csv)
 from studies.report.index import INDEX_MARK, write_index
 from studies.report.sections import (ablated_section, evidence, get, md, mlflow_section, portable, run_params,
                                      setup_section, variant_order)

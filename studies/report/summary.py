@@ -178,7 +178,7 @@ def paragraph(preset: str, effects: list[Effect]) -> str:
         mdes = [e.verdict.mde for e in unclear if math.isfinite(e.verdict.mde)]
         detect = (f"; at these seeds a difference of {_g(min(mdes))} to {_g(max(mdes))} {metric} would have been "
                   "detected with 80% power" if mdes else "")
-        parts.append(f"Not told apart from the baseline: "
+        parts.append("Not told apart from the baseline: "
                      + ", ".join(f"`{e.study}` `{e.verdict.name}`" for e in unclear) + detect + ".")
     return " ".join(parts)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -203,11 +204,9 @@ def run(args: argparse.Namespace) -> int:
     store = store or Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
     print(eta_line, file=sys.stderr)
     for spec in specs:
-        train = None
-        if workers > 1 or args.queue:
-            def train(parent_id: str, jobs: list[tuple[str, int]], spec: StudySpec = spec) -> None:
-                run_workers(spec, store, parent_id, args.queue or DEFAULT_QUEUE, args.heartbeat, workers, jobs,
-                            progress=not args.no_progress)
+        train = (functools.partial(run_workers, spec, store, url=args.queue or DEFAULT_QUEUE, heartbeat_s=args.heartbeat,
+                                   workers=workers, progress=not args.no_progress)
+                 if workers > 1 or args.queue else None)  # train(parent_id, jobs): the runs as jobs of a queue
         parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh, train=train)
         report = write_report(store, spec.experiment, args.reports, parent_id)
         print(f"study {spec.experiment}: parent run {parent_id}; report {report}")

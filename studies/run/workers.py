@@ -131,8 +131,8 @@ def _worker_main(*args, **kwargs) -> None:
     sys.exit(guard(lambda: work(*args, **kwargs)))
 
 
-def run_workers(spec: StudySpec, store: Store, parent_id: str, url: str, heartbeat_s: int, workers: int,
-                jobs: list[tuple[str, int]], progress: bool = False) -> None:
+def run_workers(spec: StudySpec, store: Store, parent_id: str, jobs: list[tuple[str, int]], *, url: str,
+                heartbeat_s: int, workers: int, progress: bool = False) -> None:
     """Enqueue `jobs`, start `workers` local worker processes (each on its own GPU, or on cores/workers threads)
     and wait for them; a job left unfinished afterwards is an error naming it."""
     queue = open_queue(url, heartbeat_s, spec, parent_id)
