@@ -93,3 +93,15 @@ def guard(body: Callable[[], int | None], interrupted: str = "interrupted") -> i
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+
+
+def join_all(procs: list) -> None:
+    """Wait for every started worker process; on any way out (Ctrl-C included), stop the ones still running."""
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()

@@ -36,6 +36,7 @@ import torch
 
 from core.errors import UserError
 from core.tracking import RunTracker, Store
+from studies.cli import join_all
 from studies.run.study import DEFAULT_QUEUE, StudySpec, resolve_configs, run_one_job, seeded
 
 QUEUE_PREFIX = "runs:"  # the queue of a study's runs: an Optuna study named runs:EXPERIMENT:PARENT_RUN_ID
@@ -73,7 +74,7 @@ def default_workers() -> int:
 def check_queue(url: str | None, heartbeat_s: int) -> None:
     """Open the queue's storage (the default SQLite file when None), or say in one line why it cannot be."""
     from studies.search import RunQueue
-    RunQueue._storage(url or DEFAULT_QUEUE, heartbeat_s)
+    RunQueue.connect(url or DEFAULT_QUEUE, heartbeat_s)
 
 
 def open_queue(url: str, heartbeat_s: int, spec: StudySpec, parent_id: str):
@@ -155,14 +156,7 @@ def run_workers(spec: StudySpec, store: Store, parent_id: str, jobs: list[tuple[
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    try:
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
+    join_all(procs)
     left = queue.unfinished()
     if left:
         names = ", ".join(f"{j['variant']}-s{j['seed']}" for j in left[:6])

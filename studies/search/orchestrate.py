@@ -21,7 +21,7 @@ from core.build import share_images
 from core.data import ImageSet, load_images
 from core.errors import UserError
 from core.tracking import RunTracker, Store
-from studies.cli import data_roots, guard
+from studies.cli import data_roots, guard, join_all
 from studies.search.storage import describe, open_storage
 from studies.search.summary import summarize
 from studies.search.trial import (BETA1_RANGE, Objective, objective_metric, SearchSpec, TrialFailed, definition, make_pruner,
@@ -56,16 +56,13 @@ def _run_workers(spec: SearchSpec, store: Store, parent_id: str, n_before: int, 
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch threads or open database connections
     procs = [ctx.Process(target=_worker_main, args=(spec, store.uri, parent_id, q, i, n_before),
                          name=f"search-worker-{i}") for i, q in enumerate(quotas)]
+    started = []
     try:
         for p in procs:
             p.start()
-        for p in procs:
-            p.join()
+            started.append(p)
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
+        join_all(started)
     failed = [f"worker {i} (exit code {p.exitcode})" for i, p in enumerate(procs) if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"{', '.join(failed)} failed; see its messages above")

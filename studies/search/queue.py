@@ -22,7 +22,6 @@ import optuna
 from optuna.storages._heartbeat import get_heartbeat_thread  # optimize()'s own heartbeat, for ask/tell jobs
 from optuna.trial import TrialState
 
-from core.errors import UserError
 from studies.search.storage import Heartbeat, open_storage, quiet_experimental
 
 MAX_RETRY = 3  # a job whose worker died is queued again at most this often
@@ -41,12 +40,13 @@ class RunQueue:
         self.study, self.storage = study, storage
 
     @staticmethod
-    def _storage(url: str, heartbeat_s: int):
+    def connect(url: str, heartbeat_s: int):
+        """The Optuna storage at `url` with this queue's heartbeat, or one line saying why it cannot be opened."""
         return open_storage(url, Heartbeat(interval_s=heartbeat_s, max_retry=MAX_RETRY))
 
     @classmethod
     def create(cls, url: str, heartbeat_s: int, name: str, attrs: dict[str, str]) -> RunQueue:
-        storage = cls._storage(url, heartbeat_s)
+        storage = cls.connect(url, heartbeat_s)
         with quiet_experimental():
             study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
         for key, value in attrs.items():
@@ -55,13 +55,13 @@ class RunQueue:
 
     @classmethod
     def load(cls, url: str, heartbeat_s: int, name: str) -> RunQueue:
-        storage = cls._storage(url, heartbeat_s)
+        storage = cls.connect(url, heartbeat_s)
         return cls(optuna.load_study(study_name=name, storage=storage), storage)
 
     @classmethod
     def find(cls, url: str, heartbeat_s: int, prefix: str) -> RunQueue | None:
         """The oldest queue whose name starts with `prefix` that still has jobs waiting or running."""
-        storage = cls._storage(url, heartbeat_s)
+        storage = cls.connect(url, heartbeat_s)
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
             if summary.study_name.startswith(prefix):
                 queue = cls(optuna.load_study(study_name=summary.study_name, storage=storage), storage)
@@ -140,6 +140,3 @@ def job_params(frozen) -> dict:
     """A trial's job parameters: enqueued (fixed), or copied by the stale-trial retry; {} for an empty trial."""
     return dict(frozen.system_attrs.get("fixed_params") or frozen.params)
 
-
-def no_queue(url: str, what: str) -> UserError:
-    return UserError(f"no study '{what}' with runs left to train in {url}; start one with python -m studies.run")
