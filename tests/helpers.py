@@ -3,6 +3,7 @@ reader for the report's markdown tables."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -98,3 +99,51 @@ def git_head() -> str:
     except OSError:  # no git on this machine
         return "unknown"
     return head.stdout.strip() if head.returncode == 0 else "unknown"
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, folder: Path, *extra: str):
+    """A real `mlflow server` on 127.0.0.1 (a free port) over `backend_uri`, its log in folder/server.log; yields its
+    URL once /health answers, and stops its whole process group afterwards."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import pytest
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (folder / "server.log").open("w")
+    # no background job runner (seven huey consumers, for GenAI jobs): faster to start, nothing left behind;
+    # its own session, so the whole process group (server, uvicorn worker) can be stopped at the end
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, *extra,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            cwd=folder, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"mlflow server did not come up: {(folder / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -16,6 +16,7 @@ from studies.run import study as study_mod
 from studies.run.__main__ import main
 from studies.run.study import StudySpec, run_study
 from tests.conftest import TINY
+from tests.helpers import mlflow_server
 from tests.test_study_outcomes import in_dir  # noqa: F401  (a fixture)
 
 
@@ -25,14 +26,18 @@ def _spec(synthetic_root, cache_dir, workdir) -> StudySpec:
     return StudySpec(ablation="baseline", seeds=(0,), preset="quick", overrides=overrides, workdir=workdir)
 
 
-def test_a_dead_workers_run_is_taken_over_from_its_checkpoint_in_the_same_mlflow_run(in_dir, synthetic_root,
-                                                                                  cache_dir, monkeypatch):
-    cwd = in_dir()
+def _study_queue(cwd, synthetic_root, cache_dir):
+    """(store, queue URL, spec, parent run, queue) of a baseline study of TINY runs in `cwd`, 1 s heartbeats."""
     store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
     url = f"sqlite:///{cwd / 'queue.db'}"
     spec = _spec(synthetic_root, cache_dir, cwd / "runs")
     parent = store.start_run("baseline", "parent", {rec.STUDY: rec.PARENT})
-    queue = q.open_queue(url, 1, spec, parent.run_id)
+    return store, url, spec, parent, q.open_queue(url, 1, spec, parent.run_id)
+
+
+def test_a_dead_workers_run_is_taken_over_from_its_checkpoint_in_the_same_mlflow_run(in_dir, synthetic_root,
+                                                                                  cache_dir, monkeypatch):
+    store, url, spec, parent, queue = _study_queue(in_dir(), synthetic_root, cache_dir)
     q.enqueue(queue, [("baseline", 0)])
     q.enqueue(queue, [("baseline", 0)])  # a resumed launcher enqueues again: nothing is added twice
     assert len(queue.jobs()) == 1
@@ -71,12 +76,7 @@ def test_a_dead_workers_run_is_taken_over_from_its_checkpoint_in_the_same_mlflow
 
 
 def test_a_run_that_crashes_on_its_own_is_failed_once_not_retried(in_dir, synthetic_root, cache_dir, monkeypatch):
-    cwd = in_dir()
-    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
-    url = f"sqlite:///{cwd / 'queue.db'}"
-    spec = _spec(synthetic_root, cache_dir, cwd / "runs")
-    parent = store.start_run("baseline", "parent", {rec.STUDY: rec.PARENT})
-    queue = q.open_queue(url, 1, spec, parent.run_id)
+    store, url, spec, parent, queue = _study_queue(in_dir(), synthetic_root, cache_dir)
     q.enqueue(queue, [("baseline", 0)])
     monkeypatch.setattr(study_mod, "execute_run", lambda *a, **kw: 1 / 0)
     assert q.work(spec, store, parent.run_id, url, 1, worker=0) == 1
@@ -120,36 +120,12 @@ from tests.test_search import postgres_url  # noqa: E402,F401  (a module fixture
 
 @pytest.fixture(scope="module")
 def mlflow_http(tmp_path_factory, _migrated_mlflow_db):
-    import os
+    """A real MLflow server with an artifact store, over a fresh SQLite backend."""
     import shutil
-    import signal
-    import subprocess
-    import sys
-    import urllib.request
-    from tests.test_search import _free_port
     root = tmp_path_factory.mktemp("mlflow-server")
     db = shutil.copy(_migrated_mlflow_db, root / "mlflow.db")
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
-                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], cwd=root, stdout=(root / "log").open("w"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(root / 'log').read_text()[-2000:]}")
-                time.sleep(1)
+    with mlflow_server(f"sqlite:///{db}", root, "--artifacts-destination", str(root / "artifacts")) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -173,7 +149,7 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
            "--workers", "2", "--queue", postgres_url, "--tracking-uri", mlflow_http, "--heartbeat", "1",
            "--data", str(synthetic_root), "--no-progress", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    storage = RunQueue._storage(postgres_url, 1)
+    storage = RunQueue.connect(postgres_url, 1)
     killed_at = victim = None
     deadline = time.time() + 300
     while victim is None and time.time() < deadline and launcher.poll() is None:
@@ -216,12 +192,8 @@ def test_kill_9_of_a_worker_mid_run_on_postgresql_and_an_mlflow_server(tmp_path,
 
 
 def test_a_joining_worker_reads_the_study_from_the_queue_and_trains_what_waits(in_dir, synthetic_root, cache_dir):
-    cwd = in_dir()
-    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
-    url = f"sqlite:///{cwd / 'queue.db'}"
-    spec = _spec(synthetic_root, cache_dir, cwd / "runs")
-    parent = store.start_run("baseline", "parent", {rec.STUDY: rec.PARENT})
-    q.enqueue(q.open_queue(url, 1, spec, parent.run_id), [("baseline", 0), ("baseline", 1)])
+    store, url, spec, parent, queue = _study_queue(in_dir(), synthetic_root, cache_dir)
+    q.enqueue(queue, [("baseline", 0), ("baseline", 1)])
     assert q.join("baseline", url, store.uri, 1, data=str(synthetic_root)) == 2  # this machine's copy of the data
     children = study_mod.child_runs(store, "baseline", parent.run_id)
     assert sorted(children) == [("baseline", 0), ("baseline", 1)]

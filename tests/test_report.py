@@ -7,17 +7,10 @@ One small study (3 variants x 2 seeds, one variant diverging on purpose) is run 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +28,7 @@ from studies.report.build import write_report
 from studies.report.evidence import verdict_from_csv
 from studies.run.study import StudySpec, run_study
 from tests.helpers import git_head, md_table
+from tests.helpers import mlflow_server as start_mlflow_server
 
 NAME = "reportcheck"
 FAST = {  # 32x32, 8 steps of batch 8; FID/KID on 16 samples at 32 images and on 8 at the end (64 images), so a
@@ -387,12 +381,6 @@ def test_report_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
 
 # ---- the MLflow UI, for real ------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as resp:
@@ -402,37 +390,8 @@ def _post(url: str, body: dict) -> dict:
 @pytest.fixture(scope="module")
 def mlflow_server(study):
     store, _, tmp = study
-    port = _free_port()
-    log = (tmp / "server.log").open("w")
-    # no background job runner (seven huey consumers, for GenAI jobs): faster to start, nothing left behind;
-    # its own session, so the whole process group (server, uvicorn worker) can be stopped at the end
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri,
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"mlflow server did not come up: {(tmp / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
+    with start_mlflow_server(store.uri, tmp) as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def browse(steps: list[tuple[str, list[str]]], screenshot: Path, timeout_s: float = 180) -> str:
