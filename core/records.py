@@ -113,6 +113,8 @@ DIVERGED_AT = "diverged_at_nimg"
 SATURATION_EPISODES = "saturation_episodes"
 KIMG_TAG = "kimg"
 DEVICE, DEVICE_NAME = "device", "device_name"
+SYSTEM_NODE, SYSTEM_GPU = "system.node", "system.gpu"  # the machine a run's system metrics came from, and its GPU
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics: system/NODE/cpu_utilization_percentage, .../gpu_0_...
 PATH_CANDIDATES = "path.candidates"  # every candidate path's img/s (or why it was rejected): core/fastpath.py
 ERROR = "error"
 PROTOCOL = "fid_protocol."  # prefix of the evaluation protocol's tags
@@ -126,6 +128,17 @@ PRIMARY_METRIC_PARAM = "derived.primary_metric"
 RUN_KEY = "run_key"  # a child run's content key (core/identity.py): equal keys, the same run
 REUSED_FROM, REUSED_STUDY = "reused_from", "reused_from_study"  # a reused run: the original's run id and experiment
 REFERENCE_ARTIFACT = "fid_reference"  # the folder of a study's or search's parent run holding its reference statistics
+# a tuned study (studies.run NAME --tune N): every variant at its own best learning rates, its own experiment
+TUNED_SUFFIX = "+tuned"  # the tuned study's MLflow experiment: pooling+tuned (pooling@ttur=ttur+tuned over a base)
+TUNE = "tune."  # prefix of its budget (parent and child params and tags) and of its per-variant choices
+TUNE_TRIALS, TUNE_PLAIN = "tune.trials", "tune.plain_parent"  # trials per variant; the plain study's parent run
+
+
+def tune_tag(what: str, variant: str) -> str:
+    """A per-variant tag of the tuned study's parent: tune.search.maxpool (its Optuna study), tune.lr_g.maxpool,
+    tune.best_trial.*, tune.fallback.* (no trial completed: the variant keeps the config's rates)."""
+    return f"{TUNE}{what}.{variant}"
+
 
 
 def failure_at(outcome: str) -> str:

@@ -50,7 +50,8 @@ def execute_run(cfg: RunConfig, tracker, run_dir: Path, *, images: DeviceImages,
                         on_log=on_log, show_progress=show_progress)
     device = trainer.device
     try:
-        return _train_and_record(trainer, cfg, tracker, run_dir, images.image_set)
+        with tracker.watching_system():
+            return _train_and_record(trainer, cfg, tracker, run_dir, images.image_set)
     finally:
         trainer.close()  # also when an exception's traceback still holds the trainer
         del trainer

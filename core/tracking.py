@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+from core import records as rec
 from core.errors import UserError
 
 DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow 3's own embedded default, in the working directory
@@ -33,6 +34,10 @@ class NullTracker:
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: dict[str, object]) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
+
+    @contextlib.contextmanager
+    def watching_system(self) -> Iterator[None]:
+        yield
 
     @contextlib.contextmanager
     def finishing(self) -> Iterator[None]:
@@ -101,6 +106,39 @@ class RunTracker(NullTracker):
 
     def finish(self, status="FINISHED"):
         _retry(self.client.set_terminated, self.run_id, status)
+
+    @contextlib.contextmanager
+    def watching_system(self) -> Iterator[None]:
+        """MLflow's system metrics (CPU, memory, disk, network; each NVIDIA GPU's utilisation and memory where
+        nvidia-ml-py finds one) while the block runs, under system/NODE/ so that a run taken over by another
+        machine shows which did what; the run is tagged with the node and the GPU its worker was given. Every
+        MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (MLflow's variable; default 10), against MLflow's own
+        step count (a resumed run continues it)."""
+        import socket
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        node = socket.gethostname().split(".")[0]
+        self.set_tags({rec.SYSTEM_NODE: node, rec.SYSTEM_GPU: os.environ.get("CUDA_VISIBLE_DEVICES", "all")})
+        with _quiet_system_metrics():
+            monitor = SystemMetricsMonitor(self.run_id, node_id=node, resume_logging=True,
+                                           tracking_uri=self.client.tracking_uri)
+            monitor.start()
+        try:
+            yield
+        finally:
+            with _quiet_system_metrics():
+                monitor.finish()
+
+
+@contextlib.contextmanager
+def _quiet_system_metrics() -> Iterator[None]:
+    """MLflow logs every start and stop of its monitor at INFO: one line per run of a study."""
+    logger = logging.getLogger("mlflow.system_metrics")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def store_uri(uri: str | None = None) -> str:

@@ -58,15 +58,24 @@ class Estimate:
     train_s: float  # of which training
     eval_s: float  # of which FID/KID feature passes (evaluations and reference)
     reused: int = 0  # runs the store (or an earlier study of the invocation) already has: they cost nothing
+    trials: int = 0  # --tune: search trials to run, each to its end (pruning can only shorten them)
 
     def line(self, what: str) -> str:
-        runs = f"{self.runs} runs" + (f" to train, {self.reused} reused" if self.reused else "")
+        runs = (f"{self.runs} runs" + (f" to train, {self.reused} reused" if self.reused else "")
+                + (f", {self.trials} tuning trials" if self.trials else ""))
         return (f"ETA {format_duration(self.total_s)} for {what} ({runs}: training "
                 f"{format_duration(self.train_s)}, FID/KID {format_duration(self.eval_s)}; measured on this machine)")
 
     def tags(self) -> dict[str, object]:
         return {"eta.total_s": round(self.total_s), "eta.train_s": round(self.train_s),
-                "eta.eval_s": round(self.eval_s), "eta.runs": self.runs, "eta.reused": self.reused}
+                "eta.eval_s": round(self.eval_s), "eta.runs": self.runs, "eta.reused": self.reused,
+                **({"eta.trials": self.trials} if self.trials else {})}
+
+    def plus(self, trials: Estimate, runs: Estimate) -> Estimate:
+        """This study's estimate with its --tune searches (`trials`, whose runs are trials) and tuned `runs` added."""
+        return Estimate(self.total_s + trials.total_s + runs.total_s, self.runs + runs.runs,
+                        self.train_s + trials.train_s + runs.train_s, self.eval_s + trials.eval_s + runs.eval_s,
+                        self.reused, self.trials + trials.runs)
 
 
 def evaluations(cfg: RunConfig) -> int:

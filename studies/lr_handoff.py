@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core import records as rec
 from core.errors import UserError
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"  # Optuna storage of both commands, in the working directory
@@ -71,3 +72,35 @@ def check_study(ablation: str, varied: set[str], overrides: Mapping[str, object]
     clash = sorted(set(LR_KEYS) & overrides.keys())
     if clash:
         raise UserError(f"--set {', '.join(clash)} conflicts with --lr-from/--search-lr, which set it")
+
+
+# ---- equal tuning budgets (python -m studies.run NAME --tune N) -----------------------------------------------------
+TUNE_TRIAL_SEED = 1000  # train.seed of a tuning trial k is 1000 + k: disjoint from a verdict's seeds 0..N-1
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """One learning-rate search per variant of a study, all with the same budget (Lucic et al. 2018)."""
+    ablation: str  # the study's ablation
+    experiment: str  # the plain study's MLflow experiment (ablation@base...): names the searches
+    variants: tuple[str, ...]  # baseline first
+    trials: int  # trials per variant, counted over resumes (complete, pruned or failed on their own)
+    preset: str = "default"
+    base: tuple[tuple[str, str], ...] = ()  # (ablation, variant) pairs under everything
+    overrides: Mapping[str, object] = field(default_factory=dict)  # --set and --data
+    storage: str = DEFAULT_STORAGE  # the searches' Optuna storage
+    lr_range: tuple[float, float] = (1e-5, 1e-3)  # log-uniform range of lr_g and lr_d, the search's default
+    trial_kimg: float = 0.0  # training length of a trial; 0 = a quarter of the resolved train.kimg
+    sampler_seed: int = 0  # the same TPE seed for every variant: the same startup points
+    workers: int = 1  # local search worker processes
+    workdir: Path = Path("runs")
+
+    def search_name(self, variant: str) -> str:
+        """The Optuna study of one variant's search: tune-cpu-pooling=maxpool."""
+        return f"tune-{self.preset}-{self.experiment}={variant}"
+
+    def budget(self) -> dict[str, object]:
+        """What every variant's search had: the tuned study's parent params and tags."""
+        return {rec.TUNE_TRIALS: self.trials, f"{rec.TUNE}lr_range": f"{self.lr_range[0]:g}..{self.lr_range[1]:g}",
+                f"{rec.TUNE}trial_kimg": self.trial_kimg or "quarter of train.kimg", f"{rec.TUNE}sampler_seed": self.sampler_seed,
+                f"{rec.TUNE}trial_seeds": f"{TUNE_TRIAL_SEED}+trial", f"{rec.TUNE}pruning": "none: every trial runs to its end"}

@@ -340,3 +340,19 @@ def test_a_key_renamed_on_the_writing_side_only_fails_the_report_loudly(key, say
     assert list(kids["tags.outcome"]) == ["finished", "finished"] and kids[f"metrics.{key}_renamed"].notna().all()
     assert not (cwd / "reports" / "baseline.md").exists()
     assert report_main(["baseline", "--reports", str(cwd / "reports")]) == 2
+
+
+def test_every_run_logs_the_system_metrics_of_the_machine_it_ran_on(in_dir, monkeypatch, synthetic_root, cache_dir):
+    import socket
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")  # a TINY run lasts about a second
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # as a worker on GPU 3 would have it
+    cwd = in_dir()
+    assert main(["baseline", "--data", str(synthetic_root), *flags(cache_dir)]) == 0
+    _, kids = runs_of(cwd, "baseline")
+    run = kids.loc["baseline-s0"]
+    node = socket.gethostname().split(".")[0]
+    assert (run["tags.system.node"], run["tags.system.gpu"]) == (node, "3")
+    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        history = store.metric_history(run["run_id"], f"system/{node}/{key}")
+        assert history and all(v >= 0 for _, v in history), key

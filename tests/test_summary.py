@@ -95,3 +95,21 @@ def test_the_summary_alone_is_rebuilt_without_a_store(tmp_path, monkeypatch, cap
     assert not (tmp_path / "mlflow.db").exists()  # no store was opened or made
     assert main(["--from-csv"]) == 2 and "need a report's name" in capsys.readouterr().err
     assert main(["--reports", "nowhere"]) == 2
+
+
+def test_a_tuned_study_adds_its_effect_beside_the_plain_one_not_a_row_of_its_own(tmp_path):
+    reports = tmp_path / "reports"
+    for study, variants in STUDIES.items():
+        _write(reports, study, variants)
+    # at each variant's own best rates, `hurts` is no longer worse: the budget, not the trick
+    _write(reports, "bad+tuned", {"baseline": BASE, "hurts": [0.150, 0.165, 0.160], "flaky": [0.15, 0.16, 0.17]})
+    cpu = campaign(reports)["cpu"]
+    assert sorted(e.study for e in cpu) == ["bad", "bad", "good", "good"]
+    hurts = next(e for e in cpu if e.verdict.name == "hurts")
+    ref = sps.ttest_ind([0.150, 0.165, 0.160], BASE, equal_var=False)
+    assert hurts.tuned.welch.p == pytest.approx(ref.pvalue)
+    assert next(e for e in cpu if e.verdict.name == "helps").tuned is None
+    text = write_index(reports).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| [bad]") and "`hurts`" in line)
+    assert "at own best rates (--tune)" in text and row.rstrip(" |").endswith("not told apart")
+    assert "With every variant at its own best learning rates" in text

@@ -21,7 +21,7 @@ from core import records as rec
 from core.errors import UserError
 from core.records import LABEL, other_family
 from core.tracking import Store
-from studies.report import plots, stats
+from studies.report import plots, stats, tuned
 from studies.report.index import INDEX_MARK, write_index
 from studies.report.sections import (ablated_section, evidence, get, md, mlflow_section, portable, run_params,
                                      setup_section, variant_order)
@@ -157,6 +157,10 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
     staging.chmod(0o755)  # mkdtemp makes it private; the published folder should read like any other
     try:
         pictures = _pictures(store, experiment, children, runs, rows, order, metric, staging)
+        plain_id = get(parent, f"tags.{rec.TUNE_PLAIN}")
+        both = (tuned.sections(store, parent, runs, rows, order, metric,
+                               study_runs(store, experiment.removesuffix(rec.TUNED_SUFFIX), plain_id), experiment, staging)
+                if plain_id else [])  # a tuned study (--tune): both verdicts side by side
         evidence(children, runs, get(parent, f"tags.{rec.PRESET}"), metric, final_samples).to_csv(
             staging / "runs.csv", index=False)
         index = {"experiment": experiment, "parent": parent["run_id"], "preset": get(parent, f"tags.{rec.PRESET}"),
@@ -173,6 +177,7 @@ def write_report(store: Store, experiment: str, reports_dir: Path = Path("report
                  "## Verdict", "", *[f"- {s}" for s in verdict + secondary], "",
                  "## Results per variant", "", md(stats.display_summary(rows, metric)), "",
                  table_note(metric), "",
+                 *both,
                  *pictures,
                  *ablated_section(ablation, children, runs, order),
                  *setup_section(parent, children, runs, order, metric),

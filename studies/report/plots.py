@@ -241,3 +241,19 @@ def plot_forest(rows: list[ForestRow], xlabel: str, title: str, path: Path) -> P
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_search_curves(curves: dict[str, list[tuple[int, float]]], label: str, path: Path) -> Path:
+    """Per variant, the best objective found so far against the trial number (trials that spent budget only)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    colors = _colors(list(curves))
+    for variant, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.step(xs, ys, where="post", color=colors[variant], label=variant, marker="o", markersize=3)
+    ax.set_xlabel("trial (counted: complete, pruned or failed on its own)")
+    ax.set_ylabel(f"best final {label} so far")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

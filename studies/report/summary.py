@@ -41,6 +41,7 @@ class Effect:
     recall: float  # mean over the seeds the test counts; NaN where not recorded
     coverage: float
     p_campaign: float = math.nan  # Holm across every variant of the preset's campaign
+    tuned: VariantVerdict | None = None  # the same variant in the study's --tune report: each at its own best rates
 
     @property
     def delta(self) -> float:
@@ -90,6 +91,7 @@ def study_effects(csv: Path) -> list[Effect]:
 def campaign(reports_dir: Path) -> dict[str, list[Effect]]:
     """Per preset, every variant of every report with a runs.csv, Holm across them all added."""
     by_preset: dict[str, list[Effect]] = {}
+    tuned: dict[tuple[str, str, str], VariantVerdict] = {}  # (study, variant, preset) -> its tuned verdict
     for csv in sorted(reports_dir.glob("*/runs.csv")):
         if csv.parent.name.split("@")[0] == COMBINE:
             continue
@@ -98,7 +100,12 @@ def campaign(reports_dir: Path) -> dict[str, list[Effect]]:
         except UserError:  # not a report's runs.csv: the index lists what it can
             continue
         for e in effects:
-            by_preset.setdefault(e.preset, []).append(e)
+            if e.study.endswith(rec.TUNED_SUFFIX):  # beside its plain study's row, not a row of its own
+                tuned[(e.study.removesuffix(rec.TUNED_SUFFIX), e.verdict.name, e.preset)] = e.verdict
+            else:
+                by_preset.setdefault(e.preset, []).append(e)
+    for preset, effects in by_preset.items():
+        by_preset[preset] = [replace(e, tuned=tuned.get((e.study, e.verdict.name, preset))) for e in effects]
     for preset, effects in by_preset.items():
         raw = [e.verdict.welch.p if e.verdict.welch is not None else math.nan for e in effects]
         adjusted = holm(raw) if raw else []
@@ -148,7 +155,18 @@ def table(effects: list[Effect]) -> pd.DataFrame:
                      "Holm p (campaign)": _p(e.p_campaign), "failed seeds": f"{v.failures} / {v.seeds}",
                      "recall": _g(e.recall), "coverage": _g(e.coverage),
                      "detectable Δ": _g(v.mde), "reading": _word(e)})
+        if any(x.tuned is not None for x in effects):
+            rows[-1][f"Δ {label} at own best rates (--tune)"] = _tuned(e.tuned)
     return pd.DataFrame(rows)
+
+
+def _tuned(v: VariantVerdict | None) -> str:
+    """The tuned study's effect of the same variant, each variant at its own best rates; – without one."""
+    if v is None or v.welch is None:
+        return "–"
+    w = v.welch
+    reading = "better" if v.better else ("worse" if v.significant and w.diff > 0 else "not told apart")
+    return f"{_g(w.diff, sign=True)} [{_g(w.lo, sign=True)}, {_g(w.hi, sign=True)}], {reading}"
 
 
 def paragraph(preset: str, effects: list[Effect]) -> str:
@@ -180,6 +198,10 @@ def paragraph(preset: str, effects: list[Effect]) -> str:
                   "detected with 80% power" if mdes else "")
         parts.append("Not told apart from the baseline: "
                      + ", ".join(f"`{e.study}` `{e.verdict.name}`" for e in unclear) + detect + ".")
+    retuned = [e for e in effects if e.tuned is not None]
+    if retuned:
+        parts.append("With every variant at its own best learning rates (`--tune`, the same search budget each), "
+                     + "; ".join(f"`{e.study}` `{e.verdict.name}` is {_tuned(e.tuned)}" for e in retuned) + ".")
     return " ".join(parts)
 
 

@@ -13,6 +13,7 @@
     python -m studies.run pooling --smoke                  # preflight every variant on this device (minutes)
     python -m studies.run pooling --lr-from lr-default     # best lr_g/lr_d of an Optuna study (studies.search)
     python -m studies.run combine                          # the winners of reports/ stacked, against the baseline
+    python -m studies.run pooling --tune 6                 # then each variant at its own best rates, 6 trials each
     python -m studies.run pooling --workers 4              # 4 local workers (one per GPU, or cores/4 threads each)
     python -m studies.run --join pooling --queue postgresql://me@db/optuna --tracking-uri http://mlflow:5000
 """
@@ -35,6 +36,8 @@ from core.errors import UserError
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.lr_handoff import LrRequest, check_study
 from studies.run.study import DEFAULT_QUEUE, StudySpec, resolve_configs, run_study, runs_to_train
+from studies.run.tune import request as tune_request
+from studies.run.tune import run_tuned, tunable
 from studies.run.workers import check_queue, default_workers, eta_workers, run_workers
 
 
@@ -85,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--search-lr", action="store_true", help="first add --search-trials trials to the study "
                    "--lr-from (default name lr-PRESET[@BASE]), then run the study with its best pair (default: off)")
     g.add_argument("--search-trials", type=int, default=20, help="trials --search-lr adds (default: 20)")
+    g.add_argument("--tune", type=int, default=0, metavar="N",
+                   help="after the study, give every variant (baseline included) its own search of N trials over "
+                        "lr_g and lr_d, the same budget for all, and run the study again at each variant's best pair "
+                        "as NAME+tuned, whose report gives both verdicts (default: 0, off)")
+    g.add_argument("--tune-kimg", type=float, default=0.0,
+                   help="training length of a --tune trial in kimg (default: 0 = a quarter of train.kimg)")
     add_flags(g, "--storage")
     return p
 
@@ -178,10 +187,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--workers {workers} must be >= 1")
     if not args.name:
         raise UserError(f"name an ablation to study; known: {', '.join(list_ablations())} (or --list)")
-    specs = [take_lr(spec, args) for spec in specs_from_args(args)]
+    specs = specs_from_args(args)
+    if args.tune:
+        specs = tunable(specs, args, every=args.name == "all")
+    specs = [take_lr(spec, args) for spec in specs]
     configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
+    requests = {s.experiment: tune_request(s, list(configs[s.experiment]), args, workers) for s in specs} if args.tune else {}
+    if requests:
+        import studies.search as search  # Optuna is imported only when a study asks for a search
+        for req in requests.values():
+            search.check_tune(req)
     if args.dry_run:
         print(f"preset {specs[0].preset} ({specs[0].notes['preset_reason']})", file=sys.stderr)
+        if requests:
+            print(f"--tune {args.tune}: then every variant again at its own best lr_g, lr_d (searched)", file=sys.stderr)
         print(json.dumps({name: {v: flatten(c) for v, c in cfgs.items()} for name, cfgs in configs.items()}, indent=2))
         return 0
     from core.data import load_images
@@ -199,18 +218,34 @@ def run(args: argparse.Namespace) -> int:
     shared = share_images(first, images)  # on the device once for every study and run of this process
     store = existing_store(args.tracking_uri)  # what it already finished is reused, and not in the ETA
     plans = runs_to_train(specs, configs, images.key, store)
+    tunes = [tune_work(requests[s.experiment], configs[s.experiment], len(s.seeds)) for s in specs] if requests else None
     specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress, plans=plans,
-                               workers=workers)
+                               workers=workers, tunes=tunes)
     store = store or Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
     print(eta_line, file=sys.stderr)
-    for spec in specs:
+
+    def study(spec: StudySpec) -> str:
         train = (functools.partial(run_workers, spec, store, url=args.queue or DEFAULT_QUEUE, heartbeat_s=args.heartbeat,
                                    workers=workers, progress=not args.no_progress)
                  if workers > 1 or args.queue else None)  # train(parent_id, jobs): the runs as jobs of a queue
         parent_id = run_study(spec, store, shared, progress=not args.no_progress, fresh=args.fresh, train=train)
         report = write_report(store, spec.experiment, args.reports, parent_id)
         print(f"study {spec.experiment}: parent run {parent_id}; report {report}")
+        return parent_id
+
+    for spec in specs:
+        plain = study(spec)
+        if requests:  # the searches, then the tuned study, whose report sets both verdicts side by side
+            study(run_tuned(spec, requests[spec.experiment], store, plain, progress=not args.no_progress))
     return 0
+
+
+def tune_work(req, configs: dict, seeds: int) -> dict[str, dict[str, int]]:
+    """What --tune adds to a study's ETA: per variant, the trials its search still runs, with a trial's config,
+    and the tuned study's runs (all of them: the rates they train at are not known before the searches)."""
+    import studies.search as search
+    left = search.trials_left(req)
+    return {"trials": left, "trial_configs": search.check_tune(req), "runs": dict.fromkeys(configs, seeds)}
 
 
 def existing_store(uri: str | None):
@@ -224,36 +259,46 @@ def existing_store(uri: str | None):
 
 
 def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool, progress: bool = False,
-             plans: list[dict[str, int]] | None = None, workers: int = 1) -> tuple[list[StudySpec], str]:
+             plans: list[dict[str, int]] | None = None, workers: int = 1,
+             tunes: list[dict[str, dict]] | None = None) -> tuple[list[StudySpec], str]:
     """Measure the ETA of the whole invocation (specs carry it for the parent run, and its line to print);
     refuse one over 12 hours without --yes. plans: per study, per variant, the runs that will train (the
-    others are reused: not timed, not counted); None = every run trains."""
+    others are reused: not timed, not counted); None = every run trains. tunes: per study, what --tune adds
+    (tune_work)."""
     from studies import eta
     estimates, probed = [], False
     for i, spec in enumerate(specs):
         cfgs = configs[spec.experiment]
         plan = plans[i] if plans is not None else dict.fromkeys(cfgs, len(spec.seeds))
+        work = tunes[i] if tunes else None
         reused = len(cfgs) * len(spec.seeds) - sum(plan.values())
-        training = {v: c for v, c in cfgs.items() if plan[v]}  # only what will train is timed
+        # only what will train is timed; a trial or a tuned run trains the variant's model
+        training = {v: c for v, c in cfgs.items() if plan[v] or (work and (work["trials"][v] or work["runs"][v]))}
         reference_images = eta.reference_images_to_compute(next(iter(cfgs.values())), images)
+
+        def estimate(timings: eta.Timings, refs: int = reference_images) -> eta.Estimate:
+            e = eta.estimate(cfgs, plan, timings, refs, reused)
+            return e if work is None else e.plus(eta.estimate(work["trial_configs"], work["trials"], timings, 0),
+                                                 eta.estimate(cfgs, work["runs"], timings, 0))
         if not training:
-            estimates.append(eta.estimate(cfgs, plan, eta.Timings({}, math.inf), 0, reused))
+            estimates.append(estimate(eta.Timings({}, math.inf), 0))
             continue
         if not yes and eta.worth_probing(training, len(spec.seeds)):  # refused from seconds, not minutes, of timing
-            rough = eta.estimate(cfgs, plan, eta.probe(training, images), reference_images, reused)
+            rough = estimate(eta.probe(training, images))
             if rough.total_s > eta.CLEAR_FACTOR * eta.LONG_ETA_S:
                 estimates.append(rough)
                 probed = True
                 break
-        estimates.append(eta.estimate(cfgs, plan, eta.measure(training, images, progress), reference_images, reused))
+        estimates.append(estimate(eta.measure(training, images, progress)))
     cuda = images.device.type == "cuda"
-    estimates = [dataclasses.replace(e, total_s=eta_workers(e.total_s, e.runs, workers, cuda)) for e in estimates]
+    estimates = [dataclasses.replace(e, total_s=eta_workers(e.total_s, e.runs + e.trials, workers, cuda))
+                 for e in estimates]
     total = sum(e.total_s for e in estimates)
     what = f"{len(specs)} studies" if len(specs) > 1 else f"study {specs[0].experiment}"
-    reused = sum(e.reused for e in estimates)
+    reused, trials = sum(e.reused for e in estimates), sum(e.trials for e in estimates)
     line = (estimates[0].line(what) if len(specs) == 1
             else f"ETA {eta.format_duration(total)} for {what} ({sum(e.runs for e in estimates)} runs to train"
-                 + (f", {reused} reused" if reused else "") + ")")
+                 + (f", {reused} reused" if reused else "") + (f", {trials} tuning trials" if trials else "") + ")")
     if probed:
         line = (f"ETA roughly {eta.format_duration(total)} for {what} (from one step at batch {eta.PROBE_BATCH} and "
                 f"{eta.PROBE_BATCH} images through Inception: far over 12 hours, so not measured further)")

@@ -48,11 +48,13 @@ class StudySpec:
     provenance: dict[str, object] = field(default_factory=dict)  # where overrides came from (--lr-from): params+tags
     reuse: bool = True  # a (config, seed) the store finished under the same content key is reused, not retrained
     stacked: tuple[tuple[str, str], ...] = ()  # combine: the (ablation, variant) winners its `stacked` variant stacks
+    tune: int = 0  # --tune: trials of each variant's own learning-rate search; 0 = the config's rates for all
+    tuned: dict[str, dict[str, float]] = field(default_factory=dict)  # --tune: variant -> its best trial's rates
 
     @property
     def experiment(self) -> str:
-        """One MLflow experiment per study; a study over a base variant is its own experiment."""
-        return self.ablation + "".join(f"@{a}={v}" for a, v in self.base)
+        """One MLflow experiment per study; a study over a base variant, or a tuned one, is its own experiment."""
+        return self.ablation + "".join(f"@{a}={v}" for a, v in self.base) + (rec.TUNED_SUFFIX if self.tune else "")
 
     def with_lr(self, choice: LrChoice) -> StudySpec:
         """The same study on the learning rates of a search's best trial, recording where they came from."""
@@ -90,7 +92,8 @@ def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
     for name in names:
         if name not in variants:
             ablation.overrides(name)  # the registry's one-line refusal, listing the known variants
-    return {v: config_mod.resolve(spec.preset, base_layer, variants[v], spec.overrides) for v in names}
+    return {v: config_mod.resolve(spec.preset, base_layer, variants[v], {**spec.overrides, **spec.tuned.get(v, {})})
+            for v in names}
 
 
 STACKED = "stacked"  # ablations.combine's variant: every winner's overrides at once

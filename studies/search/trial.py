@@ -54,6 +54,8 @@ class SearchSpec:
     trial_kimg: float = 0.0  # training length of one trial; 0 = a quarter of the resolved train.kimg
     evals: int = 5  # intermediate evaluations per trial, reported to the pruner (plus the final one)
     seed: int = 0  # TPE sampler seed
+    trial_seed: int = -1  # train.seed of trial k is trial_seed + k (--tune: disjoint from the verdict's seeds);
+                          # -1 = the resolved config's own seed for every trial
     heartbeat: Heartbeat = Heartbeat()  # how dead workers' trials are found (seconds) and retried
     workdir: Path = Path("runs")  # trial run directories: checkpoints, samples, curves
 
@@ -129,7 +131,28 @@ def definition(spec: SearchSpec, cfg: RunConfig) -> dict[str, object]:
     out.update({"search.objective": objective_metric(cfg),  # the family whose final value trials return
                 "search.preset": spec.preset, "search.lr_range": list(spec.lr_range),
                 "search.beta1_range": list(BETA1_RANGE) if spec.search_beta1 else None})
+    if spec.trial_seed >= 0:  # only then: a search from before trial seeds existed still resumes
+        out["search.trial_seed"] = spec.trial_seed
     return json.loads(json.dumps(out))
+
+
+def trial_seed(spec: SearchSpec, number: int) -> dict[str, int]:
+    """The train.seed override of trial `number` (none where the spec keeps the config's seed)."""
+    return {"train.seed": spec.trial_seed + number} if spec.trial_seed >= 0 else {}
+
+
+ENDED_ATTR = "ended"  # a trial's user attribute once it ended by its own doing (complete, pruned, failed), not
+                      # interrupted: such trials spent the budget (studies/search/tune.py counts them)
+
+
+def spent(study: optuna.Study) -> int:
+    """Trials that used up budget: complete, pruned, or failed on their own (diverged, crashed); a trial whose
+    worker was interrupted or killed is not counted, so a resumed search runs its slot again."""
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state in done or (t.state == optuna.trial.TrialState.FAIL and ENDED_ATTR in t.user_attrs))
+
+
 
 
 def make_sampler(spec: SearchSpec, n_before: int, worker: int) -> optuna.samplers.BaseSampler:
@@ -195,7 +218,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = self.suggest(trial)
-        cfg = trial_config(self.spec, {f"optim.{k}": v for k, v in params.items()})
+        cfg = trial_config(self.spec, {f"optim.{k}": v for k, v in params.items()} | trial_seed(self.spec, trial.number))
         tags = {rec.SEARCH: rec.TRIAL, rec.STUDY: self.spec.name, rec.TRIAL: trial.number, "worker": self.worker,
                 rec.TRIAL_STATE: rec.TrialState.RUNNING}
         if "trial_number" in trial.user_attrs:  # re-queued after its worker's heartbeat stopped: attrs are copied
@@ -238,6 +261,8 @@ class Objective:
             raise TrialFailed(f"{type(exc).__name__}: {exc}") from exc
         finally:
             child.set_tags({rec.TRIAL_STATE: state})
+            if status != "KILLED":
+                trial.set_user_attr(ENDED_ATTR, state)
             child.finish(status)
 
 
