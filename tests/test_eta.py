@@ -38,6 +38,21 @@ def test_estimate_is_training_plus_every_inception_pass():
     assert eta.estimate({"a": a, "b": b}, 3, compiled, 500).train_s == pytest.approx(60 + 3 * 7)
 
 
+def test_tune_adds_its_trials_and_the_tuned_runs_to_the_study_it_follows():
+    """--tune N: the searches' trials (each to its end, its own length) and the tuned study's runs, on the timings
+    the plain study measured (the same models)."""
+    a = _cfg(train__kimg=6.4, train__batch_size=32, eval__fid_every_kimg=0.0, eval__fid_final_samples=200)
+    trial = _cfg(train__kimg=1.6, train__batch_size=32, eval__fid_every_kimg=0.0, eval__fid_final_samples=200)
+    timings = eta.Timings({"a": 640.0}, inception_img_per_s=10.0)
+    plain = eta.estimate({"a": a}, {"a": 1}, timings, 0, reused=2)  # 10 s training + 20 s FID, 2 runs reused
+    both = plain.plus(eta.estimate({"a": trial}, {"a": 4}, timings, 0), eta.estimate({"a": a}, {"a": 3}, timings, 0))
+    assert (both.runs, both.trials, both.reused) == (1 + 3, 4, 2)
+    assert both.train_s == pytest.approx(10 + 4 * 2.5 + 3 * 10)
+    assert both.total_s == pytest.approx(both.train_s + (1 + 4 + 3) * 20)
+    assert "4 runs to train, 2 reused, 4 tuning trials" in both.line("study pooling")
+    assert both.tags()["eta.trials"] == 4
+
+
 def test_no_evaluation_costs_nothing_and_durations_read_well():
     assert eta.evaluations(_cfg(eval__fid_every_kimg=0.0, eval__fid_final_samples=0)) == 0
     assert [eta.format_duration(s) for s in (45, 600, 5 * 3600, 3 * 86400)] == ["45 s", "10 min", "5.0 h", "3.0 days"]

@@ -116,6 +116,12 @@ def test_tune_refuses_a_study_that_varies_the_rates_and_all_leaves_it_out(tmp_pa
     assert run.main(["all", "--preset", "quick", "--tune", "2", "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "note: --tune: study 'ttur' varies" in err and "left out" in err
+    assert run.main(["pooling", "--base", "loss=hinge", "--tune", "2", "--preset", "quick", "--dry-run"]) == 0
+    from studies.run.tune import request
+    from studies.run.study import StudySpec
+    req = request(StudySpec("pooling", base=(("loss", "hinge"),), preset="quick"), ["baseline", "maxpool"],
+                  run.build_parser().parse_args(["pooling", "--tune", "2"]), workers=1)
+    assert req.search_name("maxpool") == "tune-quick-pooling@loss=hinge=maxpool"  # a search over the base too
     for argv, message in [(["pooling", "--tune", "2", "--lr-from", "x"], "--tune searches every variant's rates itself"),
                           (["pooling", "--tune", "2", "--set", "optim.lr_g=1e-4"], "conflicts with --tune"),
                           (["pooling", "--tune", "-1"], "--tune -1 must be >= 1"),
