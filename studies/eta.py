@@ -29,6 +29,7 @@ from core import config as config_mod
 from core import reference
 from core.build import build_run, run_path
 from core.config import RunConfig
+from core.cpuload import BUSY_SHARE, OtherLoad
 from core.data import DeviceImages
 from core.device import release_memory, unmeasured_path
 from core.fastpath import PathChoice
@@ -49,6 +50,7 @@ class Timings:
     inception_img_per_s: float  # generated or real images per second through the FID/KID feature pass
     setup_s: dict[str, float] = field(default_factory=dict)  # variant -> seconds each run spends before its steps
                                                               # run at speed (compiling, on a compiled path)
+    other_load: float = math.nan  # share of the CPU other processes kept busy while this was timed (cpuload)
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,8 @@ def measure(configs: dict[str, RunConfig], images: DeviceImages, progress: bool 
     The first step of each variant, beyond a timed one, is what every run of it spends compiling."""
     from tqdm import tqdm
     speeds, setup = {}, {}
-    with tqdm(total=len(configs) + 1, desc="timing this machine", unit="model", leave=False, disable=not progress,
-              dynamic_ncols=True) as bar:
+    with OtherLoad() as load, tqdm(total=len(configs) + 1, desc="timing this machine", unit="model", leave=False,
+                                   disable=not progress, dynamic_ncols=True) as bar:
         for name, cfg in configs.items():
             bar.set_postfix_str(f"{name}: its path, then {TIMED_STEPS + 1} steps of batch {cfg.train.batch_size}")
             path = run_path(cfg, images.image_set, say=lambda line: tqdm.write(line, file=sys.stderr))
@@ -123,7 +125,17 @@ def measure(configs: dict[str, RunConfig], images: DeviceImages, progress: bool 
         bar.set_postfix_str(f"an Inception batch of {first.eval.fid_batch}")
         inception = _inception_img_per_s(first, images)
         bar.update()
-    return Timings(speeds, inception, setup)
+    return Timings(speeds, inception, setup, load.share)
+
+
+def load_note(timings: list[Timings]) -> str:
+    """'' or why the ETA errs long: other processes kept the CPU busy while it was timed (a test suite beside a
+    study made a 7.5 h campaign measure 30 h)."""
+    shares = [t.other_load for t in timings if math.isfinite(t.other_load)]
+    if not shares or max(shares) <= BUSY_SHARE:
+        return ""
+    return (f"; timed while other processes kept {max(shares):.0%} of the CPU busy, so it errs long (an idle "
+            "machine trains faster)")
 
 
 def worth_probing(configs: dict[str, RunConfig], runs_per_variant: int) -> bool:

@@ -152,3 +152,9 @@ def test_only_a_large_study_is_probed_first():
     assert not eta.worth_probing({"a": quick, "b": quick, "c": quick}, 3)
     assert not eta.worth_probing({"a": cpu, "b": cpu, "c": cpu}, 3)  # its full measurement takes seconds
     assert eta.worth_probing({"a": default}, 1)
+
+
+def test_an_eta_timed_beside_other_busy_processes_says_it_errs_long():
+    quiet, busy = eta.Timings({}, 1.0, other_load=0.05), eta.Timings({}, 1.0, other_load=0.6)
+    assert eta.load_note([quiet, eta.Timings({}, 1.0)]) == ""  # NaN: no /proc/stat, nothing to say
+    assert eta.load_note([quiet, busy]).startswith("; timed while other processes kept 60% of the CPU busy")

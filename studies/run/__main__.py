@@ -266,7 +266,7 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
     others are reused: not timed, not counted); None = every run trains. tunes: per study, what --tune adds
     (tune_work)."""
     from studies import eta
-    estimates, probed = [], False
+    estimates, probed, measured = [], False, []
     for i, spec in enumerate(specs):
         cfgs = configs[spec.experiment]
         plan = plans[i] if plans is not None else dict.fromkeys(cfgs, len(spec.seeds))
@@ -289,7 +289,8 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
                 estimates.append(rough)
                 probed = True
                 break
-        estimates.append(estimate(eta.measure(training, images, progress)))
+        measured.append(eta.measure(training, images, progress))
+        estimates.append(estimate(measured[-1]))
     cuda = images.device.type == "cuda"
     estimates = [dataclasses.replace(e, total_s=eta_workers(e.total_s, e.runs + e.trials, workers, cuda))
                  for e in estimates]
@@ -305,7 +306,7 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
     if workers > 1:
         line += (f"; over {workers} workers, one GPU each" if cuda else
                  f"; {workers} workers share this CPU's cores, so the total is as measured with all of them")
-    line = f"preset {specs[0].preset} ({specs[0].notes['preset_reason']}); {line}"
+    line = f"preset {specs[0].preset} ({specs[0].notes['preset_reason']}); {line}{eta.load_note(measured)}"
     if total > eta.LONG_ETA_S and not yes:
         raise UserError(f"{line}: over 12 hours on this machine; pass --yes to run it anyway, "
                         "or --preset auto for the preset that fits this hardware")
