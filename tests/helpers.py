@@ -147,3 +147,16 @@ def mlflow_server(backend_uri: str, folder: Path, *extra: str):
         with contextlib.suppress(ProcessLookupError):  # workers that outlived their parent
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def set_flags(overrides: dict[str, object]) -> list[str]:
+    """--set KEY=VALUE flags for a command, one pair per override, in order."""
+    return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """The environment of a test's `python -m studies...` subprocess: this checkout importable, HOME in the test's
+    folder, no MLFLOW_TRACKING_URI of the caller, and one torch thread (the test machine's cores are shared)."""
+    import os
+    return {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home), "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}

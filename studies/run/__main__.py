@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     from studies.report import write_report
 
     check_store_uri(args.tracking_uri)  # an unreachable store fails in milliseconds, before the ETA's minute
-    if workers > 1 or args.queue:  # so does an unreachable queue
+    if (workers > 1 or args.queue) and not args.smoke:  # so does an unreachable queue (--smoke needs none)
         check_queue(args.queue, args.heartbeat)
     # data first: a missing or corrupt dataset must fail before the tracking store is touched
     first = next(iter(configs[specs[0].experiment].values()))

@@ -42,6 +42,7 @@ from studies.run.study import DEFAULT_QUEUE, StudySpec, resolve_configs, run_one
 QUEUE_PREFIX = "runs:"  # the queue of a study's runs: an Optuna study named runs:EXPERIMENT:PARENT_RUN_ID
 SPEC_ATTR, PARENT_ATTR = "study_spec", "parent_run_id"  # the queue's user attributes: what a joining worker runs
 WORKER_ATTR, RUN_ATTR = "worker", "mlflow_run_id"  # a job's user attributes, once taken
+IDLE_LOOK_S = 5.0  # a worker with nothing to take looks again this often (a study ends this soon after its last run)
 JOIN_WAIT_S = 120  # `--join all`: how long a worker waits for the launcher's next study before it stops
 
 
@@ -71,9 +72,16 @@ def default_workers() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
 
 
+def check_heartbeat(heartbeat_s: int) -> None:
+    """Below 1 s, every running job counts as dead at once (a journal storage takes any interval)."""
+    if heartbeat_s < 1:
+        raise UserError(f"--heartbeat {heartbeat_s} must be >= 1 (seconds between a running job's heartbeats)")
+
+
 def check_queue(url: str | None, heartbeat_s: int) -> None:
     """Open the queue's storage (the default SQLite file when None), or say in one line why it cannot be."""
     from studies.search import RunQueue
+    check_heartbeat(heartbeat_s)
     RunQueue.connect(url or DEFAULT_QUEUE, heartbeat_s)
 
 
@@ -111,7 +119,8 @@ def work(spec: StudySpec, store: Store | str, parent_id: str, url: str, heartbea
         if job is None:
             if not queue.pending()[1]:
                 return ran
-            time.sleep(max(1.0, heartbeat_s / 2))  # another worker's job may still die and be queued again
+            time.sleep(min(max(1.0, heartbeat_s / 2), IDLE_LOOK_S))  # another worker's job may still die and be
+                                                                      # queued again
             continue
         variant, seed = str(job.params["variant"]), int(job.params["seed"])
         queue.note(job, WORKER_ATTR, f"{os.uname().nodename}:{os.getpid()}:{worker}")
@@ -168,6 +177,7 @@ def join(experiment: str, url: str, tracking_uri: str | None, heartbeat_s: int, 
     """`--join`: one more worker on a running study (or, for 'all', on each study the launcher queues in turn),
     from any machine that reaches both stores; returns the runs it trained."""
     from studies.search import RunQueue
+    check_heartbeat(heartbeat_s)
     prefix = QUEUE_PREFIX if experiment == "all" else f"{QUEUE_PREFIX}{experiment}:"
     ran, idle_since = 0, time.monotonic()
     store = Store(tracking_uri)

@@ -78,9 +78,14 @@ class RunQueue:
         return self.study.user_attrs
 
     def enqueue(self, jobs: list[dict]) -> None:
-        """Each job once: one already in the queue, in any state, is not added again (a resumed launcher)."""
+        """Each job once: one already waiting, running or done is not added again (a resumed launcher); one whose
+        every try failed (its workers died MAX_RETRY + 1 times, or it failed for good) is queued again: a new
+        launch is the user's retry, as the launcher's error tells them."""
+        live = [p for p, state, _ in self.jobs() if state != TrialState.FAIL.name]
         for params in jobs:
-            self.study.enqueue_trial(params, skip_if_exists=True)
+            if params not in live:
+                self.study.enqueue_trial(params)
+                live.append(params)
 
     def pending(self) -> tuple[int, int]:
         """(waiting, running) jobs."""
@@ -118,7 +123,8 @@ class RunQueue:
         self.study.tell(job.trial, 0.0)
 
     def fail(self, job: Job) -> None:
-        """For good: a job that cannot run (a broken config), never queued again."""
+        """A job that cannot run (a broken config): no worker takes it again in this launch; the next launch of
+        the study queues it again (enqueue), once the user has fixed what broke it."""
         self.study.tell(job.trial, state=TrialState.FAIL)
 
     def jobs(self) -> list[tuple[dict, str, dict]]:

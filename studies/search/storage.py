@@ -127,7 +127,7 @@ def open_storage(url: str, heartbeat: Heartbeat = Heartbeat(), must_exist: bool 
                                   max_retry=heartbeat.max_retry))
     except Exception as exc:  # sqlalchemy (bad URL, refused connection, missing driver) and OS errors alike
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"cannot open Optuna storage '{describe(url)}': {first}; pass --storage "
+        raise UserError(f"cannot open Optuna storage '{describe(url)}': {first}; give one of "
                         "sqlite:///FILE.db, postgresql://USER@HOST/DB or journal:FILE") from None
 
 
