@@ -16,9 +16,9 @@ from tests.helpers import install_fake_fid
 from tests.test_search import set_flags
 
 
-def _argv(cache_dir, *extra):
+def _argv(cache_dir, *extra, seeds: int = 2):
     overrides = {**TINY, "data.cache_dir": str(cache_dir), "data.max_images": 48}
-    return ["pooling", "--preset", "quick", "--variants", "baseline,maxpool", "--seeds", "2", "--tune", "2",
+    return ["pooling", "--preset", "quick", "--variants", "baseline,maxpool", "--seeds", str(seeds), "--tune", "2",
             "--tune-kimg", str(TINY["train.kimg"]), "--no-progress", *extra, *set_flags(overrides)]
 
 
@@ -90,7 +90,7 @@ def test_a_killed_tuned_study_resumes_without_repeating_finished_trials(tuned_di
             raise KeyboardInterrupt
         return real(cfg, *args, **kwargs)
     monkeypatch.setattr(trial_mod, "execute_run", dies_on_third)
-    assert run.main(_argv(cache_dir)) == 130
+    assert run.main(_argv(cache_dir, seeds=1)) == 130
     monkeypatch.setattr(trial_mod, "execute_run", real)
     searches = _searches(tuned_dir)
     finished_before = {v: [t.number for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -99,7 +99,7 @@ def test_a_killed_tuned_study_resumes_without_repeating_finished_trials(tuned_di
 
     calls: list[int] = []
     monkeypatch.setattr(trial_mod, "execute_run", lambda cfg, *a, **k: (calls.append(cfg.train.seed), real(cfg, *a, **k))[1])
-    assert run.main(_argv(cache_dir)) == 0
+    assert run.main(_argv(cache_dir, seeds=1)) == 0
     searches = _searches(tuned_dir)
     assert len(calls) == 2  # only maxpool's two trials ran: baseline's finished ones were not repeated
     assert [t.state for t in searches["baseline"].trials] == [optuna.trial.TrialState.COMPLETE] * 2
