@@ -16,9 +16,9 @@ from tests.helpers import install_fake_fid
 from tests.test_search import set_flags
 
 
-def _argv(cache_dir, *extra, seeds: int = 2):
+def _argv(cache_dir, *extra):
     overrides = {**TINY, "data.cache_dir": str(cache_dir), "data.max_images": 48}
-    return ["pooling", "--preset", "quick", "--variants", "baseline,maxpool", "--seeds", str(seeds), "--tune", "2",
+    return ["pooling", "--preset", "quick", "--variants", "baseline,maxpool", "--seeds", "2", "--tune", "2",
             "--tune-kimg", str(TINY["train.kimg"]), "--no-progress", *extra, *set_flags(overrides)]
 
 
@@ -37,19 +37,42 @@ def _searches(tmp_path) -> dict[str, optuna.Study]:
 
 
 @pytest.mark.slow
-def test_tune_searches_every_variant_alike_then_runs_each_at_its_best_pair(tuned_dir, cache_dir, empty_store_db):
+def test_tune_searches_every_variant_alike_resumes_without_repeating_trials_and_runs_each_at_its_best_pair(
+        tuned_dir, cache_dir, empty_store_db, monkeypatch):
+    """`pooling --variants baseline,maxpool --seeds 2 --tune 2`, interrupted (Ctrl-C) in maxpool's first trial, then
+    run again to its end: one test, since each run of the whole flow costs tens of seconds."""
     from studies.run import __main__ as run
+    from studies.search import trial as trial_mod
+    real = trial_mod.execute_run
+    started: list[int] = []
+
+    def dies_on_third(cfg, *args, **kwargs):  # the third trial overall (maxpool's first) is interrupted
+        started.append(cfg.train.seed)
+        if len(started) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, *args, **kwargs)
+    monkeypatch.setattr(trial_mod, "execute_run", dies_on_third)
+    assert run.main(_argv(cache_dir)) == 130
+    searches = _searches(tuned_dir)
+    assert {v: [t.number for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
+            for v, s in searches.items()} == {"baseline": [0, 1], "maxpool": []}
+    # the same sampler seed: the same startup points for every variant
+    assert searches["maxpool"].trials[0].params == searches["baseline"].trials[0].params
+
+    calls: list[int] = []
+    monkeypatch.setattr(trial_mod, "execute_run", lambda cfg, *a, **k: (calls.append(cfg.train.seed), real(cfg, *a, **k))[1])
     assert run.main(_argv(cache_dir)) == 0
+    assert len(calls) == 2  # only maxpool's two trials ran: baseline's finished ones were not repeated
     store = Store(f"sqlite:///{empty_store_db}")
     searches = _searches(tuned_dir)
-    for variant, study in searches.items():  # 2 trials each, counted in Optuna and in MLflow
-        assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
+    for variant, study in searches.items():  # 2 trials that spent budget each, in Optuna and in MLflow
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == 2 and all(t.state.is_finished() for t in study.trials)
         trials = store.runs_frame(f"search-tune-quick-pooling={variant}")
-        trials = trials[trials["tags.search"] == "trial"]
+        trials = trials[(trials["tags.search"] == "trial") & (trials["status"] != "KILLED")]
         assert len(trials) == 2
-        assert sorted(trials["params.train.seed"].astype(int)) == [TUNE_TRIAL_SEED, TUNE_TRIAL_SEED + 1]
-    # the same budget, and the same startup points (the same sampler seed) for every variant
-    assert [t.params for t in searches["baseline"].trials] == [t.params for t in searches["maxpool"].trials]
+        assert sorted(trials["params.train.seed"].astype(int)) == sorted(TUNE_TRIAL_SEED + t.number for t in complete)
+    assert len(searches["maxpool"].trials) == 3  # the interrupted one spent no budget: its slot ran again
 
     runs = store.runs_frame("pooling+tuned")
     children = runs[runs["tags.study"] == "child"]
@@ -66,45 +89,16 @@ def test_tune_searches_every_variant_alike_then_runs_each_at_its_best_pair(tuned
 
     plain = store.runs_frame("pooling")  # the verdict at the baseline's rates, beside it
     plain_parent = plain[plain["tags.study"] == "parent"].iloc[0]
-    assert plain_parent["tags.eta.trials"] == "4"  # the ETA counted the searches
+    assert plain_parent["tags.eta.trials"] == "4"  # the first ETA counted every trial,
+    assert parent["tags.eta.trials"] == "2"  # the resumed one only those still to run
     assert parent["tags.tune.plain_parent"] == plain_parent["run_id"]
     assert plain.loc[plain["tags.study"] == "child", "params.optim.lr_g"].nunique() == 1
     report = (tuned_dir / "reports/pooling+tuned.md").read_text()
     assert "## Two answers" in report and "Verdict at the baseline's rates" in report and "## Verdict" in report
     trials_csv = pd.read_csv(tuned_dir / "reports/pooling+tuned/trials.csv")
-    assert len(trials_csv) == 4 and trials_csv["counted"].all()
+    assert len(trials_csv) == 5 and trials_csv["counted"].sum() == 4
     assert (tuned_dir / "reports/pooling+tuned/searches.png").is_file()
     assert (tuned_dir / "reports/pooling.md").is_file()
-
-
-@pytest.mark.slow
-def test_a_killed_tuned_study_resumes_without_repeating_finished_trials(tuned_dir, cache_dir, monkeypatch):
-    from studies.run import __main__ as run
-    from studies.search import trial as trial_mod
-    real = trial_mod.execute_run
-    started: list[int] = []
-
-    def dies_on_third(cfg, *args, **kwargs):  # the third trial overall (maxpool's first) is interrupted
-        started.append(cfg.train.seed)
-        if len(started) == 3:
-            raise KeyboardInterrupt
-        return real(cfg, *args, **kwargs)
-    monkeypatch.setattr(trial_mod, "execute_run", dies_on_third)
-    assert run.main(_argv(cache_dir, seeds=1)) == 130
-    monkeypatch.setattr(trial_mod, "execute_run", real)
-    searches = _searches(tuned_dir)
-    finished_before = {v: [t.number for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]
-                       for v, s in searches.items()}
-    assert finished_before == {"baseline": [0, 1], "maxpool": []}
-
-    calls: list[int] = []
-    monkeypatch.setattr(trial_mod, "execute_run", lambda cfg, *a, **k: (calls.append(cfg.train.seed), real(cfg, *a, **k))[1])
-    assert run.main(_argv(cache_dir, seeds=1)) == 0
-    searches = _searches(tuned_dir)
-    assert len(calls) == 2  # only maxpool's two trials ran: baseline's finished ones were not repeated
-    assert [t.state for t in searches["baseline"].trials] == [optuna.trial.TrialState.COMPLETE] * 2
-    done = [t for t in searches["maxpool"].trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 2  # the interrupted one spent no budget: its slot ran again
 
 
 def test_tune_refuses_a_study_that_varies_the_rates_and_all_leaves_it_out(tmp_path, monkeypatch, capsys):
