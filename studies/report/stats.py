@@ -175,6 +175,17 @@ def _mean_sd(mean: float, sd: float, n: int) -> str:
     return f"{_g(mean)} ± {_g(sd, '.2g')}" if n > 1 else f"{_g(mean)} (1 seed)"
 
 
+def reading(v: VariantVerdict) -> str:
+    """A variant's verdict against the baseline in words (the summary's and the tuned report's cells)."""
+    if v.better:
+        return "better"
+    if v.significant and v.gain < 0:
+        return "worse"
+    if v.significant:  # better on the metric, but failing significantly more often
+        return "better on the metric, fails more often"
+    return "not told apart"
+
+
 def significance(r: VariantRow) -> str:
     """The significance cell: what the Holm-adjusted Welch test says, or why it could not run."""
     v = r.verdict

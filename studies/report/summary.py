@@ -134,13 +134,10 @@ def _p(p: float) -> str:
 
 
 def _word(e: Effect) -> str:
-    if e.better:
-        return "**better**" + (" (campaign-wide too)" if e.campaign_significant else "")
-    if e.worse:
-        return "**worse**" + (" (campaign-wide too)" if e.campaign_significant else "")
-    if e.verdict.significant:  # better on the metric, but failing significantly more often
-        return "better on the metric, fails more often"
-    return "not told apart"
+    word = stats.reading(e.verdict)
+    if word in ("better", "worse"):
+        return f"**{word}**" + (" (campaign-wide too)" if e.campaign_significant else "")
+    return word
 
 
 def table(effects: list[Effect]) -> pd.DataFrame:
@@ -165,8 +162,7 @@ def _tuned(v: VariantVerdict | None) -> str:
     if v is None or v.welch is None:
         return "–"
     w = v.welch
-    reading = "better" if v.better else ("worse" if v.significant and w.diff > 0 else "not told apart")
-    return f"{_g(w.diff, sign=True)} [{_g(w.lo, sign=True)}, {_g(w.hi, sign=True)}], {reading}"
+    return f"{_g(w.diff, sign=True)} [{_g(w.lo, sign=True)}, {_g(w.hi, sign=True)}], {stats.reading(v)}"
 
 
 def paragraph(preset: str, effects: list[Effect]) -> str:

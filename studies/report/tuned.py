@@ -83,9 +83,8 @@ def verdict_row(rows: list[stats.VariantRow], variant: str) -> str:
     if r is None:
         return "–"
     w, v = r.verdict.welch, r.verdict
-    reading = "better" if v.better else ("worse" if v.significant and w.diff > 0 else "not told apart")
     ci = f" [{w.lo:+.3g}, {w.hi:+.3g}]" if math.isfinite(w.lo) else ""
-    return f"{w.diff:+.3g}{ci}, Holm p {v.p_holm:.3g}: {reading}" if math.isfinite(w.diff) else "–"
+    return f"{w.diff:+.3g}{ci}, Holm p {v.p_holm:.3g}: {stats.reading(v)}" if math.isfinite(w.diff) else "–"
 
 
 def sections(store: Store, parent: pd.Series, runs: pd.DataFrame, rows: list[stats.VariantRow], order: list[str],

@@ -193,10 +193,10 @@ def run(args: argparse.Namespace) -> int:
     specs = [take_lr(spec, args) for spec in specs]
     configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
     requests = {s.experiment: tune_request(s, list(configs[s.experiment]), args, workers) for s in specs} if args.tune else {}
+    trial_configs = {}  # per study, per variant: a --tune trial's config (every search's bad input found here)
     if requests:
         import studies.search as search  # Optuna is imported only when a study asks for a search
-        for req in requests.values():
-            search.check_tune(req)
+        trial_configs = {name: search.check_tune(req) for name, req in requests.items()}
     if args.dry_run:
         print(f"preset {specs[0].preset} ({specs[0].notes['preset_reason']})", file=sys.stderr)
         if requests:
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     shared = share_images(first, images)  # on the device once for every study and run of this process
     store = existing_store(args.tracking_uri)  # what it already finished is reused, and not in the ETA
     plans = runs_to_train(specs, configs, images.key, store)
-    tunes = [tune_work(requests[s.experiment], configs[s.experiment], len(s.seeds)) for s in specs] if requests else None
+    tunes = [tune_work(requests[s.experiment], trial_configs[s.experiment], len(s.seeds)) for s in specs] if requests else None
     specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress, plans=plans,
                                workers=workers, tunes=tunes)
     store = store or Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
@@ -240,12 +240,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def tune_work(req, configs: dict, seeds: int) -> dict[str, dict[str, int]]:
+def tune_work(req, trial_configs: dict, seeds: int) -> dict[str, dict]:
     """What --tune adds to a study's ETA: per variant, the trials its search still runs, with a trial's config,
     and the tuned study's runs (all of them: the rates they train at are not known before the searches)."""
     import studies.search as search
-    left = search.trials_left(req)
-    return {"trials": left, "trial_configs": search.check_tune(req), "runs": dict.fromkeys(configs, seeds)}
+    return {"trials": search.trials_left(req), "trial_configs": trial_configs,
+            "runs": dict.fromkeys(trial_configs, seeds)}
 
 
 def existing_store(uri: str | None):

@@ -112,6 +112,11 @@ def stack(winners: tuple[tuple[str, str], ...]) -> dict[str, object]:
     return layer
 
 
+def varied_keys(spec: StudySpec) -> set[str]:
+    """The config keys the study's variants set (its ablation's, and combine's stacked winners')."""
+    return get_ablation(spec.ablation).varied_keys() | (stack(spec.stacked).keys() if spec.stacked else set())
+
+
 def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
     """Identity of a study: same experiment, seeds and resolved configs = the same study, to be resumed."""
     blob = json.dumps({"experiment": spec.experiment, "seeds": list(spec.seeds),
@@ -193,7 +198,7 @@ def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: 
     """Provenance tags and the MLflow description on the parent run, and the study's saved view for the UI
     (led by the `primary` metric's final value)."""
     parent.set_tags({**provenance(), "mlflow.note.content": study_note(spec.experiment, variants, spec.seeds)})
-    varied = sorted(get_ablation(spec.ablation).varied_keys() | (stack(spec.stacked).keys() if spec.stacked else set()))
+    varied = sorted(varied_keys(spec))
     refused = store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied, primary))
     if refused:  # the study still runs; its report links a URL filter instead of the view
         print(f"note: the MLflow store did not save the study's UI view ({refused})", file=sys.stderr)

@@ -19,15 +19,10 @@ import argparse
 import dataclasses
 import sys
 
-from ablations import get_ablation
 from core.errors import UserError
 from core.records import TUNE_PLAIN, tune_tag
 from studies.lr_handoff import BETA1_KEY, LR_KEYS, TUNE_TRIAL_SEED, LrChoice, TuneRequest
-from studies.run.study import StudySpec, stack
-
-
-def varied_keys(spec: StudySpec) -> set[str]:
-    return get_ablation(spec.ablation).varied_keys() | (stack(spec.stacked).keys() if spec.stacked else set())
+from studies.run.study import StudySpec, varied_keys
 
 
 def refusal(spec: StudySpec) -> str | None:

@@ -153,8 +153,6 @@ def spent(study: optuna.Study) -> int:
                if t.state in done or (t.state == optuna.trial.TrialState.FAIL and ENDED_ATTR in t.user_attrs))
 
 
-
-
 def make_sampler(spec: SearchSpec, n_before: int, worker: int) -> optuna.samplers.BaseSampler:
     # Multivariate TPE models lr_g and lr_d jointly: their balance (the TTUR ratio) matters as much as either.
     # constant_liar stops concurrent workers from proposing the same point. Each worker, and each resumed
