@@ -95,6 +95,47 @@ def guard(body: Callable[[], int | None], interrupted: str = "interrupted") -> i
         return 130
 
 
+def start_workers(n: int, target: Callable, args: Callable[[int], tuple], name: str,
+                  kwargs: dict | None = None) -> list:
+    """Start n spawned local worker processes (fresh interpreters: no forked torch threads or open database
+    connections), `target(*args(i), **kwargs)` in worker i. With CUDA each worker sees one GPU, i mod the count,
+    as cuda:0 (so a run's config, and its key, is the same on every GPU); on a CPU each runs cores/n torch threads,
+    so n workers share the cores instead of each spinning on all of them."""
+    import multiprocessing as mp
+
+    import torch
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    threads = 0 if gpus else max(1, (os.cpu_count() or 1) // n)
+    ctx = mp.get_context("spawn")
+    procs = []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        for i in range(n):
+            if gpus:  # read by the child at start-up, so set around its start only
+                os.environ["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+            proc = ctx.Process(target=_in_worker, args=(threads, target, args(i), kwargs or {}), name=f"{name}-{i}")
+            proc.start()
+            procs.append(proc)
+    except BaseException:  # one failed to start (or Ctrl-C): stop the ones already started
+        for proc in procs:
+            proc.terminate()
+            proc.join()
+        raise
+    finally:
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    return procs
+
+
+def _in_worker(threads: int, target: Callable, args: tuple, kwargs: dict) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    target(*args, **kwargs)
+
+
 def join_all(procs: list) -> None:
     """Wait for every started worker process; on any way out (Ctrl-C included), stop the ones still running."""
     try:

@@ -168,3 +168,34 @@ def test_a_study_whose_workers_were_all_killed_resumes_on_the_same_command(tmp_p
         steps = [step for step, _ in store.metric_history(run_id, rec.LOSS_D)]
         assert steps == list(range(40, 801, 40)), (name, steps)  # every log once, in order
     assert (tmp_path / "reports" / "pooling.md").is_file()
+
+
+def _say_threads_and_gpu(path: str) -> None:
+    """A worker's target: write the torch threads and the GPU it was given."""
+    import os
+    from pathlib import Path
+
+    import torch
+    Path(path).write_text(f"{torch.get_num_threads()} {os.environ.get('CUDA_VISIBLE_DEVICES')}")
+
+
+def test_local_workers_share_the_cores_or_take_one_gpu_each(tmp_path, monkeypatch):
+    """studies.cli.start_workers, which both a study's and a search's --workers use: on a CPU, n workers run
+    cores/n torch threads each; with CUDA each sees one GPU (i mod the count); the caller's environment is kept."""
+    import os
+
+    import torch
+
+    from studies.cli import join_all, start_workers
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "caller's")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # not this machine's count: torch's default differs
+    cpu = start_workers(2, _say_threads_and_gpu, lambda i: (str(tmp_path / f"cpu{i}"),), "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gpu = start_workers(3, _say_threads_and_gpu, lambda i: (str(tmp_path / f"gpu{i}"),), "gpu")
+    join_all(cpu + gpu)
+    assert [p.exitcode for p in cpu + gpu] == [0] * 5
+    assert [(tmp_path / f"cpu{i}").read_text() for i in range(2)] == ["4 caller's"] * 2
+    assert [(tmp_path / f"gpu{i}").read_text().split()[1] for i in range(3)] == ["0", "1", "0"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "caller's"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 
 from core.errors import UserError
 from core.tracking import RunTracker, Store
-from studies.cli import join_all
+from studies.cli import join_all, start_workers
 from studies.run.study import DEFAULT_QUEUE, StudySpec, resolve_configs, run_one_job, seeded
 
 QUEUE_PREFIX = "runs:"  # the queue of a study's runs: an Optuna study named runs:EXPERIMENT:PARENT_RUN_ID
@@ -97,15 +96,13 @@ def enqueue(queue, jobs: list[tuple[str, int]]) -> None:
 
 
 def work(spec: StudySpec, store: Store | str, parent_id: str, url: str, heartbeat_s: int, worker: int,
-         images=None, progress: bool = False, threads: int = 0) -> int:
+         images=None, progress: bool = False) -> int:
     """One worker: take jobs until none waits and none runs elsewhere (a running one may still die and come
-    back); returns the number of jobs it ran. `threads` (CPU): torch's intra-op threads, 0 = as set."""
+    back); returns the number of jobs it ran."""
     from core.build import share_images
     from core.data import load_images
     from studies.cli import data_roots
     from studies.search import RunQueue
-    if threads:
-        torch.set_num_threads(threads)
     store = Store(store) if isinstance(store, str) else store
     configs = resolve_configs(spec)
     first = next(iter(configs.values()))
@@ -147,25 +144,8 @@ def run_workers(spec: StudySpec, store: Store, parent_id: str, jobs: list[tuple[
     and wait for them; a job left unfinished afterwards is an error naming it."""
     queue = open_queue(url, heartbeat_s, spec, parent_id)
     enqueue(queue, jobs)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    threads = 0 if gpus else max(1, (os.cpu_count() or 1) // workers)
-    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch threads or open database connections
-    procs = []
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    try:
-        for i in range(workers):
-            if gpus:  # the child's torch sees one GPU, as cuda:0: the run's config (and key) is the same everywhere
-                os.environ["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-            proc = ctx.Process(target=_worker_main, args=(spec, store.uri, parent_id, url, heartbeat_s, i),
-                               kwargs={"progress": progress, "threads": threads}, name=f"study-worker-{i}")
-            proc.start()
-            procs.append(proc)
-    finally:
-        if visible is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    join_all(procs)
+    join_all(start_workers(workers, _worker_main, lambda i: (spec, store.uri, parent_id, url, heartbeat_s, i),
+                           "study-worker", {"progress": progress}))
     left = queue.unfinished()
     if left:
         names = ", ".join(f"{j['variant']}-s{j['seed']}" for j in left[:6])

@@ -10,7 +10,6 @@ process on the objects already opened.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import sys
 import time
 
@@ -21,7 +20,7 @@ from core.build import share_images
 from core.data import ImageSet, load_images
 from core.errors import UserError
 from core.tracking import RunTracker, Store
-from studies.cli import data_roots, guard, join_all
+from studies.cli import data_roots, guard, join_all, start_workers
 from studies.search.storage import describe, open_storage
 from studies.search.summary import summarize
 from studies.search.trial import (BETA1_RANGE, Objective, objective_metric, SearchSpec, TrialFailed, definition, make_pruner,
@@ -53,16 +52,9 @@ def _run_workers(spec: SearchSpec, store: Store, parent_id: str, n_before: int, 
     quotas = [spec.trials // n + (i < spec.trials % n) for i in range(n)]
     if n == 1:
         return work(spec, store, parent_id, quotas[0], 0, n_before, images, storage)
-    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch threads or open database connections
-    procs = [ctx.Process(target=_worker_main, args=(spec, store.uri, parent_id, q, i, n_before),
-                         name=f"search-worker-{i}") for i, q in enumerate(quotas)]
-    started = []
-    try:
-        for p in procs:
-            p.start()
-            started.append(p)
-    finally:
-        join_all(started)
+    procs = start_workers(n, _worker_main, lambda i: (spec, store.uri, parent_id, quotas[i], i, n_before),
+                          "search-worker")
+    join_all(procs)
     failed = [f"worker {i} (exit code {p.exitcode})" for i, p in enumerate(procs) if p.exitcode != 0]
     if failed:
         raise RuntimeError(f"{', '.join(failed)} failed; see its messages above")
