@@ -160,3 +160,9 @@ def cli_env(home: Path) -> dict[str, str]:
     import os
     return {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(home), "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def say_threads_and_gpu(path: str) -> None:
+    """A spawned worker's target (tests/test_workers_cli.py): write its torch threads and the GPU it was given."""
+    import os
+    Path(path).write_text(f"{torch.get_num_threads()} {os.environ.get('CUDA_VISIBLE_DEVICES')}")

@@ -170,15 +170,6 @@ def test_a_study_whose_workers_were_all_killed_resumes_on_the_same_command(tmp_p
     assert (tmp_path / "reports" / "pooling.md").is_file()
 
 
-def _say_threads_and_gpu(path: str) -> None:
-    """A worker's target: write the torch threads and the GPU it was given."""
-    import os
-    from pathlib import Path
-
-    import torch
-    Path(path).write_text(f"{torch.get_num_threads()} {os.environ.get('CUDA_VISIBLE_DEVICES')}")
-
-
 def test_local_workers_share_the_cores_or_take_one_gpu_each(tmp_path, monkeypatch):
     """studies.cli.start_workers, which both a study's and a search's --workers use: on a CPU, n workers run
     cores/n torch threads each; with CUDA each sees one GPU (i mod the count); the caller's environment is kept."""
@@ -187,13 +178,14 @@ def test_local_workers_share_the_cores_or_take_one_gpu_each(tmp_path, monkeypatc
     import torch
 
     from studies.cli import join_all, start_workers
+    from tests.helpers import say_threads_and_gpu  # a light module: each of the 5 children imports it
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "caller's")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)  # not this machine's count: torch's default differs
-    cpu = start_workers(2, _say_threads_and_gpu, lambda i: (str(tmp_path / f"cpu{i}"),), "cpu")
+    cpu = start_workers(2, say_threads_and_gpu, lambda i: (str(tmp_path / f"cpu{i}"),), "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    gpu = start_workers(3, _say_threads_and_gpu, lambda i: (str(tmp_path / f"gpu{i}"),), "gpu")
+    gpu = start_workers(3, say_threads_and_gpu, lambda i: (str(tmp_path / f"gpu{i}"),), "gpu")
     join_all(cpu + gpu)
     assert [p.exitcode for p in cpu + gpu] == [0] * 5
     assert [(tmp_path / f"cpu{i}").read_text() for i in range(2)] == ["4 caller's"] * 2
