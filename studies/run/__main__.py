@@ -35,7 +35,7 @@ from core.device import choose_preset
 from core.errors import UserError
 from studies.cli import add_flags, command, data_roots, overrides_from, parse_base
 from studies.lr_handoff import LrRequest, check_study
-from studies.run.study import DEFAULT_QUEUE, StudySpec, resolve_configs, run_study, runs_to_train
+from studies.run.study import DEFAULT_QUEUE, StudySpec, left_out, resolve_configs, run_study, runs_to_train
 from studies.run.tune import request as tune_request
 from studies.run.tune import run_tuned, tunable
 from studies.run.workers import check_queue, default_workers, eta_workers, run_workers
@@ -192,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         specs = tunable(specs, args, every=args.name == "all")
     specs = [take_lr(spec, args) for spec in specs]
     configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
+    for spec in specs:
+        for variant in left_out(spec):
+            print(f"{spec.experiment}: {variant} left out: under preset {spec.preset} it is the baseline's own config",
+                  file=sys.stderr)
     requests = {s.experiment: tune_request(s, list(configs[s.experiment]), args, workers) for s in specs} if args.tune else {}
     trial_configs = {}  # per study, per variant: a --tune trial's config (every search's bad input found here)
     if requests:

@@ -92,8 +92,24 @@ def resolve_configs(spec: StudySpec) -> dict[str, RunConfig]:
     for name in names:
         if name not in variants:
             ablation.overrides(name)  # the registry's one-line refusal, listing the known variants
-    return {v: config_mod.resolve(spec.preset, base_layer, variants[v], {**spec.overrides, **spec.tuned.get(v, {})})
-            for v in names}
+    configs = {v: config_mod.resolve(spec.preset, base_layer, variants[v], {**spec.overrides, **spec.tuned.get(v, {})})
+               for v in names}
+    same = set(same_as_baseline(configs))
+    return {v: c for v, c in configs.items() if v not in same}
+
+
+def same_as_baseline(configs: dict[str, RunConfig]) -> list[str]:
+    """The variants whose resolved config is the baseline's own (batch_64 under a preset that trains at batch
+    64): a study leaves them out, since they would only compare the baseline with itself."""
+    plain = config_mod.flatten(configs["baseline"])
+    return [v for v, c in configs.items() if v != "baseline" and config_mod.flatten(c) == plain]
+
+
+def left_out(spec: StudySpec) -> list[str]:
+    """What resolve_configs leaves out of the study: the asked-for variants that are the baseline's config."""
+    ablation = get_ablation(spec.ablation)
+    names = [v for v in (spec.variants or tuple(ablation.variants)) if v != "baseline"]
+    return [v for v in names if v not in resolve_configs(spec)]
 
 
 STACKED = "stacked"  # ablations.combine's variant: every winner's overrides at once
