@@ -316,6 +316,25 @@ def test_provenance_names_the_commit_and_the_package_versions_it_can_know():
     assert tags["env.command"] and tags["env.python"] and tags["env.cpu_count"] != "0"
 
 
+def test_only_an_edit_of_the_code_makes_a_study_dirty_not_the_reports_it_rewrites(tmp_path, monkeypatch):
+    import subprocess
+
+    from studies.run import provenance as prov
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for path in ("core/models.py", "reports/pooling.md", "README.md"):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text("one\n")
+    subprocess.run([*git[:3], "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(prov, "REPO", tmp_path)
+    (tmp_path / "reports/pooling.md").write_text("rewritten by a study\n")
+    (tmp_path / "mlflow.db").write_text("")
+    assert prov.provenance()["env.git_dirty"] == "false"
+    (tmp_path / "core/models.py").write_text("edited\n")
+    assert prov.provenance()["env.git_dirty"] == "true"
+
+
 # ---- one vocabulary ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key,says", [("kid/final", "no run records `metrics.kid/final` although 2 should"),
                                       ("loss/d", "no run records `metrics.loss/d` although 2 trained to the end")])

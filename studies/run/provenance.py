@@ -56,11 +56,14 @@ def _command() -> str:
     return " ".join([head, *map(shlex.quote, sys.argv[1:])])[:500]
 
 
+CODE_PATHS = ("core", "ablations", "studies", "pyproject.toml")  # what trains, scores and reports a run
+
+
 def provenance() -> dict[str, str]:
     """Tags naming the code (git commit, dirty flag), Python and package versions, host and accelerator."""
     commit = _git("rev-parse", "HEAD")
-    # only tracked files count as dirty: run outputs (mlflow.db, runs/) are untracked or ignored
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    # only edits of the code count as dirty: not run outputs (mlflow.db, runs/), nor the reports a study rewrites
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS) if commit else None
     tags = {"git_commit": commit or "unknown", "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
             "python": platform.python_version(), "platform": platform.platform(terse=True),
             "hostname": socket.gethostname(), "cpu_count": str(os.cpu_count() or 0), "command": _command()}
