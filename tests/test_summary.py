@@ -42,7 +42,7 @@ def _holm(p: list[float]) -> list[float]:
     return list(out)
 
 
-def test_the_summary_shows_helps_and_harms_with_holm_in_the_study_and_across_the_campaign(tmp_path):
+def test_the_summary_shows_helps_and_harms_with_holm_in_the_study_and_across_the_campaign(tmp_path, monkeypatch):
     reports = tmp_path / "reports"
     for study, variants in STUDIES.items():
         _write(reports, study, variants)
@@ -71,8 +71,12 @@ def test_the_summary_shows_helps_and_harms_with_holm_in_the_study_and_across_the
     flaky = next(e for e in cpu if e.verdict.name == "flaky")
     assert flaky.verdict.failures == 1 and flaky.verdict.seeds == 3  # the diverged seed is a result
 
+    from studies.report import plots
+    drawn, draw = [], plots.plot_forest
+    monkeypatch.setattr(plots, "plot_forest", lambda rows, *a: (drawn.extend(rows), draw(rows, *a))[1])
     text = write_index(reports).read_text()
     summary = text[text.index("## Campaign summary"):]
+    assert "bad: flaky (1/3 failed)" in {r.label for r in drawn} and "bad: hurts" in {r.label for r in drawn}
     assert "### Preset `cpu`" in summary and "### Preset `default`" in summary
     assert "Shown to hurt: `bad` `hurts` (Δ KID +0.15" in summary and "Shown to help (Holm within its study): `good` `helps`" in summary
     assert "Not told apart from the baseline: `bad` `flaky`, `good` `same`" in summary

@@ -201,12 +201,17 @@ def paragraph(preset: str, effects: list[Effect]) -> str:
     return " ".join(parts)
 
 
+def _failed(v: VariantVerdict) -> str:
+    """A forest row's note of its failed seeds (results too: the interval is over the finished ones only)."""
+    return f" ({v.failures}/{v.seeds} failed)" if v.failures else ""
+
+
 def plot_forest(effects: list[Effect], path: Path) -> Path:
     """The preset's forest plot (studies.report.plots.plot_forest), grouped by study."""
     order = sorted(effects, key=lambda e: (e.study, e.verdict.name))
     metric = rec.LABEL[order[0].metric] if len({e.metric for e in order}) == 1 else "primary metric"
-    rows = [plots.ForestRow(f"{e.study}: {e.verdict.name}", e.study, e.delta, *e.interval, e.verdict.significant,
-                            e.campaign_significant) for e in order]
+    rows = [plots.ForestRow(f"{e.study}: {e.verdict.name}" + _failed(e.verdict), e.study, e.delta, *e.interval,
+                            e.verdict.significant, e.campaign_significant) for e in order]
     return plots.plot_forest(rows, f"Δ {metric} against the study's baseline, 95% Welch interval (left of 0 is better)",
                              f"preset {order[0].preset}: filled = significant in its study (Holm), star = across "
                              "the campaign", path)
