@@ -83,6 +83,8 @@ def test_the_summary_shows_helps_and_harms_with_holm_in_the_study_and_across_the
     row = next(line for line in summary.splitlines() if "`hurts`" in line and line.startswith("|"))
     assert "**worse**" in row and "0 / 3" in row
     assert "1 / 3" in next(line for line in summary.splitlines() if "`flaky`" in line and line.startswith("|"))
+    assert "- Preset `cpu`: `python -m studies.run combine --preset cpu` would stack `good=helps`; not run yet." in summary
+    assert "- Preset `default`: `python -m studies.run combine --preset default` would stack `elsewhere=other`" in summary
     assert (reports / "summary-cpu.png").stat().st_size > 0 and (reports / "summary-default.png").is_file()
 
 
@@ -96,6 +98,8 @@ def test_the_summary_alone_is_rebuilt_without_a_store(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     _write(tmp_path / "reports", "good", STUDIES["good"])
     assert main([]) == 0 and "Campaign summary" in (tmp_path / "reports" / "README.md").read_text()
+    _write(tmp_path / "bad-only", "bad", STUDIES["bad"])  # a harm, and nothing shown better
+    assert "- Preset `cpu`: nothing to stack: no variant is shown better" in write_index(tmp_path / "bad-only").read_text()
     assert not (tmp_path / "mlflow.db").exists()  # no store was opened or made
     assert main(["--from-csv"]) == 2 and "need a report's name" in capsys.readouterr().err
     assert main(["--reports", "nowhere"]) == 2

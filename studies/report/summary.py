@@ -234,14 +234,23 @@ def summary_section(reports_dir: Path) -> list[str]:
         plot_forest(effects, reports_dir / name)
         lines += [f"### Preset `{preset}`", "", paragraph(preset, effects), "",
                   table(effects).to_markdown(index=False, disable_numparse=True), "", f"![forest plot]({name})", ""]
-    return lines + combine_section(reports_dir)
+    return lines + combine_section(reports_dir, sorted(presets))
 
 
-def combine_section(reports_dir: Path) -> list[str]:
-    """The winners stacked (`python -m studies.run combine`): its verdict against the baseline and its grid."""
+def combine_section(reports_dir: Path, presets: list[str]) -> list[str]:
+    """The winners stacked (`python -m studies.run combine`): its verdict against the baseline and its grid; before
+    it ran, what it would stack per preset, or that there is nothing to stack."""
     csv = reports_dir / COMBINE / "runs.csv"
     if not csv.is_file():
-        return []
+        lines = ["### The winners stacked", ""]
+        for preset in presets:
+            found = winners(reports_dir, preset)
+            lines.append(f"- Preset `{preset}`: " + (
+                "nothing to stack: no variant is shown better than its study's baseline, so "
+                "`python -m studies.run combine` has no winner to compose." if not found else
+                f"`python -m studies.run combine --preset {preset}` would stack "
+                + ", ".join(f"`{a}={v}`" for a, v in found) + "; not run yet."))
+        return lines + [""]
     study = read_runs_csv(csv)
     grid = reports_dir / COMBINE / "samples-stacked.png"
     return ["### The winners stacked", "",
