@@ -190,12 +190,20 @@ def test_a_healthy_quick_run_on_real_faces_is_not_collapsed_and_the_same_g_drawi
     (["--set", "model.size=3"], "unknown config key 'model.size'"),
     (["--tracking-uri", "sqlite:////nonexistent/dir/mlflow.db"], "folder /nonexistent/dir does not exist"),
 ])
-def test_bad_input_matrix_leaves_no_residue(tmp_path, synthetic_root, args, message):
+def test_bad_input_matrix_leaves_no_residue(tmp_path, synthetic_root, args, message, monkeypatch, capsys):
     from tests.test_study_cli import run_cli
-    proc = run_cli(["pooling", "--preset", "quick", "--no-progress", "--data", str(synthetic_root), *args], tmp_path)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    argv = ["pooling", "--preset", "quick", "--no-progress", "--data", str(synthetic_root), *args]
+    if "--tracking-uri" in args:  # a real process: what opening a store prints
+        proc = run_cli(argv, tmp_path)
+        code, err = proc.returncode, proc.stderr
+    else:  # refused while the configs resolve: the same command in this process (no interpreter start-up)
+        from studies.run.__main__ import main
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("HOME", str(tmp_path))
+        code, err = main(argv), capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
     left = {p.name for p in tmp_path.iterdir()} - {".cache", ".config"}  # HOME is tmp_path: caches of libraries
     assert not left, left  # no store, no runs, no reports
     assert not list(tmp_path.rglob("*partial*"))
