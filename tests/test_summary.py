@@ -20,11 +20,13 @@ STUDIES = {  # study -> variant -> final KID per seed (NaN: a diverged seed)
 }
 
 
-def _write(reports, study: str, variants: dict[str, list[float]], preset: str = "cpu") -> None:
+def _write(reports, study: str, variants: dict[str, list[float]], preset: str = "cpu", reused_from: str = "") -> None:
+    """reused_from: the study whose baseline runs this one's baseline reused (its run ids, as runs.csv says)."""
     rows = []
     for variant, values in variants.items():
         for seed, value in enumerate(values):
-            rows.append({"preset": preset, "primary_metric": "kid", "final_samples": 500, "variant": variant,
+            reused = f"{reused_from}{variant}{seed}" if reused_from and variant == "baseline" else ""
+            rows.append({"reused_from": reused, "preset": preset, "primary_metric": "kid", "final_samples": 500, "variant": variant,
                          "seed": seed, "run": f"{variant}-s{seed}",
                          "outcome": "diverged" if math.isnan(value) else "finished", "final_kid": value,
                          "final_fid": 100 * value, "final_recall": 0.1, "final_coverage": 0.2 if variant != "hurts" else 0.05,
@@ -121,3 +123,17 @@ def test_a_tuned_study_adds_its_effect_beside_the_plain_one_not_a_row_of_its_own
     row = next(line for line in text.splitlines() if line.startswith("| [bad]") and "`hurts`" in line)
     assert "at own best rates (--tune)" in text and row.rstrip(" |").endswith("not told apart")
     assert "With every variant at its own best learning rates" in text
+
+
+def test_studies_that_share_one_baseline_are_told_that_its_error_moves_all_their_effects_alike(tmp_path):
+    from studies.report.summary import paragraph
+    reports = tmp_path / "reports"
+    _write(reports, "first", {"baseline": BASE, "a": [0.10, 0.12, 0.11]})
+    _write(reports, "second", {"baseline": BASE, "b": [0.14, 0.15, 0.13], "c": [0.2, 0.21, 0.19]}, reused_from="first")
+    _write(reports, "own", {"baseline": BASE, "d": [0.1, 0.1, 0.1]})  # the same values, but its own runs
+    text = paragraph("cpu", campaign(reports)["cpu"])
+    se = np.std(BASE, ddof=1) / math.sqrt(3)
+    assert (f"2 studies (`first`, `second`) share one baseline, the same 3 runs (KID 0.16 ± 0.01 sd, standard error "
+            f"{se:.3g}), so its error moves all 3 of their Δ alike: 2 of them lie below zero") in text
+    assert "`own`" not in text.split("share one baseline")[0].split(".")[-1]  # its own baseline is not shared
+    assert text.count("share one baseline") == 1

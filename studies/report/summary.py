@@ -42,6 +42,8 @@ class Effect:
     coverage: float
     p_campaign: float = math.nan  # Holm across every variant of the preset's campaign
     tuned: VariantVerdict | None = None  # the same variant in the study's --tune report: each at its own best rates
+    base: VariantVerdict | None = None  # the study's baseline
+    baseline_runs: tuple[str, ...] = ()  # the runs behind the baseline (a reused one: its original): shared or not
 
     @property
     def delta(self) -> float:
@@ -80,11 +82,16 @@ def study_effects(csv: Path) -> list[Effect]:
     verdicts = verdict(stats.records(runs, study.order, metric), rec.LABEL[metric], lower_is_better=True)
     ok = stats.counted(runs, metric)
     base = verdicts[0]
+    plain = runs[runs["variant"] == base.name]
+    source = plain["run_id"].astype(str)
+    if "reused_from" in plain:  # a reused run is its original: studies that reused one baseline share it
+        source = plain["reused_from"].astype("string").fillna("").where(lambda r: r != "", source).astype(str)
     out = []
     for v in verdicts[1:]:
         mine = ok & (runs["variant"] == v.name)
         out.append(Effect(csv.parent.name, study.preset, metric, base.mean, v,
-                          _mean(runs, mine, f"final_{rec.RECALL}"), _mean(runs, mine, f"final_{rec.COVERAGE}")))
+                          _mean(runs, mine, f"final_{rec.RECALL}"), _mean(runs, mine, f"final_{rec.COVERAGE}"),
+                          base=base, baseline_runs=tuple(sorted(source))))
     return out
 
 
@@ -194,11 +201,35 @@ def paragraph(preset: str, effects: list[Effect]) -> str:
                   "detected with 80% power" if mdes else "")
         parts.append("Not told apart from the baseline: "
                      + ", ".join(f"`{e.study}` `{e.verdict.name}`" for e in unclear) + detect + ".")
+    parts += shared_baseline(effects, metric)
     retuned = [e for e in effects if e.tuned is not None]
     if retuned:
         parts.append("With every variant at its own best learning rates (`--tune`, the same search budget each), "
                      + "; ".join(f"`{e.study}` `{e.verdict.name}` is {_tuned(e.tuned)}" for e in retuned) + ".")
     return " ".join(parts)
+
+
+def shared_baseline(effects: list[Effect], metric: str) -> list[str]:
+    """Where studies share one baseline (the same runs, reused), their Δ share its sampling error: a baseline mean
+    that came out high makes every variant look better at once. Said with the share of point estimates on each
+    side of zero, so a common shift is not read as evidence for each trick."""
+    groups: dict[tuple[str, ...], list[Effect]] = {}
+    for e in effects:
+        if e.baseline_runs:
+            groups.setdefault(e.baseline_runs, []).append(e)
+    out = []
+    for group in groups.values():
+        studies = sorted({e.study for e in group})
+        base = group[0].base
+        if len(studies) < 2 or base is None:
+            continue
+        below = sum(e.delta < 0 for e in group if math.isfinite(e.delta))
+        se = base.sd / math.sqrt(base.finished) if base.finished > 1 else math.nan
+        out.append(f"{len(studies)} studies ({', '.join(f'`{s}`' for s in studies)}) share one baseline, the same "
+                   f"{len(group[0].baseline_runs)} runs ({metric} {_g(base.mean)} ± {_g(base.sd)} sd, standard "
+                   f"error {_g(se)}), so its error moves all {len(group)} of their Δ alike: {below} of them lie "
+                   "below zero, and a shift common to all of them is no evidence for any one trick.")
+    return out
 
 
 def _failed(v: VariantVerdict) -> str:
