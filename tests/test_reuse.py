@@ -95,3 +95,53 @@ def test_a_list_of_studies_trains_each_distinct_run_once_and_its_eta_counts_only
     assert len(calls) == 6  # trained and scored: 6 distinct runs
     second = runs_of(cwd, "label_smoothing")[1]
     assert second.loc["baseline-s0", "tags.reused_from_study"] == "pooling"
+
+
+def test_baseline_seeds_train_the_shared_baseline_once_and_every_verdict_uses_them_all(in_dir, synthetic_root,
+                                                                                     cache_dir, monkeypatch, capsys):
+    """--baseline-seeds 3 with --seeds 2: the baseline trains seeds 0-2 once for both studies, and each verdict
+    is Welch's test of 2 variant seeds against 3 baseline seeds."""
+    import numpy as np
+    from scipy import stats
+
+    from studies.report.summary import study_effects
+    from studies.run.study import StudySpec, resolve_configs, study_key
+    calls = install_fake_fid(monkeypatch)
+    cwd = in_dir()
+    data = ["--data", str(synthetic_root), "--baseline-seeds", "3"]
+    assert main(["pooling", "--variants", "maxpool", *data, *flags(cache_dir, seeds=2, **SETS)]) == 0
+    assert len(calls) == 5  # baseline 3 seeds, maxpool 2
+    assert main(["label_smoothing", "--variants", "real_0.9", *data, *flags(cache_dir, seeds=2, **SETS)]) == 0
+    assert len(calls) == 7  # only real_0.9's 2 seeds: the 3 baseline runs are reused
+    first, second = runs_of(cwd, "pooling")[1], runs_of(cwd, "label_smoothing")[1]
+    assert sorted(first.index) == ["baseline-s0", "baseline-s1", "baseline-s2", "maxpool-s0", "maxpool-s1"]
+    for seed in range(3):
+        assert second.loc[f"baseline-s{seed}", "tags.reused_from"] == first.loc[f"baseline-s{seed}", "run_id"]
+    (effect,) = study_effects(cwd / "reports" / "pooling" / "runs.csv")
+    kid = first["metrics.kid/final"]
+    ref = stats.ttest_ind(kid[["maxpool-s0", "maxpool-s1"]], kid[["baseline-s0", "baseline-s1", "baseline-s2"]],
+                          equal_var=False)
+    assert (effect.verdict.seeds, effect.base.finished) == (2, 3)
+    assert effect.verdict.welch.p == stats_approx(ref.pvalue) and effect.delta == stats_approx(
+        np.mean(kid[["maxpool-s0", "maxpool-s1"]]) - np.mean(kid[["baseline-s0", "baseline-s1", "baseline-s2"]]))
+    assert "the baseline 0, 1, 2 (3: `--baseline-seeds`" in (cwd / "reports" / "pooling.md").read_text()
+    # a study without the flag keeps the key it always had (a campaign resumes its studies); with it, a new one
+    import hashlib
+    import json
+
+    from core.config import flatten
+    plain, same = StudySpec(ablation="pooling"), StudySpec(ablation="pooling", baseline_seeds=3)
+    configs = resolve_configs(plain)
+    before = json.dumps({"experiment": "pooling", "seeds": [0, 1, 2], "configs": {v: flatten(c) for v, c in
+                                                                                 configs.items()}},
+                        sort_keys=True, default=str)  # the key's blob before --baseline-seeds existed
+    assert study_key(plain, configs) == study_key(same, configs) == hashlib.sha1(before.encode()).hexdigest()[:16]
+    assert study_key(StudySpec(ablation="pooling", baseline_seeds=5), configs) != study_key(plain, configs)
+    capsys.readouterr()
+    assert main(["pooling", "--seeds", "3", "--baseline-seeds", "2", *data[:2]]) == 2
+    assert "--baseline-seeds 2 must be >= --seeds 3" in capsys.readouterr().err
+
+
+def stats_approx(x):
+    import pytest
+    return pytest.approx(x)

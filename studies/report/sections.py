@@ -128,7 +128,7 @@ def setup_section(parent: pd.Series, children: pd.DataFrame, runs: pd.DataFrame,
     prefix = f"tags.{rec.ENV}"
     env = {c[len(prefix):]: get(parent, c) for c in parent.index if c.startswith(prefix) and get(parent, c)}
     lines = [_study_line(parent), _command_line(env), _data_line(params), _length_line(params, runs["kimg"].dropna()),
-             _seeds_line(sorted(runs["seed"].unique())), _hardware_line(children, env), _packages_line(env),
+             _seeds_line(runs, order[0]), _hardware_line(children, env), _packages_line(env),
              _code_line(env), _metric_line(params, children, metric)]
     return ["## Setup", "", *lines, "", "Baseline configuration (key settings and every setting changed from the "
             "`RunConfig()` defaults):", "", md(_config_table(params)), ""]
@@ -157,7 +157,15 @@ def _length_line(params: dict[str, str], reached: pd.Series) -> str:
     return planned + (f"; runs reached {reached.min():.3g}-{reached.max():.3g} kimg." if len(reached) else ".")
 
 
-def _seeds_line(seeds: list) -> str:
+def _seeds_line(runs: pd.DataFrame, baseline: str) -> str:
+    """The seeds, and the baseline's own where it ran more (--baseline-seeds)."""
+    per = runs.groupby("variant")["seed"].apply(lambda s: sorted(s.astype(int).unique()))
+    others = sorted({s for v, seeds in per.items() if v != baseline for s in seeds})
+    if baseline in per and len(per[baseline]) > len(others) > 0:
+        return (f"- **Seeds**: {', '.join(map(str, others))} ({len(others)} per variant); the baseline "
+                f"{', '.join(map(str, per[baseline]))} ({len(per[baseline])}: `--baseline-seeds`, its error enters "
+                "every comparison); seeds weights, batches and z.")
+    seeds = sorted({int(s) for s in runs["seed"]})
     return f"- **Seeds**: {', '.join(map(str, seeds))} ({len(seeds)} per variant; seeds weights, batches and z)."
 
 

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(pooling,ttur,n_dis), or 'all' for every study in turn; each distinct run trains once")
     p.add_argument("--list", action="store_true", help="list ablations with their variants and exit")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant, 0..N-1 (default: 3)")
+    p.add_argument("--baseline-seeds", type=int, default=0, metavar="N",
+                   help="the baseline's seeds, 0..N-1, N >= --seeds: its error enters every comparison, so its seeds "
+                        "buy the most power (default: as --seeds)")
     add_flags(p, "--preset", "--data")
     p.add_argument("--base", action="append", default=[], metavar="ABLATION=VARIANT",
                    help="run the study on top of another ablation's variant (repeatable; default: none)")
@@ -113,6 +116,9 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
     """One StudySpec per study to run: the named ones, or every registered study for 'all'."""
     if args.seeds < 1:
         raise UserError(f"--seeds {args.seeds} must be >= 1")
+    if args.baseline_seeds and args.baseline_seeds < args.seeds:
+        raise UserError(f"--baseline-seeds {args.baseline_seeds} must be >= --seeds {args.seeds} (the baseline runs "
+                        "every seed the variants run)")
     base = parse_base(args.base)
     preset, why = choose_preset(args.preset)
     asked = [n for n in args.name.split(",") if n]
@@ -128,7 +134,8 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
         for name in asked:
             get_ablation(name)  # unknown names fail here, listing the known ones ('all' only alone)
         names = list(dict.fromkeys(asked))
-    specs = [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), preset=preset, base=base,
+    specs = [StudySpec(ablation=name, seeds=tuple(range(args.seeds)), baseline_seeds=args.baseline_seeds,
+                       preset=preset, base=base,
                        overrides=overrides_from(args), variants=tuple(v for v in args.variants.split(",") if v),
                        workdir=args.workdir, notes={"preset_reason": why}, reuse=not args.no_reuse) for name in names]
     return [stacked(s, args.reports) if s.ablation == "combine" else s for s in specs]
@@ -222,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     shared = share_images(first, images)  # on the device once for every study and run of this process
     store = existing_store(args.tracking_uri)  # what it already finished is reused, and not in the ETA
     plans = runs_to_train(specs, configs, images.key, store)
-    tunes = [tune_work(requests[s.experiment], trial_configs[s.experiment], len(s.seeds)) for s in specs] if requests else None
+    tunes = [tune_work(requests[s.experiment], trial_configs[s.experiment], s) for s in specs] if requests else None
     specs, eta_line = with_eta(specs, configs, shared, args.yes, progress=not args.no_progress, plans=plans,
                                workers=workers, tunes=tunes)
     store = store or Store(args.tracking_uri)  # a store that cannot be opened fails here, before any line is printed
@@ -244,12 +251,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def tune_work(req, trial_configs: dict, seeds: int) -> dict[str, dict]:
+def tune_work(req, trial_configs: dict, spec: StudySpec) -> dict[str, dict]:
     """What --tune adds to a study's ETA: per variant, the trials its search still runs, with a trial's config,
     and the tuned study's runs (all of them: the rates they train at are not known before the searches)."""
     import studies.search as search
     return {"trials": search.trials_left(req), "trial_configs": trial_configs,
-            "runs": dict.fromkeys(trial_configs, seeds)}
+            "runs": {v: len(spec.seeds_of(v)) for v in trial_configs}}
 
 
 def existing_store(uri: str | None):
@@ -273,9 +280,9 @@ def with_eta(specs: list[StudySpec], configs: dict[str, dict], images, yes: bool
     estimates, probed, measured = [], False, []
     for i, spec in enumerate(specs):
         cfgs = configs[spec.experiment]
-        plan = plans[i] if plans is not None else dict.fromkeys(cfgs, len(spec.seeds))
+        plan = plans[i] if plans is not None else {v: len(spec.seeds_of(v)) for v in cfgs}
         work = tunes[i] if tunes else None
-        reused = len(cfgs) * len(spec.seeds) - sum(plan.values())
+        reused = sum(len(spec.seeds_of(v)) for v in cfgs) - sum(plan.values())
         # only what will train is timed; a trial or a tuned run trains the variant's model
         training = {v: c for v, c in cfgs.items() if plan[v] or (work and (work["trials"][v] or work["runs"][v]))}
         reference_images = eta.reference_images_to_compute(next(iter(cfgs.values())), images)

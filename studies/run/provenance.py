@@ -72,9 +72,11 @@ def provenance() -> dict[str, str]:
     return {PREFIX + k: v for k, v in tags.items()}
 
 
-def study_note(experiment: str, variants: list[str], seeds: tuple[int, ...]) -> str:
+def study_note(experiment: str, variants: list[str], seeds: tuple[int, ...],
+               baseline_seeds: tuple[int, ...] = ()) -> str:
     """The parent run's MLflow description: what the study is and how to compare its runs in the UI."""
+    more = f" (the baseline: seeds {', '.join(map(str, baseline_seeds))})" if len(baseline_seeds) > len(seeds) else ""
     return (f"Ablation study **{experiment}**: variants {', '.join(variants)} (baseline first) x seeds "
-            f"{', '.join(map(str, seeds))}. Child runs are named VARIANT-sSEED and tagged `variant` and `seed`; "
+            f"{', '.join(map(str, seeds))}{more}. Child runs are named VARIANT-sSEED and tagged `variant` and `seed`; "
             f"the saved view `{view_key('<this run id>')}` groups them by variant. "
             f"Report: `python -m studies.report {experiment}`.")

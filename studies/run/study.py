@@ -39,6 +39,7 @@ from studies.run.provenance import provenance, study_note
 class StudySpec:
     ablation: str  # registered ablation name
     seeds: tuple[int, ...] = (0, 1, 2)  # one child run per variant and seed
+    baseline_seeds: int = 0  # --baseline-seeds: the baseline's seeds, 0..N-1, where N > len(seeds); 0 = seeds
     preset: str = "default"  # a key of core.config.PRESETS
     base: tuple[tuple[str, str], ...] = ()  # (ablation, variant) pairs applied under every variant
     overrides: dict[str, object] = field(default_factory=dict)  # CLI --set and --data, applied last
@@ -55,6 +56,15 @@ class StudySpec:
     def experiment(self) -> str:
         """One MLflow experiment per study; a study over a base variant, or a tuned one, is its own experiment."""
         return self.ablation + "".join(f"@{a}={v}" for a, v in self.base) + (rec.TUNED_SUFFIX if self.tune else "")
+
+    def seeds_of(self, variant: str) -> tuple[int, ...]:
+        """The seeds a variant runs. The baseline may run more (--baseline-seeds): its error enters every
+        comparison of the study (and of every study that shares it), so its seeds buy the most power; its first
+        seeds are the variants' own."""
+        if variant != "baseline" or self.baseline_seeds <= len(self.seeds):
+            return self.seeds
+        extra = [s for s in range(self.baseline_seeds + len(self.seeds)) if s not in self.seeds]
+        return self.seeds + tuple(extra[:self.baseline_seeds - len(self.seeds)])
 
     def with_lr(self, choice: LrChoice) -> StudySpec:
         """The same study on the learning rates of a search's best trial, recording where they came from."""
@@ -135,7 +145,8 @@ def varied_keys(spec: StudySpec) -> set[str]:
 
 def study_key(spec: StudySpec, configs: dict[str, RunConfig]) -> str:
     """Identity of a study: same experiment, seeds and resolved configs = the same study, to be resumed."""
-    blob = json.dumps({"experiment": spec.experiment, "seeds": list(spec.seeds),
+    more = {"baseline_seeds": list(spec.seeds_of("baseline"))} if spec.seeds_of("baseline") != spec.seeds else {}
+    blob = json.dumps({"experiment": spec.experiment, "seeds": list(spec.seeds), **more,  # keys before it unchanged
                        "configs": {v: config_mod.flatten(c) for v, c in configs.items()}}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -176,7 +187,7 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
     logged_refs: set[str] = set()
     with parent.finishing():
         reference.ensure_reference(next(iter(configs.values())), images.image_set, progress)
-        todo = [(v, s) for v in configs for s in spec.seeds
+        todo = [(v, s) for v in configs for s in spec.seeds_of(v)
                 if done.get((v, s)) is None or not rec.Outcome.read(done[(v, s)].data.tags.get(rec.OUTCOME)).terminal]
         if train is not None:
             if todo:  # no worker to start for a study that only needs its report
@@ -213,7 +224,8 @@ def run_one_job(spec: StudySpec, store: Store, parent: RunTracker, variant: str,
 def describe_study(store: Store, parent: RunTracker, spec: StudySpec, variants: list[str], primary: str) -> None:
     """Provenance tags and the MLflow description on the parent run, and the study's saved view for the UI
     (led by the `primary` metric's final value)."""
-    parent.set_tags({**provenance(), "mlflow.note.content": study_note(spec.experiment, variants, spec.seeds)})
+    note = study_note(spec.experiment, variants, spec.seeds, spec.seeds_of("baseline"))
+    parent.set_tags({**provenance(), "mlflow.note.content": note})
     varied = sorted(varied_keys(spec))
     refused = store.save_view(spec.experiment, view_key(parent.run_id), study_view(parent.run_id, varied, primary))
     if refused:  # the study still runs; its report links a URL filter instead of the view
@@ -273,7 +285,7 @@ def runs_to_train(specs: list[StudySpec], configs: dict[str, dict[str, RunConfig
         for variant, cfg in configs[spec.experiment].items():
             hooks = get_ablation(spec.ablation).hooks(variant)
             counts[variant] = 0
-            for seed in spec.seeds:
+            for seed in spec.seeds_of(variant):
                 key = identity.run_key(seeded(cfg, seed), data_key, hooks)
                 if spec.reuse and (key in planned or (store is not None and reusable(store, key) is not None)):
                     continue

@@ -41,9 +41,10 @@ def tunable(specs: list[StudySpec], args: argparse.Namespace, every: bool) -> li
         raise UserError(f"--tune {args.tune} must be >= 1 trial per variant (0 = off)")
     if args.lr_from or args.search_lr:
         raise UserError("--tune searches every variant's rates itself; drop --lr-from / --search-lr")
-    if args.seeds > TUNE_TRIAL_SEED:
-        raise UserError(f"--tune trains its trials with seeds from {TUNE_TRIAL_SEED}; --seeds {args.seeds} would "
-                        "reuse one as evidence")
+    if max(args.seeds, args.baseline_seeds) > TUNE_TRIAL_SEED:
+        flag = "--seeds" if args.seeds >= args.baseline_seeds else "--baseline-seeds"
+        raise UserError(f"--tune trains its trials with seeds from {TUNE_TRIAL_SEED}; {flag} "
+                        f"{max(args.seeds, args.baseline_seeds)} would reuse one as evidence")
     clash = sorted(set(LR_KEYS) & specs[0].overrides.keys())
     if clash:
         raise UserError(f"--set {', '.join(clash)} conflicts with --tune, which searches it")
