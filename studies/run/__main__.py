@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list ablations with their variants and exit")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant, 0..N-1 (default: 3)")
     p.add_argument("--baseline-seeds", type=int, default=0, metavar="N",
-                   help="the baseline's seeds, 0..N-1, N >= --seeds: its error enters every comparison, so its seeds "
-                        "buy the most power (default: as --seeds)")
+                   help="the baseline's seeds, 0..N-1, N >= --seeds: its error enters every comparison, and it "
+                        "trains once for every study that shares it (default: as --seeds)")
     add_flags(p, "--preset", "--data")
     p.add_argument("--base", action="append", default=[], metavar="ABLATION=VARIANT",
                    help="run the study on top of another ablation's variant (repeatable; default: none)")

@@ -59,8 +59,8 @@ class StudySpec:
 
     def seeds_of(self, variant: str) -> tuple[int, ...]:
         """The seeds a variant runs. The baseline may run more (--baseline-seeds): its error enters every
-        comparison of the study (and of every study that shares it), so its seeds buy the most power; its first
-        seeds are the variants' own."""
+        comparison of the study (and of every study that shares it, which trains it once); its first seeds are
+        the variants' own."""
         if variant != "baseline" or self.baseline_seeds <= len(self.seeds):
             return self.seeds
         extra = [s for s in range(self.baseline_seeds + len(self.seeds)) if s not in self.seeds]
