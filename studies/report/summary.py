@@ -192,7 +192,7 @@ def paragraph(preset: str, effects: list[Effect]) -> str:
         parts.append(f"Shown to hurt: {named(hurts)}.")
     campaign_wide = [e for e in effects if e.campaign_significant]
     parts.append(f"Across the whole table (Holm over all {len(effects)}), "
-                 + (f"{len(campaign_wide)} stay significant: "
+                 + (f"{len(campaign_wide)} stay{'s' if len(campaign_wide) == 1 else ''} significant: "
                     + ", ".join(f"`{e.study}` `{e.verdict.name}`" for e in campaign_wide) + "."
                     if campaign_wide else "none stays significant."))
     if unclear:
