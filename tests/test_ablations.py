@@ -216,9 +216,9 @@ def test_a_variant_that_is_the_presets_own_config_is_left_out_of_its_study(capsy
     from studies.run.__main__ import main
     from studies.run.study import left_out
     cpu, default = StudySpec(ablation="batch_size", preset="cpu"), StudySpec(ablation="batch_size", preset="default")
-    assert list(resolve_configs(cpu)) == ["baseline", "batch_32", "batch_256"] and left_out(cpu) == ["batch_64"]
+    assert list(resolve_configs(cpu)) == ["baseline", "batch_32", "batch_256"] and left_out(cpu, resolve_configs(cpu)) == ["batch_64"]
     assert list(resolve_configs(default)) == ["baseline", "batch_32", "batch_64", "batch_256"]
-    assert left_out(default) == []
+    assert left_out(default, resolve_configs(default)) == []
     assert main(["batch_size", "--preset", "cpu", "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert "batch_size: batch_64 left out: under preset cpu it is the baseline's own config" in err

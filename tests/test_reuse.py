@@ -4,6 +4,8 @@ where it came from, instead of training it; any change of that key trains anew, 
 
 from __future__ import annotations
 
+import pytest
+
 from core import identity
 from studies.run.__main__ import main
 from tests.helpers import install_fake_fid
@@ -122,7 +124,7 @@ def test_baseline_seeds_train_the_shared_baseline_once_and_every_verdict_uses_th
     ref = stats.ttest_ind(kid[["maxpool-s0", "maxpool-s1"]], kid[["baseline-s0", "baseline-s1", "baseline-s2"]],
                           equal_var=False)
     assert (effect.verdict.seeds, effect.base.finished) == (2, 3)
-    assert effect.verdict.welch.p == stats_approx(ref.pvalue) and effect.delta == stats_approx(
+    assert effect.verdict.welch.p == pytest.approx(ref.pvalue) and effect.delta == pytest.approx(
         np.mean(kid[["maxpool-s0", "maxpool-s1"]]) - np.mean(kid[["baseline-s0", "baseline-s1", "baseline-s2"]]))
     assert "the baseline 0, 1, 2 (3: `--baseline-seeds`" in (cwd / "reports" / "pooling.md").read_text()
     # a study without the flag keeps the key it always had (a campaign resumes its studies); with it, a new one
@@ -140,8 +142,3 @@ def test_baseline_seeds_train_the_shared_baseline_once_and_every_verdict_uses_th
     capsys.readouterr()
     assert main(["pooling", "--seeds", "3", "--baseline-seeds", "2", *data[:2]]) == 2
     assert "--baseline-seeds 2 must be >= --seeds 3" in capsys.readouterr().err
-
-
-def stats_approx(x):
-    import pytest
-    return pytest.approx(x)

@@ -36,13 +36,12 @@ class Effect:
     study: str
     preset: str
     metric: str  # the study's primary metric (fid | kid): lower is better
-    baseline_mean: float
+    base: VariantVerdict  # the study's baseline
     verdict: VariantVerdict  # Welch against the baseline, Holm within the study
     recall: float  # mean over the seeds the test counts; NaN where not recorded
     coverage: float
     p_campaign: float = math.nan  # Holm across every variant of the preset's campaign
     tuned: VariantVerdict | None = None  # the same variant in the study's --tune report: each at its own best rates
-    base: VariantVerdict | None = None  # the study's baseline
     baseline_runs: tuple[str, ...] = ()  # the runs behind the baseline (a reused one: its original): shared or not
 
     @property
@@ -89,9 +88,9 @@ def study_effects(csv: Path) -> list[Effect]:
     out = []
     for v in verdicts[1:]:
         mine = ok & (runs["variant"] == v.name)
-        out.append(Effect(csv.parent.name, study.preset, metric, base.mean, v,
+        out.append(Effect(csv.parent.name, study.preset, metric, base, v,
                           _mean(runs, mine, f"final_{rec.RECALL}"), _mean(runs, mine, f"final_{rec.COVERAGE}"),
-                          base=base, baseline_runs=tuple(sorted(source))))
+                          baseline_runs=tuple(sorted(source))))
     return out
 
 
@@ -155,7 +154,7 @@ def table(effects: list[Effect]) -> pd.DataFrame:
         label = rec.LABEL[e.metric]
         rows.append({"study": f"[{e.study}]({e.study}.md)", "variant": f"`{v.name}`",
                      f"Δ {label} vs baseline [95% CI]": f"{_g(e.delta, sign=True)} [{_g(lo, sign=True)}, {_g(hi, sign=True)}]",
-                     "baseline": _g(e.baseline_mean), "Holm p (study)": _p(v.p_holm),
+                     "baseline": _g(e.base.mean), "Holm p (study)": _p(v.p_holm),
                      "Holm p (campaign)": _p(e.p_campaign), "failed seeds": f"{v.failures} / {v.seeds}",
                      "recall": _g(e.recall), "coverage": _g(e.coverage),
                      "detectable Δ": _g(v.mde), "reading": _word(e)})
@@ -221,7 +220,7 @@ def shared_baseline(effects: list[Effect], metric: str) -> list[str]:
     for group in groups.values():
         studies = sorted({e.study for e in group})
         base = group[0].base
-        if len(studies) < 2 or base is None:
+        if len(studies) < 2:
             continue
         below = sum(e.delta < 0 for e in group if math.isfinite(e.delta))
         se = base.sd / math.sqrt(base.finished) if base.finished > 1 else math.nan

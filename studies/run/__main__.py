@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     specs = [take_lr(spec, args) for spec in specs]
     configs = {spec.experiment: resolve_configs(spec) for spec in specs}  # every error before any run
     for spec in specs:
-        for variant in left_out(spec):
+        for variant in left_out(spec, configs[spec.experiment]):
             print(f"{spec.experiment}: {variant} left out: under preset {spec.preset} it is the baseline's own config",
                   file=sys.stderr)
     requests = {s.experiment: tune_request(s, list(configs[s.experiment]), args, workers) for s in specs} if args.tune else {}

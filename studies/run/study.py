@@ -115,11 +115,11 @@ def same_as_baseline(configs: dict[str, RunConfig]) -> list[str]:
     return [v for v, c in configs.items() if v != "baseline" and config_mod.flatten(c) == plain]
 
 
-def left_out(spec: StudySpec) -> list[str]:
-    """What resolve_configs leaves out of the study: the asked-for variants that are the baseline's config."""
-    ablation = get_ablation(spec.ablation)
-    names = [v for v in (spec.variants or tuple(ablation.variants)) if v != "baseline"]
-    return [v for v in names if v not in resolve_configs(spec)]
+def left_out(spec: StudySpec, configs: dict[str, RunConfig]) -> list[str]:
+    """What resolve_configs left out of the study (`configs`, its result): the asked-for variants that are the
+    baseline's own config."""
+    names = spec.variants or tuple(get_ablation(spec.ablation).variants)
+    return [v for v in names if v != "baseline" and v not in configs]
 
 
 STACKED = "stacked"  # ablations.combine's variant: every winner's overrides at once
