@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
+import os
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,3 +133,55 @@ def release_memory(device: torch.device | str | None = None) -> None:
     gc.collect()
     if torch.device(device or "cpu").type == "cuda" and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def can_compile(device: torch.device) -> bool:
+    """torch.compile can run here: Triton on CUDA, a C++ compiler on a CPU (inductor writes C++)."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+
+
+# the user's own choice of inductor's cache, as this process started (importing torch._dynamo sets the variable
+# to inductor's default in /tmp, so it is read here, before anything of the suite imports it)
+USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def use_compile_cache(cache_dir: str) -> None:
+    """Inductor's compiled kernels under the suite's cache folder (unless the user set TORCHINDUCTOR_CACHE_DIR):
+    a later run, study or process with the same model compiles in seconds, not a minute. Inductor reads the
+    variable whenever it looks for a kernel."""
+    if USER_INDUCTOR_CACHE is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((Path(cache_dir).expanduser() / "inductor").resolve())
+
+
+class _OneLine(logging.Filter):
+    """Dynamo's warning about a graph it could not compile (and runs eagerly, with suppress_errors) as one line:
+    the frame and the error, without the traceback of the compiler's internals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and record.exc_info:
+            exc = record.exc_info[1]
+            exc = getattr(exc, "inner_exception", None) or exc  # a backend's failure, not dynamo's wrapper of it
+            text = record.getMessage().strip().splitlines()
+            where = text[0].replace("WON'T CONVERT", "").strip() if text else "a graph"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                f"torch.compile could not compile {where} ({first_line(exc) if exc else 'error'}); "
+                "it runs eagerly", None, None, None)
+        return True
+
+
+def quiet_compile_fallback() -> None:
+    """One line, not a traceback wall, when a run's compiled path falls back to eager for a graph (once per process)."""
+    log = logging.getLogger("torch._dynamo.convert_frame")
+    if not any(isinstance(f, _OneLine) for f in log.filters):
+        log.addFilter(_OneLine())
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]

@@ -13,6 +13,8 @@ What was measured is kept in `<data.cache_dir>/fastpath.json`, per (device name,
 config, batch size): a study measures once per model, and later studies on this machine not at all. A CPU
 measurement taken while other processes kept the cores busy (OtherLoad) is used by its process but not cached. The
 measuring itself is `time_paths`, the choice `fastest`: separate, so the choice is tested on made-up timings.
+A path already SLOW_FACTOR times slower than the fastest at its first steady step is not timed further (nor
+compiled): such a gap decides the choice, and timing it in full cost minutes.
 Why measure: on a 2-core AMD EPYC bf16 + NHWC trained the cpu preset's model 1.9x faster than fp32 eager; on
 a 2-core Intel Xeon with the same AVX512_BF16 flag, compiled fp32 NCHW was fastest and bf16 + NHWC 1.3x slower.
 """
@@ -21,10 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +37,8 @@ from core import config as config_mod
 from core import records as rec
 from core.config import RunConfig
 from core.cpuload import BUSY_SHARE, OtherLoad
-from core.device import ExecPath, candidate_paths, device_name, unmeasured_path
+from core.device import (ExecPath, can_compile, candidate_paths, device_name, first_line, unmeasured_path,
+                         use_compile_cache)
 
 LOSS_STEPS = 3  # first training steps whose losses are compared with the fp32 eager path's
 # bf16 against fp32 from the same weights and batches: tests/test_device.py's tolerance over the first steps
@@ -46,8 +47,14 @@ LOSS_RTOL = 5e-2
 ROUNDS = 3  # timed rounds per path, alternating between paths; the median round counts
 ROUND_S = 0.5  # a timed round lasts about this long (its step count comes from one timed step)
 MAX_ROUND_STEPS = 50
+# a path whose steady step takes this many times the fastest path's is out of the race: it is not timed further,
+# and its compiled twin (same precision and layout) is not compiled. On a 2-core AMD EPYC without AVX512_BF16 the
+# cpu preset's bf16 paths ran at 6 img/s eager and compiled alike against fp32's 125-136, and timing them in full
+# took 400 of the measurement's 507 s; where bf16 is native they are within 2x of fp32 (an Intel Xeon: 1.3x)
+SLOW_FACTOR = 4.0
 RECOMPILE_LIMIT = 64  # dynamo's graphs per compiled function while every path is measured at once
 REFERENCE = ExecPath("fp32", False, False)  # the arithmetic every other path is checked against
+SLOW = f"over {SLOW_FACTOR:g}x slower a step than the fastest path"
 CACHE_FILE = "fastpath.json"
 CACHE_FORMAT = 2
 PATH_FILE = "path.json"  # beside a run's checkpoint: the path it was trained on, kept on resume
@@ -125,53 +132,6 @@ def fastest(timings: Sequence[Timing], allowed: Sequence[ExecPath], images: int 
     return next((p for p in allowed if not p.compile), allowed[0])
 
 
-def can_compile(device: torch.device) -> bool:
-    """torch.compile can run here: Triton on CUDA, a C++ compiler on a CPU (inductor writes C++)."""
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
-
-
-# the user's own choice of inductor's cache, as this process started (importing torch._dynamo sets the variable
-# to inductor's default in /tmp, so it is read here, before anything of the suite imports it)
-USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-
-
-def use_compile_cache(cache_dir: str) -> None:
-    """Inductor's compiled kernels under the suite's cache folder (unless the user set TORCHINDUCTOR_CACHE_DIR):
-    a later run, study or process with the same model compiles in seconds, not a minute. Inductor reads the
-    variable whenever it looks for a kernel."""
-    if USER_INDUCTOR_CACHE is None:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str((Path(cache_dir).expanduser() / "inductor").resolve())
-
-
-class _OneLine(logging.Filter):
-    """Dynamo's warning about a graph it could not compile (and runs eagerly, with suppress_errors) as one line:
-    the frame and the error, without the traceback of the compiler's internals."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING and record.exc_info:
-            exc = record.exc_info[1]
-            exc = getattr(exc, "inner_exception", None) or exc  # a backend's failure, not dynamo's wrapper of it
-            text = record.getMessage().strip().splitlines()
-            where = text[0].replace("WON'T CONVERT", "").strip() if text else "a graph"
-            record.msg, record.args, record.exc_info, record.exc_text = (
-                f"torch.compile could not compile {where} ({_first_line(exc) if exc else 'error'}); "
-                "it runs eagerly", None, None, None)
-        return True
-
-
-def quiet_compile_fallback() -> None:
-    """One line, not a traceback wall, when a run's compiled path falls back to eager for a graph (once per process)."""
-    log = logging.getLogger("torch._dynamo.convert_frame")
-    if not any(isinstance(f, _OneLine) for f in log.filters):
-        log.addFilter(_OneLine())
-
-
 def cache_description(cfg: RunConfig, device: torch.device) -> dict[str, object]:
     """What a measurement depends on: the machine, the threads it may use, torch, the model and the batch."""
     return {"device": device_name(device), "threads": torch.get_num_threads() if device.type == "cpu" else 0,
@@ -233,35 +193,46 @@ def _rel_diff(ours: list[tuple[float, float]], ref: list[tuple[float, float]]) -
     return max(diffs) if all(map(math.isfinite, diffs)) else math.inf
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
-
-
 def time_paths(paths: Sequence[ExecPath], build: Callable[[ExecPath], object], device: torch.device,
                rounds: int | None = None, round_s: float | None = None) -> dict[ExecPath, Timing]:
     """Build a trainer per path (and the fp32 eager reference), run LOSS_STEPS steps reading their losses, then
-    time `rounds` (ROUNDS) alternating rounds of about round_s (ROUND_S) each. Every trainer is closed before
-    this returns."""
+    time `rounds` (ROUNDS) alternating rounds of about round_s (ROUND_S) each. A path whose steady step takes
+    over SLOW_FACTOR times the fastest one's so far is rejected at once, and its compiled twin not built (eager
+    paths go first). Every trainer is closed before this returns."""
     rounds, round_s = rounds or ROUNDS, round_s or ROUND_S
-    todo = list(dict.fromkeys([REFERENCE, *paths]))
+    todo = list(dict.fromkeys([REFERENCE, *sorted(paths, key=lambda p: p.compile)]))  # eager twins first
     trials = [_Trial(p) for p in todo]
     try:
         # a compile error rejects its path here; and the paths' graphs of one forward (dtype, layout, grad modes)
         # are live together, more than dynamo's default recompile limit of 8, past which it would run eagerly
         with torch._dynamo.config.patch(suppress_errors=False, recompile_limit=RECOMPILE_LIMIT):
+            best = math.inf  # the fastest steady step (any but a path's first) of the paths so far
             for trial in trials:
+                twin = next((t for t in trials if trial.path.compile and t.path == replace(trial.path, compile=False)
+                             and t.error.startswith(SLOW)), None)
+                if twin:  # compiling has not made up such a gap on a CPU (module docstring): not paid for
+                    trial.error = f"not compiled: {twin.path.name} was {twin.error}"
+                    continue
                 try:
                     trial.trainer = build(trial.path)
                     for i in range(LOSS_STEPS):
                         start = time.perf_counter()
                         trial.trainer.train_step()
                         stats = trial.trainer.read_stats()
-                        if i == 0:
-                            trial.first_step_s = time.perf_counter() - start
+                        seconds = time.perf_counter() - start
                         trial.losses.append((stats[rec.LOSS_D], stats[rec.LOSS_G]))
+                        if i == 0:
+                            trial.first_step_s = seconds
+                            continue
+                        if trial.path.compile and i < LOSS_STEPS - 1:
+                            continue  # a compiled path's second step may still be compiling: judged on its last
+                        if seconds > SLOW_FACTOR * best:
+                            trial.error = f"{SLOW} ({seconds / best:.0f}x), not timed further"
+                            break
+                        best = min(best, seconds)
                 except Exception as exc:  # noqa: BLE001 (any failure of a path only rejects it)
-                    trial.error = _first_line(exc)
+                    trial.error = first_line(exc)
+                if trial.error:
                     _close(trial)
             live = [t for t in trials if not t.error]
             steps = {}
@@ -315,7 +286,7 @@ def _warm_setup(timings: dict[ExecPath, Timing], build: Callable[[ExecPath], obj
                 trainer.read_stats()
                 seconds.append(time.perf_counter() - start)
         except Exception as exc:  # noqa: BLE001 (a path that compiled once and not twice is not one to trust)
-            timings[path] = replace(timing, img_per_s=None, error=_first_line(exc))
+            timings[path] = replace(timing, img_per_s=None, error=first_line(exc))
             continue
         finally:
             trainer.close()

@@ -25,10 +25,10 @@ from core import records as rec
 from core.bookkeeping import MetricLog, SaturationWatch, StepStats
 from core.config import RunConfig
 from core.data import BatchSource
-from core.device import unmeasured_path
+from core.device import quiet_compile_fallback, unmeasured_path, use_compile_cache
 from core.ema import ema_beta, make_ema, update_ema
 from core.errors import UserError
-from core.fastpath import PathChoice, quiet_compile_fallback, record_path, use_compile_cache
+from core.fastpath import PathChoice, record_path
 from core.hooks import Hooks
 from core.losses import min_d_loss
 from core.metrics import MetricResult

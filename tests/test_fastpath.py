@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -122,6 +123,44 @@ def test_time_paths_measures_real_trainers_and_rejects_other_losses_and_failures
     assert timings[BF16_NHWC].img_per_s > 0 and timings[BF16_NHWC].first_step_s > 0
     assert timings[ExecPath("bf16", False)].error == "RuntimeError: boom"  # one line
     assert not timings[ExecPath("fp32", True)].usable and "first losses differ" in timings[ExecPath("fp32", True)].error
+
+
+class _SleepTrainer:
+    """A trainer stand-in whose steps take made-up seconds, one per step, the last one repeated."""
+    batch = 8
+
+    def __init__(self, seconds: tuple[float, ...]):
+        self.seconds, self.steps = seconds, 0
+
+    def train_step(self):
+        time.sleep(self.seconds[min(self.steps, len(self.seconds) - 1)])
+        self.steps += 1
+
+    def read_stats(self):
+        return {rec.LOSS_D: 1.0, rec.LOSS_G: 1.0}
+
+    def close(self):
+        pass
+
+
+def test_a_path_far_slower_than_the_fastest_is_dropped_after_one_steady_step_and_its_compiled_twin_never_built():
+    fp32_nhwc, bf16_nchw = ExecPath("fp32", True), ExecPath("bf16", False)
+    fp32_compiled, bf16_compiled = ExecPath("fp32", False, True), ExecPath("bf16", False, True)
+    seconds = {FP32_NCHW: (0.01,), fp32_nhwc: (0.02,),  # 2x slower: within SLOW_FACTOR, timed in full
+               bf16_nchw: (0.2,),  # 20x slower: out of the race
+               fp32_compiled: (0.1, 0.3, 0.01)}  # its second step still compiles (30x): judged on its third
+    built = []
+
+    def build(path):
+        built.append(path)
+        return _SleepTrainer(seconds[path])
+    timings = time_paths([bf16_compiled, fp32_compiled, bf16_nchw, fp32_nhwc], build, CPU, rounds=1, round_s=0.01)
+    assert bf16_compiled not in built and built.count(bf16_nchw) == 1
+    assert timings[bf16_nchw].error.startswith(fastpath.SLOW) and "not timed further" in timings[bf16_nchw].error
+    assert timings[bf16_compiled].error == f"not compiled: bf16+NCHW+eager was {timings[bf16_nchw].error}"
+    assert timings[fp32_nhwc].usable and timings[fp32_compiled].usable and timings[FP32_NCHW].usable
+    assert timings[fp32_nhwc].img_per_s < timings[FP32_NCHW].img_per_s
+    assert fastest(list(timings.values()), list(timings)) in (FP32_NCHW, fp32_compiled)
 
 
 class Recorder(NullTracker):

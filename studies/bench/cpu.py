@@ -46,7 +46,8 @@ from core.build import build_run, path_builder, share_images
 from core.config import apply_overrides
 from core.data import find_source, load_images
 from core.device import ExecPath, candidate_paths, cpu_has_native_bf16, device_name
-from core.fastpath import REFERENCE, can_compile, fastest, ordered, time_paths, use_compile_cache
+from core.device import can_compile, use_compile_cache
+from core.fastpath import REFERENCE, fastest, ordered, time_paths
 from core.errors import UserError
 from core.inception import InceptionFeatures, find_weights
 from studies.bench.plain import image_files, measure_plain, plain_losses
