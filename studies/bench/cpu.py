@@ -45,8 +45,8 @@ from core import records as rec
 from core.build import build_run, path_builder, share_images
 from core.config import apply_overrides
 from core.data import find_source, load_images
-from core.device import ExecPath, candidate_paths, cpu_has_native_bf16, device_name
-from core.device import can_compile, use_compile_cache
+from core.device import (ExecPath, can_compile, candidate_paths, cpu_has_native_bf16, device_name,
+                         use_compile_cache)
 from core.fastpath import REFERENCE, fastest, ordered, time_paths
 from core.errors import UserError
 from core.inception import InceptionFeatures, find_weights
