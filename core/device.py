@@ -2,8 +2,7 @@
 
 The paths a run may take are listed here (`candidate_paths`); which one is fastest on this machine is measured
 by core/fastpath.py, never assumed from CPU flags: on one 2-core AMD EPYC bf16 + NHWC trained 1.7x faster than
-fp32, on a 2-core Intel Xeon with the same AVX512_BF16 flag 1.2x slower. torch.compile's plumbing lives here
-too: whether it can run (`can_compile`), inductor's cache (`use_compile_cache`) and its one-line fallback.
+fp32, on a 2-core Intel Xeon with the same AVX512_BF16 flag 1.2x slower.
 """
 
 from __future__ import annotations

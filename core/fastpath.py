@@ -196,8 +196,9 @@ def _rel_diff(ours: list[tuple[float, float]], ref: list[tuple[float, float]]) -
 def time_paths(paths: Sequence[ExecPath], build: Callable[[ExecPath], object], device: torch.device,
                rounds: int | None = None, round_s: float | None = None) -> dict[ExecPath, Timing]:
     """Build a trainer per path (and the fp32 eager reference), run LOSS_STEPS steps reading their losses, then
-    time `rounds` (ROUNDS) alternating rounds of about round_s (ROUND_S) each, dropping paths far behind
-    (SLOW_FACTOR; eager paths go first). Every trainer is closed before this returns."""
+    time `rounds` (ROUNDS) alternating rounds of about round_s (ROUND_S) each. A path whose steady step takes
+    over SLOW_FACTOR times the fastest one's so far is rejected at once, and its compiled twin not built (eager
+    paths go first). Every trainer is closed before this returns."""
     rounds, round_s = rounds or ROUNDS, round_s or ROUND_S
     todo = list(dict.fromkeys([REFERENCE, *sorted(paths, key=lambda p: p.compile)]))  # eager twins first
     trials = [_Trial(p) for p in todo]
@@ -209,7 +210,7 @@ def time_paths(paths: Sequence[ExecPath], build: Callable[[ExecPath], object], d
             for trial in trials:
                 twin = next((t for t in trials if trial.path.compile and t.path == replace(trial.path, compile=False)
                              and t.error.startswith(SLOW)), None)
-                if twin:  # compiling has not made up such a gap on a CPU (SLOW_FACTOR's numbers): not paid for
+                if twin:  # compiling has not made up such a gap on a CPU (module docstring): not paid for
                     trial.error = f"not compiled: {twin.path.name} was {twin.error}"
                     continue
                 try:

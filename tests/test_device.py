@@ -31,7 +31,7 @@ def test_auto_is_measured_not_read_from_cpu_flags(tiny_cfg, monkeypatch):
     assert device_mod.unmeasured_path(cfg.train, "cpu") == device_mod.ExecPath("fp32", False, False)
     assert device_mod.unmeasured_path(cfg.train, "cuda") == device_mod.ExecPath("bf16", True, False)
     quick = config_mod.resolve("quick").train  # tests and --smoke: one fixed path, nothing to measure
-    assert device_mod.candidate_paths(quick) == [device_mod.ExecPath("fp32", False, False)]
+    assert device_mod.candidate_paths(quick) == [device_mod.ExecPath("bf16", True, False)]
     pinned = config_mod.resolve("cpu", {"train.amp": "fp32", "train.channels_last": "on", "train.compile": "off"})
     assert device_mod.unmeasured_path(pinned.train, "cuda") == device_mod.ExecPath("fp32", True, False)
 
