@@ -226,8 +226,9 @@ def shared_baseline(effects: list[Effect], metric: str) -> list[str]:
         se = base.sd / math.sqrt(base.finished) if base.finished > 1 else math.nan
         out.append(f"{len(studies)} studies ({', '.join(f'`{s}`' for s in studies)}) share one baseline, the same "
                    f"{len(group[0].baseline_runs)} runs ({metric} {_g(base.mean)} ± {_g(base.sd)} sd, standard "
-                   f"error {_g(se)}), so its error moves all {len(group)} of their Δ alike: {below} of them lie "
-                   "below zero, and a shift common to all of them is no evidence for any one trick.")
+                   f"error {_g(se)}), so its error moves all {len(group)} of their Δ alike: {below} of them "
+                   f"{'lies' if below == 1 else 'lie'} below zero, and a shift common to all of them is no evidence "
+                   "for any one trick.")
     return out
 
 
