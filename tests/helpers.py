@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from core.metrics import MetricResult, Score
@@ -152,6 +153,17 @@ def mlflow_server(backend_uri: str, folder: Path, *extra: str):
 def set_flags(overrides: dict[str, object]) -> list[str]:
     """--set KEY=VALUE flags for a command, one pair per override, in order."""
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={value}")]
+
+
+def mlflow_search_runs(uri: str, experiment: str):
+    """mlflow.search_runs on the store at `uri`, without the suite's own readers. set_tracking_uri also exports
+    the URI as MLFLOW_TRACKING_URI, which a later test in this worker would take for its own store (studies.run
+    would write there): the environment is put back on return."""
+    import mlflow
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        return mlflow.search_runs(experiment_names=[experiment])
 
 
 def cli_env(home: Path) -> dict[str, str]:

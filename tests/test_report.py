@@ -14,7 +14,6 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -27,7 +26,7 @@ from studies.report.__main__ import main as report_main
 from studies.report.build import write_report
 from studies.report.evidence import verdict_from_csv
 from studies.run.study import StudySpec, run_study
-from tests.helpers import git_head, md_table
+from tests.helpers import git_head, md_table, mlflow_search_runs
 from tests.helpers import mlflow_server as start_mlflow_server
 
 NAME = "reportcheck"
@@ -74,9 +73,7 @@ def study(tmp_path_factory, synthetic_root, cache_dir, _migrated_mlflow_db):
 
 def search_runs(store: Store) -> tuple[pd.Series, pd.DataFrame]:
     """The study's parent and children straight from mlflow.search_runs, independent of the report code."""
-    import mlflow
-    mlflow.set_tracking_uri(store.uri)
-    runs = mlflow.search_runs(experiment_names=[NAME])
+    runs = mlflow_search_runs(store.uri, NAME)
     parent = runs[runs["tags.study"] == "parent"].iloc[0]
     return parent, runs[runs["tags.mlflow.parentRunId"] == parent["run_id"]]
 
@@ -109,10 +106,8 @@ def _holm(p: dict[str, float]) -> dict[str, float]:
 def _recompute_and_compare(uri: str, experiment: str, text: str) -> dict[str, float]:
     """Every number of the variant table, recomputed from mlflow.search_runs with scipy and a hand-written Holm;
     returns the Holm p of each tested variant."""
-    import mlflow
     from scipy import stats as sps
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=[experiment])
+    runs = mlflow_search_runs(uri, experiment)
     children = runs[runs["tags.study"] == "child"]
     assert (children["params.derived.primary_metric"] == "kid").all()  # few final samples: KID decides
     rows = {v: cells for v, cells in table_rows(text, RESULTS).items() if v != "variant"}
@@ -482,10 +477,8 @@ def test_recall_and_coverage_get_secondary_verdict_lines_from_welch_and_holm_wit
     verdict = text.split("## Verdict\n", 1)[1].split("\n## ", 1)[0]
     primary, secondary = verdict.split("**Diversity (secondary)**")
     assert "**Final KID**: `strong` is better than the baseline" in primary and "recall" not in primary
-    import mlflow
     from scipy import stats as sps
-    mlflow.set_tracking_uri(store.uri)
-    runs = mlflow.search_runs(experiment_names=["diversity-study"])
+    runs = mlflow_search_runs(store.uri, "diversity-study")
     children = runs[runs["tags.study"] == "child"]
     for key, label in (("pr/final_recall", "recall"), ("dc/final_coverage", "coverage")):
         values = {v: children[children["tags.variant"] == v][f"metrics.{key}"].to_numpy() for v in seeds}
