@@ -20,15 +20,6 @@ REAL_CELEBA = next((Path(c) / "img_align_celeba" for c in _CANDIDATES if c and (
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # workers share the cores: more threads than cores only spin
     import torch
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files holding end-to-end (`slow`) tests run first. `--dist loadfile` hands whole files to the workers in
-    collection order (pyproject: --no-loadscope-reorder; xdist would otherwise send the files with the most tests
-    first, and those are the quick parametrized ones), so the longest files start while the short ones can
-    still fill in beside them, instead of ending the suite on one worker while the other idles."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file keeps its own order
-
-
 TINY = {  # 32x32, narrow, a handful of steps: seconds on two CPU cores
     "model.resolution": 32, "model.width": 0.125, "train.device": "cpu",
     "train.amp": "fp32", "train.channels_last": "off", "train.compile": "off",  # one path: nothing measured
