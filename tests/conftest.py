@@ -107,3 +107,12 @@ def empty_store_db(_migrated_mlflow_db, tmp_path) -> Path:
     """tmp_path/mlflow.db: an empty, already migrated MLflow store (the commands' default store in tmp_path)."""
     import shutil
     return Path(shutil.copy(_migrated_mlflow_db, tmp_path / "mlflow.db"))
+
+
+def pytest_collection_finish(session):
+    """Every module of the suite is imported now: freeze those objects out of the garbage collector's sight. Each
+    run ends in core.device.release_memory, whose gc.collect() would otherwise walk all ~400,000 objects of torch,
+    MLflow, pandas and the tests every time (0.4 s; 250 times a suite, 2026-12-01, AMD EPYC)."""
+    import gc
+    gc.collect()
+    gc.freeze()
