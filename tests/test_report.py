@@ -26,19 +26,18 @@ from studies.report.__main__ import main as report_main
 from studies.report.build import write_report
 from studies.report.evidence import verdict_from_csv
 from studies.run.study import StudySpec, run_study
-from tests.helpers import git_head, md_table, mlflow_search_runs
+from tests.helpers import git_head, install_fake_fid, md_table, mlflow_search_runs
 from tests.helpers import mlflow_server as start_mlflow_server
 
 NAME = "reportcheck"
-FAST = {  # 32x32, 8 steps of batch 8; FID/KID on 16 samples at 32 images and on 8 at the end (64 images), so a
-    # run's best values (fid/best, kid/best: its training evaluation) differ from its final ones (fid/final,
-    # kid/final): a report that reads the wrong metric shows other numbers.
-    # G samples in train mode (batch statistics): in eval mode, BatchNorm's running statistics after 8 steps make
-    # every z the same saturated image, whose FID does not depend on the step or the sample count.
+FAST = {  # 32x32, 8 steps of batch 8; FID/KID (tests.helpers.install_fake_fid: a function of G's weights) on 16
+    # samples at 32 images and on 8 at the end (64 images), so a run's best values (fid/best, kid/best: its training
+    # evaluation) differ from its final ones (fid/final, kid/final): a report that reads the wrong metric shows
+    # other numbers.
     "train.device": "cpu", "train.batch_size": 8, "optim.lr_ref_batch": 8, "train.kimg": 0.064,
     "train.log_every_kimg": 0.016, "train.sample_every_kimg": 0.032, "train.checkpoint_every_kimg": 1.0,
     "eval.fid_every_kimg": 0.032, "eval.fid_samples": 16, "eval.fid_final_samples": 8, "eval.fid_ref_images": 32,
-    "eval.fid_batch": 16, "eval.grid_size": 4, "data.max_images": 48, "eval.g_mode": "train",
+    "eval.fid_batch": 16, "eval.grid_size": 4, "data.max_images": 48,
 }
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LINK = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
@@ -64,7 +63,9 @@ def study(tmp_path_factory, synthetic_root, cache_dir, _migrated_mlflow_db):
         from core.data import load_images
         from studies.run.study import resolve_configs
         first = next(iter(resolve_configs(spec).values()))
-        run_study(spec, store, share_images(first, load_images(first.data, first.model.resolution)), progress=False)
+        with pytest.MonkeyPatch.context() as mp:  # FID as a function of G's weights: the report's numbers are what
+            install_fake_fid(mp)  # is checked here; tests/test_study_cli.py scores a study with Inception (30 s here)
+            run_study(spec, store, share_images(first, load_images(first.data, first.model.resolution)), progress=False)
         path = write_report(store, NAME, tmp / "reports")
         yield store, path, tmp
     finally:

@@ -390,7 +390,8 @@ def test_two_workers_share_one_study_with_unique_trials_and_the_asked_total(kind
     proc = subprocess.run([sys.executable, "-m", "studies.search", "--study", f"shared-{kind}", "--storage", storage,
                            "--trials", str(trials), "--workers", "2", "--evals", "0", "--trial-kimg", "0.016",
                            "--tracking-uri", tracking_uri, "--no-progress",
-                           *set_flags(tiny_overrides(synthetic_root, cache_dir))],
+                           *set_flags({**tiny_overrides(synthetic_root, cache_dir), "eval.fid_final_samples": 8,
+                                       "eval.fid_ref_images": 16, "eval.fid_batch": 8})],  # Inception: 5 images/s
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     url = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else storage
