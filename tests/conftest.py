@@ -87,6 +87,22 @@ def store(tmp_path, monkeypatch, _migrated_mlflow_db):
 
 
 @pytest.fixture(autouse=True)
+def _blank_run_curves(request, monkeypatch):
+    """Every run ends by drawing its curves with matplotlib (core/plots.py: 0.4 s a run on a 2-core AMD EPYC, and
+    this suite trains ~160 runs in its own processes): a blank PNG of the same name stands in, except in tests
+    marked `run_curves`, which draw the real one (tests/test_trainer.py)."""
+    if request.node.get_closest_marker("run_curves"):
+        return
+    import core.runner
+
+    def blank(log, path: Path, sample_counts, title: str = "") -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 1)).save(path)
+        return path
+    monkeypatch.setattr(core.runner, "plot_run_curves", blank)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

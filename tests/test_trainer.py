@@ -4,11 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from core import checkpoint
 from core import records as rec
 from core.bookkeeping import MetricLog, SaturationWatch, StepStats
 from core.errors import UserError
+from core.plots import panels
 from core.runner import execute_run
 from core.tracking import NullTracker
 from tests.helpers import build, images_for, install_fake_fid
@@ -26,6 +28,7 @@ def test_a_few_cpu_steps_give_finite_losses_and_count_images(tiny_cfg):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.G.parameters()))
 
 
+@pytest.mark.run_curves
 def test_run_is_recorded_in_mlflow(tiny_cfg, store, tmp_path):
     cfg = tiny_cfg()
     tracker = store.start_run("trainer-test", "one", {"variant": "baseline"})
@@ -47,6 +50,9 @@ def test_run_is_recorded_in_mlflow(tiny_cfg, store, tmp_path):
     artifacts = {a.path for a in store.client.list_artifacts(tracker.run_id)}
     assert {"config.json", "checkpoints", "plots", "samples", "summary.json"} <= artifacts
     assert "fid_reference" not in artifacts  # which run holds the reference is the study's or the search's call
+    # the run's curves: one row of panels (losses, D outputs, FID, KID), 4.2 x 3.2 inches each at 100 dpi
+    curves = Image.open(store.download(tracker.run_id, "plots/curves.png", tmp_path / "dl"))
+    assert curves.size == (round(4.2 * 100) * len(panels([16])), round(3.2 * 100))
     summary = json.loads(store.download(tracker.run_id, "summary.json", tmp_path / "dl").read_text())
     assert set(summary) == {"status", "step", "nimg", "final", "best", "primary_metric", "diverged_at_nimg",
                             "saturation_episodes", "d_steps", "g_steps"}
