@@ -86,20 +86,43 @@ def store(tmp_path, monkeypatch, _migrated_mlflow_db):
     return Store(f"sqlite:///{shutil.copy(_migrated_mlflow_db, tmp_path / 'mlflow.db')}")
 
 
-@pytest.fixture(autouse=True)
-def _blank_run_curves(request, monkeypatch):
-    """Every run ends by drawing its curves with matplotlib (core/plots.py: 0.4 s a run on a 2-core AMD EPYC, and
-    this suite trains ~160 runs in its own processes): a blank PNG of the same name stands in, except in tests
-    marked `run_curves`, which draw the real one (tests/test_trainer.py)."""
-    if request.node.get_closest_marker("run_curves"):
-        return
-    import core.runner
+def _blank_png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 1)).save(path)
+    return path
 
-    def blank(log, path: Path, sample_counts, title: str = "") -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (4, 1)).save(path)
-        return path
-    monkeypatch.setattr(core.runner, "plot_run_curves", blank)
+
+@pytest.fixture(scope="session", autouse=True)
+def _blank_pictures():
+    """Every run ends by drawing its curves, and every report its pictures, with matplotlib (0.4 s a run and ~1 s a
+    report on a 2-core AMD EPYC; this suite trains ~160 runs and writes ~70 reports in its own processes): blank
+    PNGs of the same names stand in, for module fixtures too. Tests marked `pictures` draw the real ones, and so
+    does tests/test_report.py's study. Yields the real (plot_run_curves, report plots' _save)."""
+    import core.runner
+    import studies.report.plots as report_plots
+    real = core.runner.plot_run_curves, report_plots._save
+
+    def no_figure(fig, path: Path) -> Path:
+        report_plots._plt().close(fig)
+        return _blank_png(path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(core.runner, "plot_run_curves", lambda log, path, sample_counts, title="": _blank_png(path))
+        mp.setattr(report_plots, "_save", no_figure)
+        yield real
+
+
+def draw_pictures(mp: pytest.MonkeyPatch, real) -> None:
+    """Put the real drawing back within `mp` (real: what _blank_pictures yields)."""
+    import core.runner
+    import studies.report.plots as report_plots
+    mp.setattr(core.runner, "plot_run_curves", real[0])
+    mp.setattr(report_plots, "_save", real[1])
+
+
+@pytest.fixture(autouse=True)
+def _real_pictures_where_marked(request, monkeypatch, _blank_pictures):
+    if request.node.get_closest_marker("pictures"):
+        draw_pictures(monkeypatch, _blank_pictures)
 
 
 @pytest.fixture(autouse=True)

@@ -26,6 +26,7 @@ from studies.report.__main__ import main as report_main
 from studies.report.build import write_report
 from studies.report.evidence import verdict_from_csv
 from studies.run.study import StudySpec, run_study
+from tests.conftest import draw_pictures
 from tests.helpers import git_head, install_fake_fid, md_table, mlflow_search_runs
 from tests.helpers import mlflow_server as start_mlflow_server
 
@@ -51,8 +52,9 @@ class ReportCheck(Ablation):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, synthetic_root, cache_dir, _migrated_mlflow_db):
-    """Run the study once; yields (store, report path, tmp dir). The test ablation is unregistered afterwards."""
+def study(tmp_path_factory, synthetic_root, cache_dir, _migrated_mlflow_db, _blank_pictures):
+    """Run the study once; yields (store, report path, tmp dir), the report with its real pictures. The test
+    ablation is unregistered afterwards."""
     register_ablation(ReportCheck)
     tmp = tmp_path_factory.mktemp("report-study")
     store = Store(f"sqlite:///{shutil.copy(_migrated_mlflow_db, tmp / 'mlflow.db')}")  # schema made once per session
@@ -66,7 +68,9 @@ def study(tmp_path_factory, synthetic_root, cache_dir, _migrated_mlflow_db):
         with pytest.MonkeyPatch.context() as mp:  # FID as a function of G's weights: the report's numbers are what
             install_fake_fid(mp)  # is checked here; tests/test_study_cli.py scores a study with Inception (30 s here)
             run_study(spec, store, share_images(first, load_images(first.data, first.model.resolution)), progress=False)
-        path = write_report(store, NAME, tmp / "reports")
+        with pytest.MonkeyPatch.context() as mp:
+            draw_pictures(mp, _blank_pictures)
+            path = write_report(store, NAME, tmp / "reports")
         yield store, path, tmp
     finally:
         _REGISTRY.pop(NAME, None)

@@ -28,7 +28,7 @@ def test_a_few_cpu_steps_give_finite_losses_and_count_images(tiny_cfg):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.G.parameters()))
 
 
-@pytest.mark.run_curves
+@pytest.mark.pictures
 def test_run_is_recorded_in_mlflow(tiny_cfg, store, tmp_path):
     cfg = tiny_cfg()
     tracker = store.start_run("trainer-test", "one", {"variant": "baseline"})
