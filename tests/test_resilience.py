@@ -16,7 +16,8 @@ import torch
 
 from core.hooks import Hooks
 from core.tracking import Store
-from tests.helpers import md_table
+from tests.conftest import FP32_EAGER
+from tests.helpers import md_table, set_flags
 from tests.helpers import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,10 +25,7 @@ SMALL = ["--preset", "quick", "--seeds", "1", "--variants", "maxpool", "--no-pro
          "--set", "data.max_images=64", "--set", "eval.fid_every_kimg=0", "--set", "eval.fid_final_samples=0",
          "--set", "train.batch_size=8", "--set", "optim.lr_ref_batch=8", "--set", "train.kimg=2.4",
          "--set", "train.log_every_kimg=0.04", "--set", "train.checkpoint_every_kimg=0.4",
-         "--set", "train.sample_every_kimg=0.8",
-         # fp32 eager, not the quick preset's bf16 + NHWC: on a CPU without AVX512_BF16 a step of batch 8 takes 2.5x
-         # as long in bf16 (70 against 28 ms, 2026-12-01, AMD EPYC), and these tests are about kills and records
-         "--set", "train.amp=fp32", "--set", "train.channels_last=off"]
+         "--set", "train.sample_every_kimg=0.8", *set_flags(FP32_EAGER)]
 
 
 def study(cwd: Path, data: Path, *extra: str) -> subprocess.Popen:

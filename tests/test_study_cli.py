@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FP32_EAGER
+from tests.helpers import set_flags
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--set", "train.kimg=0.32", "--set", "train.log_every_kimg=0.16", "--set", "eval.fid_every_kimg=0",
         "--set", "eval.fid_final_samples=8", "--set", "eval.fid_ref_images=16", "--set", "eval.fid_batch=8",
         "--set", "data.max_images=64", "--set", "eval.collapse_nn_ratio=0",  # 10 steps: still the collapsed start
-        "--set", "train.amp=fp32", "--set", "train.channels_last=off",  # 4x faster steps than bf16 without AVX512_BF16
-        "--no-progress"]  # 6 x 8 generated + 16 real + the ETA's 8 through Inception (~4 images a second here)
+        *set_flags(FP32_EAGER), "--no-progress"]  # 6 x 8 generated + 16 real + the ETA's 8 through Inception
 
 
 def run_cli(args, cwd, module="studies.run"):
