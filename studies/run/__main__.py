@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every run, even one the store already finished under the same content key (same "
                         "config, seed, data, metric protocol and core code) in another study (default: reuse it)")
     add_flags(p, "--no-progress")
-    w = p.add_argument_group("workers: the runs as jobs of a queue in an Optuna storage (studies/run/queue.py)")
+    w = p.add_argument_group("workers: the runs as jobs of a queue in an Optuna storage (studies/search/queue.py)")
     w.add_argument("--workers", type=int, default=None,
                    help="local worker processes, each on its own GPU or on cores/N threads (default: one per "
                         "visible GPU with CUDA, 1 without: the runs one after another in this process)")
