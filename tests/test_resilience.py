@@ -17,8 +17,7 @@ import torch
 from core.hooks import Hooks
 from core.tracking import Store
 from tests.conftest import FP32_EAGER
-from tests.helpers import md_table, set_flags
-from tests.helpers import build
+from tests.helpers import build, md_table, set_flags
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "quick", "--seeds", "1", "--variants", "maxpool", "--no-progress",
