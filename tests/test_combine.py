@@ -3,8 +3,10 @@ into one variant against the baseline; refused where two winners set the same ke
 
 from __future__ import annotations
 
+import pandas as pd
+
 from ablations import Ablation
-from studies.report.summary import campaign
+from studies.report.summary import campaign, summary_section, winners
 from studies.run.__main__ import main
 from tests.helpers import install_fake_fid
 from tests.test_study_outcomes import flags, in_dir, register, runs_of  # noqa: F401  (in_dir is a fixture)
@@ -51,3 +53,29 @@ def test_combine_is_refused_where_two_winners_set_one_key_or_none_exists(in_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: combine: other_pooling=max and pooling=avgpool both set model.d_downsample; they cannot "
                    "be stacked (run the study over one with --base instead)"]
+
+
+def _settings(study_dir, key: str, by_variant: dict[str, object]) -> None:
+    """Add a varied setting's column to a runs.csv, as a report writes it (one value per variant)."""
+    runs = pd.read_csv(study_dir / "runs.csv")
+    runs[key] = runs["variant"].map(by_variant)
+    runs.to_csv(study_dir / "runs.csv", index=False)
+
+
+def test_a_variant_better_than_a_baseline_of_its_own_is_set_apart_not_stacked(in_dir, synthetic_root, capsys):
+    cwd = in_dir()
+    reports = cwd / "reports"
+    _reports(reports)
+    _settings(reports / "pooling", "model.d_downsample",  # the preset's own value: still a winner
+              {"baseline": "stride", "maxpool": "maxpool", "avgpool": "avgpool"})
+    # the ema study's baseline turns G_ema off; the cpu preset samples it (half-life 10 kimg)
+    _write(reports, "ema", {"baseline": BASE, "ema_100": [0.05, 0.06, 0.07]})
+    _settings(reports / "ema", "train.ema_kimg", {"baseline": 0.0, "ema_100": 100.0})
+    assert winners(reports, "cpu") == [("label_smoothing", "real_0.9"), ("pooling", "avgpool")]
+    assert main(["combine", "--data", str(synthetic_root), "--dry-run"]) == 0
+    said = ("`ema=ema_100` is better than its study's baseline, which departs from the preset "
+            "(train.ema_kimg=0.0 (preset 10.0)): not compared with the preset's own setting, so not stacked")
+    assert f"combine: {said}" in capsys.readouterr().out.splitlines()
+    text = "\n".join(summary_section(reports))
+    assert f"- Preset `cpu`: {said}." in text
+    assert "Measured against a baseline of their own, not the preset: `ema` (train.ema_kimg=0.0 (preset 10.0))" in text

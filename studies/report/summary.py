@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core import config as config_mod
 from core import records as rec
 from core.errors import UserError
 from studies.report import plots, stats
@@ -43,6 +44,7 @@ class Effect:
     p_campaign: float = math.nan  # Holm across every variant of the preset's campaign
     tuned: VariantVerdict | None = None  # the same variant in the study's --tune report: each at its own best rates
     baseline_runs: tuple[str, ...] = ()  # the runs behind the baseline (a reused one: its original): shared or not
+    base_settings: tuple[tuple[str, str], ...] = ()  # the baseline's values of the settings the study varies
 
     @property
     def delta(self) -> float:
@@ -67,6 +69,23 @@ class Effect:
     def campaign_significant(self) -> bool:
         return math.isfinite(self.p_campaign) and self.p_campaign < ALPHA
 
+    @property
+    def own_baseline(self) -> list[str]:
+        """Where the study's baseline departs from its preset, "train.ema_kimg=0.0 (preset 10.0)": the ema study
+        turns off the G_ema the cpu preset samples. Its variants were measured against that baseline, not the
+        preset every other study and combine start from, so they say nothing about the preset's own setting."""
+        preset = config_mod.flatten(config_mod.resolve(self.preset))
+        return [f"{k}={v} (preset {preset[k]})" for k, v in self.base_settings
+                if k in preset and not _same(v, preset[k])]
+
+
+def _same(value: str, default: object) -> bool:
+    """A setting read back from runs.csv (text) equals the config's value: numbers as numbers, the rest as text."""
+    try:
+        return float(value) == float(default)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return value == str(default)
+
 
 def _mean(runs: pd.DataFrame, ok: pd.Series, column: str) -> float:
     values = runs.loc[ok, column].to_numpy(float) if column in runs else np.array([])
@@ -82,6 +101,7 @@ def study_effects(csv: Path) -> list[Effect]:
     ok = stats.counted(runs, metric)
     base = verdicts[0]
     plain = runs[runs["variant"] == base.name]
+    settings = tuple((k, "" if pd.isna(v) else str(v)) for k, v in plain.iloc[0].items() if "." in str(k))
     source = plain["run_id"].astype(str)
     if "reused_from" in plain:  # a reused run is its original: studies that reused one baseline share it
         source = plain["reused_from"].astype("string").fillna("").where(lambda r: r != "", source).astype(str)
@@ -90,7 +110,7 @@ def study_effects(csv: Path) -> list[Effect]:
         mine = ok & (runs["variant"] == v.name)
         out.append(Effect(csv.parent.name, study.preset, metric, base, v,
                           _mean(runs, mine, f"final_{rec.RECALL}"), _mean(runs, mine, f"final_{rec.COVERAGE}"),
-                          baseline_runs=tuple(sorted(source))))
+                          baseline_runs=tuple(sorted(source)), base_settings=settings))
     return out
 
 
@@ -120,15 +140,29 @@ def campaign(reports_dir: Path) -> dict[str, list[Effect]]:
     return by_preset
 
 
-def winners(reports_dir: Path, preset: str) -> list[tuple[str, str]]:
-    """(ablation, variant) per study of `preset` whose own verdict calls a variant better than its baseline (the
-    best one: the largest improvement); studies over a --base variant and a combine study are not winners."""
+def _best(reports_dir: Path, preset: str) -> list[Effect]:
+    """Per study of `preset` whose own verdict calls a variant better than its baseline, that variant (the largest
+    improvement); studies over a --base variant and a combine study have none."""
     best: dict[str, Effect] = {}
     for e in campaign(reports_dir).get(preset, []):
         if e.better and "@" not in e.study and e.study != COMBINE and (
                 e.study not in best or e.verdict.gain > best[e.study].verdict.gain):
             best[e.study] = e
-    return [(study, e.verdict.name) for study, e in sorted(best.items())]
+    return [e for _, e in sorted(best.items())]
+
+
+def winners(reports_dir: Path, preset: str) -> list[tuple[str, str]]:
+    """(ablation, variant): each study's best variant, better than its baseline, where that baseline is the
+    preset itself; combine stacks them on the preset."""
+    return [(e.study, e.verdict.name) for e in _best(reports_dir, preset) if not e.own_baseline]
+
+
+def set_apart(reports_dir: Path, preset: str) -> list[str]:
+    """A line per study whose best variant is better than a baseline that departs from the preset (not a
+    winner: nothing compared it with the preset's own setting)."""
+    return [f"`{e.study}={e.verdict.name}` is better than its study's baseline, which departs from the preset "
+            f"({', '.join(e.own_baseline)}): not compared with the preset's own setting, so not stacked"
+            for e in _best(reports_dir, preset) if e.own_baseline]
 
 
 def _g(x: float, fmt: str = ".3g", sign: bool = False) -> str:
@@ -201,6 +235,11 @@ def paragraph(preset: str, effects: list[Effect]) -> str:
         parts.append("Not told apart from the baseline: "
                      + ", ".join(f"`{e.study}` `{e.verdict.name}`" for e in unclear) + detect + ".")
     parts += shared_baseline(effects, metric)
+    own = {e.study: e.own_baseline for e in effects if e.own_baseline}
+    if own:
+        parts.append("Measured against a baseline of their own, not the preset: "
+                     + "; ".join(f"`{s}` ({', '.join(d)})" for s, d in sorted(own.items()))
+                     + "; their Δ compare them with that, not with the preset's own setting.")
     retuned = [e for e in effects if e.tuned is not None]
     if retuned:
         parts.append("With every variant at its own best learning rates (`--tune`, the same search budget each), "
@@ -281,11 +320,13 @@ def combine_section(reports_dir: Path, presets: list[str]) -> list[str]:
                 "`python -m studies.run combine` has no winner to compose." if not found else
                 f"`python -m studies.run combine --preset {preset}` would stack "
                 + ", ".join(f"`{a}={v}`" for a, v in found) + "; not run yet."))
+            lines += [f"- Preset `{preset}`: {line}." for line in set_apart(reports_dir, preset)]
         return lines + [""]
     study = read_runs_csv(csv)
     grid = reports_dir / COMBINE / "samples-stacked.png"
     return ["### The winners stacked", "",
             f"[`combine`]({COMBINE}.md) (preset `{study.preset}`): every variant above that its own study shows "
-            "better, composed into one variant, `stacked`, against the baseline over the same seeds.", "",
-            *[f"- {line}" for line in verdict_from_csv(csv)], "",
+            "better than a baseline that is the preset itself, composed into one variant, `stacked`, against the baseline over the same seeds.", "",
+            *[f"- {line}" for line in verdict_from_csv(csv)],
+            *[f"- {line}." for line in set_apart(reports_dir, study.preset)], "",
             *([f"![stacked winners, last grid]({COMBINE}/samples-stacked.png)", ""] if grid.is_file() else [])]

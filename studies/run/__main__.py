@@ -144,8 +144,10 @@ def specs_from_args(args: argparse.Namespace) -> list[StudySpec]:
 def stacked(spec: StudySpec, reports: Path) -> StudySpec:
     """The combine study: its `stacked` variant made of the winners the campaign summary in `reports` shows for
     this preset (one line and exit 2 when there is none to stack)."""
-    from studies.report import winners
+    from studies.report import set_apart, winners
     found = tuple(winners(reports, spec.preset))
+    for line in set_apart(reports, spec.preset):
+        print(f"combine: {line}")
     if not found:
         raise UserError(f"combine: no report in {reports} of preset {spec.preset} shows a variant better than its "
                         "baseline; nothing to stack (run the studies first: python -m studies.run all)")
