@@ -44,7 +44,7 @@ class Effect:
     p_campaign: float = math.nan  # Holm across every variant of the preset's campaign
     tuned: VariantVerdict | None = None  # the same variant in the study's --tune report: each at its own best rates
     baseline_runs: tuple[str, ...] = ()  # the runs behind the baseline (a reused one: its original): shared or not
-    base_settings: tuple[tuple[str, str], ...] = ()  # the baseline's values of the settings the study varies
+    own_baseline: tuple[str, ...] = ()  # where the study's baseline departs from its preset (departures())
 
     @property
     def delta(self) -> float:
@@ -69,22 +69,17 @@ class Effect:
     def campaign_significant(self) -> bool:
         return math.isfinite(self.p_campaign) and self.p_campaign < ALPHA
 
-    @property
-    def own_baseline(self) -> list[str]:
-        """Where the study's baseline departs from its preset, "train.ema_kimg=0.0 (preset 10.0)": the ema study
-        turns off the G_ema the cpu preset samples. Its variants were measured against that baseline, not the
-        preset every other study and combine start from, so they say nothing about the preset's own setting."""
-        preset = config_mod.flatten(config_mod.resolve(self.preset))
-        return [f"{k}={v} (preset {preset[k]})" for k, v in self.base_settings
-                if k in preset and not _same(v, preset[k])]
 
-
-def _same(value: str, default: object) -> bool:
-    """A setting read back from runs.csv (text) equals the config's value: numbers as numbers, the rest as text."""
-    try:
-        return float(value) == float(default)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return value == str(default)
+def departures(baseline: pd.Series, preset: str) -> tuple[str, ...]:
+    """Where a study's baseline (a runs.csv row: its varied settings as columns) departs from its preset,
+    "train.ema_kimg=0.0 (preset 10.0)": the ema study turns off the G_ema the cpu preset samples. Its variants
+    were measured against that baseline, not the preset every other study and combine start from. The values
+    are read back as the config reads --set (core.config.apply_overrides)."""
+    cfg = config_mod.resolve(preset)
+    defaults = config_mod.flatten(cfg)
+    settings = {k: getattr(v, "item", lambda: v)() for k, v in baseline.items() if k in defaults and not pd.isna(v)}
+    read = config_mod.flatten(config_mod.apply_overrides(cfg, settings))
+    return tuple(f"{k}={read[k]} (preset {defaults[k]})" for k in settings if read[k] != defaults[k])
 
 
 def _mean(runs: pd.DataFrame, ok: pd.Series, column: str) -> float:
@@ -101,7 +96,7 @@ def study_effects(csv: Path) -> list[Effect]:
     ok = stats.counted(runs, metric)
     base = verdicts[0]
     plain = runs[runs["variant"] == base.name]
-    settings = tuple((k, "" if pd.isna(v) else str(v)) for k, v in plain.iloc[0].items() if "." in str(k))
+    own = departures(plain.iloc[0], study.preset)
     source = plain["run_id"].astype(str)
     if "reused_from" in plain:  # a reused run is its original: studies that reused one baseline share it
         source = plain["reused_from"].astype("string").fillna("").where(lambda r: r != "", source).astype(str)
@@ -110,7 +105,7 @@ def study_effects(csv: Path) -> list[Effect]:
         mine = ok & (runs["variant"] == v.name)
         out.append(Effect(csv.parent.name, study.preset, metric, base, v,
                           _mean(runs, mine, f"final_{rec.RECALL}"), _mean(runs, mine, f"final_{rec.COVERAGE}"),
-                          baseline_runs=tuple(sorted(source)), base_settings=settings))
+                          baseline_runs=tuple(sorted(source)), own_baseline=own))
     return out
 
 
@@ -326,7 +321,8 @@ def combine_section(reports_dir: Path, presets: list[str]) -> list[str]:
     grid = reports_dir / COMBINE / "samples-stacked.png"
     return ["### The winners stacked", "",
             f"[`combine`]({COMBINE}.md) (preset `{study.preset}`): every variant above that its own study shows "
-            "better than a baseline that is the preset itself, composed into one variant, `stacked`, against the baseline over the same seeds.", "",
+            "better than a baseline that is the preset itself, composed into one variant, `stacked`, against the "
+            "baseline over the same seeds.", "",
             *[f"- {line}" for line in verdict_from_csv(csv)],
             *[f"- {line}." for line in set_apart(reports_dir, study.preset)], "",
             *([f"![stacked winners, last grid]({COMBINE}/samples-stacked.png)", ""] if grid.is_file() else [])]
