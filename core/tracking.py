@@ -219,6 +219,11 @@ class Store:
         last = max((m.step for k in data.metrics for m in self.client.get_metric_history(run_id, k)), default=-1)
         return RunTracker(self.client, run_id, skip_until=last, parent_id=data.tags.get("mlflow.parentRunId"))
 
+    def discard_run(self, run_id: str) -> None:
+        """Delete a run that holds no result (MLflow's soft delete: searches no longer find it, `mlflow gc` can
+        restore or purge it)."""
+        _retry(self.client.delete_run, run_id)
+
     def find_runs(self, experiment: str, filter_string: str = "") -> list:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:

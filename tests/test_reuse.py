@@ -142,3 +142,29 @@ def test_baseline_seeds_train_the_shared_baseline_once_and_every_verdict_uses_th
     capsys.readouterr()
     assert main(["pooling", "--seeds", "3", "--baseline-seeds", "2", *data[:2]]) == 2
     assert "--baseline-seeds 2 must be >= --seeds 3" in capsys.readouterr().err
+
+
+def test_a_run_interrupted_here_and_finished_elsewhere_is_reused_not_trained_again(in_dir, synthetic_root, cache_dir,
+                                                                                 monkeypatch):
+    """A study killed while it copied a reused run (its child has no outcome yet) resumes by copying it again:
+    the stale child is discarded, nothing trains, and the study holds one copy tagged with the original."""
+    from core import records as rec
+    from core.tracking import Store
+    calls = install_fake_fid(monkeypatch)
+    cwd = in_dir()
+    first, second, _ = _two_studies(cwd, synthetic_root, cache_dir, calls)
+    store = Store(f"sqlite:///{cwd / 'mlflow.db'}")
+    stale = second.loc["baseline-s0", "run_id"]
+    store.client.delete_tag(stale, rec.OUTCOME)  # killed halfway through the copy: no result
+    store.client.set_terminated(stale, "KILLED")
+    parent = runs_of(cwd, "label_smoothing")[0]["run_id"].iloc[-1]
+    store.client.set_terminated(parent, "KILLED")
+    before = len(calls)
+    assert main(["label_smoothing", "--variants", "real_0.9", "--data", str(synthetic_root),
+                 *flags(cache_dir, seeds=2, **SETS)]) == 0
+    assert len(calls) == before  # nothing trained or scored
+    again = runs_of(cwd, "label_smoothing")[1]
+    assert len(again.loc[["baseline-s0"]]) == 1 and again.loc["baseline-s0", "run_id"] != stale
+    assert again.loc["baseline-s0", "tags.reused_from"] == first.loc["baseline-s0", "run_id"]
+    assert again.loc["baseline-s0", "tags.outcome"] == "finished"
+    assert store.client.get_run(stale).info.lifecycle_stage == "deleted"

@@ -160,7 +160,8 @@ def run_study(spec: StudySpec, store: Store, images: DeviceImages, progress: boo
     Re-running the same study resumes it: its unfinished parent run is reopened, finished child runs are
     skipped, and an interrupted child continues from its last checkpoint in the same MLflow run. A crashing
     run is recorded as failed and the study goes on; a diverged one is tagged and the study goes on. A run the
-    store already finished under the same content key (core/identity.py), in any study, is reused (spec.reuse).
+    store already finished under the same content key (core/identity.py), in any study, is reused (spec.reuse),
+    and so is one that finished elsewhere while this study's copy was interrupted: the stale copy is discarded.
     """
     configs = resolve_configs(spec)
     key = study_key(spec, configs)
@@ -241,12 +242,14 @@ def _run_one(spec: StudySpec, store: Store, parent: RunTracker, variant: str, se
     tags = {rec.ABLATION: spec.ablation, rec.VARIANT: variant, rec.SEED: seed, rec.PRESET: spec.preset,
             rec.BASE: ",".join(f"{a}={v}" for a, v in spec.base) or "none", rec.STUDY: rec.CHILD,
             rec.RUN_KEY: key, **spec.provenance}
+    original = reusable(store, key) if spec.reuse else None
+    if original is not None:
+        if earlier is not None:  # interrupted here, finished elsewhere since (a copy killed halfway, another worker)
+            store.discard_run(earlier.info.run_id)
+        return reuse_run(store, spec.experiment, name, tags, parent, original)
     if earlier is not None:  # interrupted: same MLflow run and run directory, continued from its checkpoint
         child = store.resume_run(earlier.info.run_id)
     else:
-        original = reusable(store, key) if spec.reuse else None
-        if original is not None:
-            return reuse_run(store, spec.experiment, name, tags, parent, original)
         child = store.start_run(spec.experiment, name, tags, parent=parent)
     run_dir = spec.workdir / spec.experiment / child.run_id
     bar = _progress_bar(name, cfg) if progress else None
