@@ -1,8 +1,9 @@
 """Where a run computes and on which path (precision, memory format, compiled or eager); giving memory back.
 
 The paths a run may take are listed here (`candidate_paths`); which one is fastest on this machine is measured
-by core/fastpath.py, never assumed from CPU flags: on one 2-core AMD EPYC bf16 + NHWC trained 1.7x faster than
-fp32, on a 2-core Intel Xeon with the same AVX512_BF16 flag 1.2x slower.
+by core/fastpath.py, never assumed from CPU flags: of two 2-core Intel Xeons with AVX512_BF16, one trained the
+cpu preset's model in bf16 1.3x slower than in fp32, the other (with AMX-BF16) 2.1x faster; core/fastpath.py
+lists what each machine measured.
 """
 
 from __future__ import annotations
