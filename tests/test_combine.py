@@ -35,6 +35,7 @@ def test_combine_stacks_each_studys_best_variant_and_the_summary_ends_with_it(in
     assert (baseline["params.model.d_downsample"], baseline["params.train.real_label"]) == ("stride", "1.0")
     text = (cwd / "reports" / "README.md").read_text()
     assert text.index("### Preset `cpu`") < text.index("### The winners stacked")  # the summary ends with it
+    assert "(`label_smoothing=real_0.9`, `pooling=avgpool`), composed into one variant" in text  # what it stacked
     assert "combine/samples-stacked.png" in text and (cwd / "reports" / "combine" / "samples-stacked.png").is_file()
     assert all(e.study != "combine" for e in campaign(cwd / "reports")["cpu"])  # its own question, not in the table
 

@@ -319,10 +319,11 @@ def combine_section(reports_dir: Path, presets: list[str]) -> list[str]:
         return lines + [""]
     study = read_runs_csv(csv)
     grid = reports_dir / COMBINE / "samples-stacked.png"
+    stacked = ", ".join(f"`{a}={v}`" for a, v in winners(reports_dir, study.preset))
     return ["### The winners stacked", "",
             f"[`combine`]({COMBINE}.md) (preset `{study.preset}`): every variant above that its own study shows "
-            "better than a baseline that is the preset itself, composed into one variant, `stacked`, against the "
-            "baseline over the same seeds.", "",
+            f"better than a baseline that is the preset itself ({stacked}), composed into one variant, `stacked`, "
+            "against the baseline over the same seeds.", "",
             *[f"- {line}" for line in verdict_from_csv(csv)],
             *[f"- {line}." for line in set_apart(reports_dir, study.preset)], "",
             *([f"![stacked winners, last grid]({COMBINE}/samples-stacked.png)", ""] if grid.is_file() else [])]
