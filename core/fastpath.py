@@ -16,9 +16,9 @@ measuring itself is `time_paths`, the choice `fastest`: separate, so the choice 
 A path already SLOW_FACTOR times slower than the fastest at its first steady step is not timed further (nor
 compiled): such a gap decides the choice, and timing it in full cost minutes.
 Why measure: CPUs that share a name and a flag differ. The cpu preset's model on 2 cores, fastest bf16 path
-against fastest fp32 path: an AMD EPYC with AVX512_BF16, bf16 + NHWC eager 1.9x faster; an Intel Xeon with the
-same flag, compiled fp32 NCHW fastest and bf16 1.3x slower; an Intel Xeon with AMX-BF16 too, bf16 + NCHW
-compiled 2.1x faster (446 against 212 img/s, one measurement); an AMD EPYC without AVX512_BF16, bf16 20x slower.
+against fastest fp32 path: an AMD EPYC with AVX512_BF16, bf16 + NHWC 1.7x faster (255 against 154 img/s); an
+Intel Xeon with the same flag, compiled fp32 NCHW fastest and bf16 1.3x slower; an Intel Xeon with AMX-BF16 too,
+bf16 + NCHW compiled 2.1x faster (446 against 212 img/s); an AMD EPYC without AVX512_BF16, bf16 20x slower.
 """
 
 from __future__ import annotations
